@@ -133,6 +133,7 @@ class AccumulatorAwarePreScaling(ParameterPreScalingWeightNorm):
         self.pre_zero_point = pre_zero_point_impl if zero_centered else None
         self.accumulator_bit_width = accumulator_bit_width_impl
         self.bound = L1NormBound(zero_centered)
+        self.last_input: tuple[int, bool] | None = None  # (N, signed) of the latest forward
 
     @property
     def zero_centered(self) -> bool:
@@ -153,10 +154,14 @@ class AccumulatorAwarePreScaling(ParameterPreScalingWeightNorm):
 
     def forward(self, weights: Tensor, input_bit_width: Tensor, input_is_signed: bool) -> Tensor:
         bits = _whole_bits(input_bit_width)
+        self.last_input = (bits, bool(input_is_signed))  # read by the A2Q penalty
         if self.pre_zero_point is not None:
             # A2Q+ normalizes the zero-centred weights v - mean(v)
             weights = weights + self.pre_zero_point.get_zero_center(weights)
         d_w = self.stats(self.stats_input_view_shape_impl(weights))
+        # an all-zero (A2Q+: constant) channel has ||v||_1 = 0: normalize it by 1, not 0, so its
+        # integers stay 0 and its gradients finite (Brevitas's built-in A2Q gives NaN here)
+        d_w = torch.where(d_w > 0, d_w, torch.ones_like(d_w))
         value = d_w / self.norm_bound(weights, bits, input_is_signed)
         return self.restrict_clamp_scaling.clamp_ste(value)
 
@@ -199,6 +204,9 @@ class AccumulatorGuardedIntQuant(DecoupledRescalingIntQuantWithInput):
                 scaled = pre_scale * factor
                 pre_zero_point = self.pre_zero_point_impl(x, scaled, bit_width)
                 q = self.decoupled_int_quant.to_int(scaled, pre_zero_point, bit_width, x)
+                if not bool(torch.isfinite(q).all()):
+                    raise ValueError("its quantized weights are not finite (NaN or inf in the "
+                                     "weights or learned scales: training diverged?)")
                 ok = bound.channels_within(q, acc_bits, input_bits, input_is_signed)
                 if bool(ok.all()):
                     break

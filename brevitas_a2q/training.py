@@ -1,0 +1,211 @@
+"""Training helpers for models that use this package's quantizers: per-layer accumulator targets,
+Euclidean-projection initialization (A2Q+) and the A2Q penalty."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+
+from brevitas_a2q.audit import capture_layers, iter_accumulating_layers
+from brevitas_a2q.bounds import check_bits
+from brevitas_a2q.errors import A2QInputError
+from brevitas_a2q.quantizers import is_a2q_proxy
+
+__all__ = [
+    "a2q_penalty",
+    "accumulator_targets",
+    "accuracy",
+    "euclidean_projection_init",
+    "project_onto_l1_ball",
+    "set_accumulator_bit_width",
+    "train_epochs",
+]
+
+
+def _a2q_layers(model: nn.Module) -> dict[str, nn.Module]:
+    return {name: layer for name, layer in iter_accumulating_layers(model)
+            if is_a2q_proxy(layer.weight_quant)}
+
+
+def accumulator_targets(model: nn.Module) -> dict[str, int]:
+    """``{layer name: target P}`` of every layer with an A2Q/A2Q+ weight quantizer of this package."""
+    return {name: layer.weight_quant.accumulator_bit_width
+            for name, layer in _a2q_layers(model).items()}
+
+
+def set_accumulator_bit_width(
+    model: nn.Module, bit_width: int | None = None, overrides: Mapping[str, int] | None = None
+) -> dict[str, int]:
+    """Set the target accumulator width ``P`` of every A2Q/A2Q+ layer, with per-layer overrides.
+
+    ``bit_width`` applies to all layers (None: keep each layer's own); ``overrides`` maps a layer
+    name or an ``fnmatch`` pattern (``"features.*"``) to its ``P`` and wins over ``bit_width``
+    (the first matching pattern, in the given order). Every pattern must match some A2Q layer.
+    Works on a trained model: the next forward pass uses the new bound. Returns the targets set.
+    """
+    layers = _a2q_layers(model)
+    if not layers:
+        raise A2QInputError("the model has no layer with brevitas_a2q.A2QWeightQuant or "
+                            "A2QPlusWeightQuant")
+    overrides = dict(overrides or {})
+    for pattern in overrides:
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in layers):
+            raise A2QInputError(f"accumulator override {pattern!r} matches no A2Q layer; A2Q "
+                                f"layers are: {', '.join(layers)}")
+    targets = {}
+    for name, layer in layers.items():
+        bits = next((b for p, b in overrides.items() if fnmatch.fnmatchcase(name, p)), bit_width)
+        if bits is not None:
+            bits = check_bits(f"accumulator bit width of layer {name!r}", bits)
+            impl = layer.weight_quant.tensor_quant.pre_scaling_impl.accumulator_bit_width
+            impl.bit_width.fill_(bits)
+        targets[name] = layer.weight_quant.accumulator_bit_width
+    return targets
+
+
+def project_onto_l1_ball(v: Tensor, radius: Tensor) -> Tensor:
+    """Euclidean projection of each row of ``v`` onto the L1 ball of its ``radius`` (Duchi,
+    Shalev-Shwartz, Singer, Chandra, "Efficient Projections onto the l1-Ball", ICML 2008, Fig. 1).
+
+    Rows already inside their ball are returned unchanged.
+    """
+    v = v.reshape(v.shape[0], -1)
+    radius = radius.reshape(-1, 1).to(v.dtype)
+    u = v.abs().sort(dim=1, descending=True).values
+    cssv = u.cumsum(dim=1) - radius
+    j = torch.arange(1, v.shape[1] + 1, device=v.device, dtype=v.dtype)
+    rho = ((u - cssv / j) > 0).to(v.dtype).mul(j).argmax(dim=1, keepdim=True)
+    theta = (cssv.gather(1, rho) / (rho + 1).to(v.dtype)).clamp(min=0)
+    projected = v.sign() * (v.abs() - theta).clamp(min=0)
+    inside = v.abs().sum(dim=1, keepdim=True) <= radius
+    return torch.where(inside, v, projected)
+
+
+def _pre_scaling(layer: nn.Module):
+    return layer.weight_quant.tensor_quant.pre_scaling_impl
+
+
+@torch.no_grad()
+def euclidean_projection_init(model: nn.Module, example_input: Tensor) -> dict[str, float]:
+    """Initialize every A2Q/A2Q+ layer from its current (e.g. pretrained float) weights so that the
+    accumulator constraint starts satisfied without collapsing channels (A2Q+, Colbert et al. 2024,
+    Sec. 4.1):
+
+    1. ``s = max|w_c| / (2^(M-1) - 1)`` per channel (the A2Q init, from the current weights);
+    2. A2Q+ zero-centres each channel (the quantizer does so anyway);
+    3. each channel is projected onto the L1 ball of radius ``s * T`` (:func:`project_onto_l1_ball`);
+    4. ``g = ||w_c||_1 <= s * T``.
+
+    ``example_input`` gives each layer's input bit width and sign. Returns, per layer, the share of
+    channels that had to be projected.
+    """
+    captures = {c.name: c for c in capture_layers(model, example_input)}
+    projected = {}
+    for name, layer in _a2q_layers(model).items():
+        cap = captures.get(name)
+        if cap is None or cap.input_bits is None:
+            raise A2QInputError(f"layer {name!r} saw no quantized input on the example forward pass")
+        pre = _pre_scaling(layer)
+        weight = layer.weight.detach()
+        view = weight.reshape(weight.shape[0], -1)
+        if pre.zero_centered:
+            view = view - view.mean(dim=1, keepdim=True)
+        scale = view.abs().amax(dim=1) / (2 ** (cap.weight_bits - 1) - 1)
+        scale = scale.clamp(min=1e-10)
+        _set_scales(layer, scale)
+        bound = float(pre.bound.exact(cap.target_bits, cap.input_bits, cap.input_signed))
+        radius = scale * bound
+        new = project_onto_l1_ball(view, radius)
+        projected[name] = float((view.abs().sum(1) > radius).float().mean())
+        layer.weight.copy_(new.reshape(weight.shape))
+        g = new.abs().sum(dim=1).clamp(min=1e-10)
+        restrict = pre.restrict_clamp_scaling.restrict_value_impl
+        pre.value.copy_(restrict.restrict_init_tensor(g).reshape(pre.value.shape))
+    return projected
+
+
+def _set_scales(layer: nn.Module, scale: Tensor) -> None:
+    """Set the learned per-channel scale ``s`` (Brevitas ``ParameterScaling``, log2 domain). Like
+    Brevitas's built-in A2Q, the quantizer learns two copies, the one inside the pre-scaling (it
+    bounds the integers) and the post-scale (it dequantizes them); both start from ``scale``."""
+    tensor_quant = layer.weight_quant.tensor_quant
+    for scaling in (tensor_quant.scaling_impl, tensor_quant.pre_scaling_impl.scaling_impl):
+        restrict = scaling.restrict_clamp_scaling.restrict_value_impl
+        scaling.value.copy_(restrict.restrict_init_tensor(scale).reshape(scaling.value.shape))
+
+
+def a2q_penalty(model: nn.Module) -> Tensor:
+    """A2Q regularizer ``sum_layers sum_c relu(g_c - s_c * T)`` (Colbert et al. 2023, Sec. 5.1).
+
+    It keeps the learned norm ``g`` from drifting above the clamp ``s * T``, where it would get no
+    gradient. Uses each layer's input bit width and sign from its latest forward pass; add it to
+    the loss with a small weight (the paper uses ~1e-3).
+    """
+    terms = []
+    for name, layer in _a2q_layers(model).items():
+        pre = _pre_scaling(layer)
+        if pre.last_input is None:
+            raise A2QInputError(f"layer {name!r} has not run a forward pass yet; compute the "
+                                "penalty after the model's forward")
+        bound = float(pre.bound.exact(pre.accumulator_bits, *pre.last_input))
+        weights = pre.stats_input_view_shape_impl(layer.weight)
+        g = pre.restrict_clamp_scaling(pre.value)
+        s = pre.scaling_impl(weights)
+        terms.append(torch.relu(g - s * bound).sum())
+    if not terms:
+        raise A2QInputError("the model has no layer with an A2Q/A2Q+ weight quantizer")
+    return torch.stack(terms).sum()
+
+
+def train_epochs(
+    model: nn.Module,
+    train_set: torch.utils.data.Dataset,
+    epochs: int,
+    lr: float = 1e-2,
+    batch_size: int = 64,
+    penalty_weight: float = 0.0,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[float]:
+    """Adam with a cosine schedule and cross-entropy, plus ``penalty_weight * a2q_penalty``; a tqdm
+    bar per epoch. Returns the mean loss of each epoch."""
+    from tqdm.auto import tqdm
+
+    loader = torch.utils.data.DataLoader(train_set, batch_size=batch_size, shuffle=True,
+                                         generator=torch.Generator().manual_seed(seed))
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(epochs * len(loader), 1))
+    losses = []
+    model.train()
+    for epoch in range(epochs):
+        total = 0.0
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", disable=not progress, leave=False)
+        for x, y in bar:
+            optimizer.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            if penalty_weight:
+                loss = loss + penalty_weight * a2q_penalty(model)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            total += loss.item()
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        losses.append(total / max(len(loader), 1))
+    model.eval()
+    return losses
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, dataset: torch.utils.data.Dataset, batch_size: int = 512) -> float:
+    """Top-1 accuracy of ``model`` in eval mode on ``dataset``."""
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    for x, y in torch.utils.data.DataLoader(dataset, batch_size=batch_size):
+        correct += int((model(x).argmax(dim=1) == y).sum())
+        total += len(y)
+    model.train(was_training)
+    return correct / max(total, 1)
