@@ -231,7 +231,7 @@ class AccumulatorReport(list):
         rows = [[title for _, title in _COLUMNS]]
         rows += [[cell(key, getattr(r, key)) for key, _ in _COLUMNS] for r in self]
         widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
         return "\n".join(lines)
 

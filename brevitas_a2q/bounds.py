@@ -139,7 +139,7 @@ def zero_centered_l1_norm(int_weights: np.ndarray | Sequence) -> list[int]:
     """Per channel ``2 * max(sum of positive q, -sum of negative q)``: the L1 norm the A2Q+ bound
     must be applied to (equal to ``||q||_1`` for an exactly zero-centred channel)."""
     pos, neg = _channel_sums(int_weights)
-    return [2 * max(p, -n) for p, n in zip(pos, neg)]
+    return [2 * max(p, -n) for p, n in zip(pos, neg, strict=True)]
 
 
 @dataclass(frozen=True)
@@ -176,8 +176,8 @@ def exact_accumulator_range(
         raise ValueError(f"input_min {input_min} is larger than input_max {input_max}")
     pos, neg = _channel_sums(int_weights)
     lo, hi = int(input_min), int(input_max)
-    maximum = [p * hi + n * lo for p, n in zip(pos, neg)]
-    minimum = [p * lo + n * hi for p, n in zip(pos, neg)]
+    maximum = [p * hi + n * lo for p, n in zip(pos, neg, strict=True)]
+    minimum = [p * lo + n * hi for p, n in zip(pos, neg, strict=True)]
     return AccumulatorRange(minimum=minimum, maximum=maximum)
 
 

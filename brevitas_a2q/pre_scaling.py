@@ -105,7 +105,8 @@ class AccumulatorAwarePreScaling(ParameterPreScalingWeightNorm):
     Reuses Brevitas's weight-norm parameter ``g`` (``self.value``, log2 domain, initialized to
     ``||w||_1``) and Brevitas's state-dict keys, so checkpoints of Brevitas's built-in A2Q load here.
     ``accumulator_bit_width`` is Brevitas's ``BitWidthStatefulConst``: the target ``P`` lives in the
-    checkpoint and can be changed on a trained model (:func:`brevitas_a2q.training.set_accumulator_bit_width`).
+    checkpoint and can be changed on a trained model
+    (:func:`brevitas_a2q.training.set_accumulator_bit_width`).
     """
 
     def __init__(

@@ -1,0 +1,136 @@
+"""Checkpoints of the reference models: a ``torch.save``'d dict ::
+
+    {"format": "brevitas_a2q.checkpoint/1",
+     "model": {"arch": "cnn" | "mlp", "kwargs": {... for build_cnn / build_mlp}},
+     "dataset": "digits",
+     "state_dict": {...},
+     "extra": {...}}            # optional, free-form (training settings, metrics)
+
+Written by ``a2q train`` and :func:`save_checkpoint`, read by ``a2q evaluate`` and
+:func:`load_checkpoint`, which rebuilds the model with :func:`brevitas_a2q.models.build_cnn` /
+:func:`~brevitas_a2q.models.build_mlp` and loads the state dict strictly.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from brevitas_a2q.errors import A2QInputError
+from brevitas_a2q.io import atomic_output
+
+__all__ = ["ARCHITECTURES", "CHECKPOINT_FORMAT", "Checkpoint", "load_checkpoint",
+           "save_checkpoint"]
+
+CHECKPOINT_FORMAT = "brevitas_a2q.checkpoint/1"
+ARCHITECTURES = ("cnn", "mlp")
+DATASETS = ("digits",)
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: the rebuilt ``model`` (eval mode) and what described it."""
+
+    model: nn.Module
+    arch: str
+    kwargs: dict
+    dataset: str
+    extra: dict = field(default_factory=dict)
+
+
+def build_model(arch: str, kwargs: dict) -> nn.Module:
+    """``build_cnn(**kwargs)`` or ``build_mlp(**kwargs)``; a clear error for bad settings."""
+    from brevitas_a2q.models import build_cnn, build_mlp
+
+    if arch not in ARCHITECTURES:
+        raise A2QInputError(f"unknown model arch {arch!r}; choose one of "
+                            f"{', '.join(ARCHITECTURES)}")
+    if not isinstance(kwargs, dict):
+        raise A2QInputError(f"model kwargs must be a dict, got {type(kwargs).__name__}")
+    builder = build_cnn if arch == "cnn" else build_mlp
+    try:
+        return builder(**kwargs)
+    except TypeError as err:
+        raise A2QInputError(f"cannot build the {arch} model from {kwargs}: {err}") from err
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: nn.Module,
+    arch: str,
+    kwargs: dict,
+    dataset: str = "digits",
+    extra: dict | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``model``'s state dict with the ``arch``/``kwargs`` it was built from (checked by
+    rebuilding and loading it before anything is written). Atomic; refuses to overwrite unless
+    ``overwrite``."""
+    if dataset not in DATASETS:
+        raise A2QInputError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    _load_state(build_model(arch, dict(kwargs)), state, f"model built as {arch}{kwargs}")
+    payload = {"format": CHECKPOINT_FORMAT, "model": {"arch": arch, "kwargs": dict(kwargs)},
+               "dataset": dataset, "state_dict": state, "extra": dict(extra or {})}
+    with atomic_output(path, overwrite) as tmp:
+        torch.save(payload, tmp)
+    return Path(path)
+
+
+def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Read a checkpoint written by :func:`save_checkpoint` and rebuild its model (eval mode)."""
+    path = Path(path)
+    if not path.is_file():
+        raise A2QInputError(f"checkpoint {path} does not exist (write one with `a2q train` or "
+                            "brevitas_a2q.checkpoint.save_checkpoint)")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as err:
+        raise A2QInputError(f"{path} is not a readable brevitas_a2q checkpoint (torch.load "
+                            f"failed: {str(err).splitlines()[0] if str(err) else err!r})") from err
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+        raise A2QInputError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint (format: {found!r})")
+    for key in ("model", "dataset", "state_dict"):
+        if key not in payload:
+            raise A2QInputError(f"{path}: checkpoint has no {key!r} entry")
+    spec = payload["model"]
+    if not isinstance(spec, dict) or "arch" not in spec:
+        raise A2QInputError(f"{path}: 'model' must be {{'arch': ..., 'kwargs': {{...}}}}")
+    dataset = payload["dataset"]
+    if dataset not in DATASETS:
+        raise A2QInputError(f"{path}: unknown dataset {dataset!r}; known: {', '.join(DATASETS)}")
+    model = build_model(spec["arch"], dict(spec.get("kwargs", {})))
+    _load_state(model, payload["state_dict"], str(path))
+    model.eval()
+    return Checkpoint(model, spec["arch"], dict(spec.get("kwargs", {})), dataset,
+                      dict(payload.get("extra") or {}))
+
+
+def _load_state(model: nn.Module, state: dict, where: str) -> None:
+    if not isinstance(state, dict):
+        raise A2QInputError(f"{where}: state_dict is a {type(state).__name__}, not a dict")
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatches
+        detail = " ".join(str(err).split())
+        raise A2QInputError(f"{where}: the state dict does not match the model ({detail[:400]})"
+                            ) from err
+    problems = []
+    if result.missing_keys:
+        problems.append(f"missing {_few(result.missing_keys)}")
+    if result.unexpected_keys:
+        problems.append(f"unexpected {_few(result.unexpected_keys)}")
+    if problems:
+        raise A2QInputError(f"{where}: the state dict does not match the model "
+                            f"({'; '.join(problems)})")
+
+
+def _few(keys: list[str], n: int = 5) -> str:
+    more = f" and {len(keys) - n} more" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more

@@ -1,0 +1,435 @@
+"""Simulated accumulators against independent oracles: numpy int64 arithmetic (wraparound),
+straightforward Python loops over exact integers / Fractions (saturation, floating point), and
+A2Q's guarantee on trained models."""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+
+from brevitas_a2q.accumulator_sim import (
+    AccumulatorConfig,
+    parse_accumulator,
+    simulate_accumulators,
+    simulate_matmul,
+)
+from brevitas_a2q.audit import capture_layers
+from brevitas_a2q.data import load_digits
+from brevitas_a2q.errors import A2QInputError
+from brevitas_a2q.models import build_cnn, build_mlp
+
+torch.set_num_threads(1)
+
+# ----------------------------------------------------------------------------------------------
+# independent reference loops
+
+
+def ref_int_sat(x: list[int], w: list[int], bits: int, chunk: int | None):
+    """Sequential saturating accumulation with Python ints: (result, overflow events, per-step
+    event flags in product order, chunk-combination event flags)."""
+    lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    chunk = chunk or len(x)
+    step_events, comb_events, partials = [], [], []
+    for start in range(0, len(x), chunk):
+        acc = 0
+        for k in range(start, min(start + chunk, len(x))):
+            s = acc + x[k] * w[k]
+            step_events.append(not lo <= s <= hi)
+            acc = min(max(s, lo), hi)
+        partials.append(acc)
+    total = partials[0]
+    comb_events.append(False)
+    for part in partials[1:]:
+        s = total + part
+        comb_events.append(not lo <= s <= hi)
+        total = min(max(s, lo), hi)
+    return total, sum(step_events) + sum(comb_events), step_events, comb_events
+
+
+def round_fraction(v: Fraction, e_bits: int, m_bits: int, nearest: bool = True):
+    """Exact rounding of ``v`` to sign+E+M (bias 2^(E-1)-1, subnormals, no inf codes, saturating):
+    (value, overflowed)."""
+    bias = 2 ** (e_bits - 1) - 1
+    emin, emax = 1 - bias, 2**e_bits - 1 - bias
+    largest = (2 - Fraction(1, 2**m_bits)) * Fraction(2) ** emax
+    if v == 0:
+        return Fraction(0), False
+    a = abs(v)
+    e = math.floor(math.log2(a))  # refine exactly
+    while Fraction(2) ** e > a:
+        e -= 1
+    while Fraction(2) ** (e + 1) <= a:
+        e += 1
+    e = max(e, emin)
+    quantum = Fraction(2) ** (e - m_bits)
+    q, rem = divmod(a, quantum)
+    if nearest and (rem > quantum / 2 or (rem == quantum / 2 and q % 2 == 1)):
+        q += 1
+    r = q * quantum
+    over = r > largest
+    r = min(r, largest)
+    return (r if v > 0 else -r), over
+
+
+def ref_float(x: list[float], w: list[float], e_bits: int, m_bits: int, chunk: int | None,
+              nearest: bool = True):
+    """Sequential FMA chain with exact Fractions: (result, overflow, swamping, underflow,
+    per-step events, chunk events)."""
+    chunk = chunk or len(x)
+    counts = {"over": 0, "swamp": 0, "under": 0}
+    step_events, comb_events = [], [False]
+
+    def add(acc, addend):
+        s = acc + addend
+        r, over = round_fraction(s, e_bits, m_bits, nearest)
+        swamp = s != acc and r == acc and not over
+        under = s != 0 and r == 0
+        counts["over"] += over
+        counts["swamp"] += swamp
+        counts["under"] += under
+        return r, bool(over or swamp or under)
+
+    partials = []
+    for start in range(0, len(x), chunk):
+        acc = Fraction(0)
+        for k in range(start, min(start + chunk, len(x))):
+            acc, ev = add(acc, Fraction(x[k]) * Fraction(w[k]))
+            step_events.append(ev)
+        partials.append(acc)
+    total = partials[0]
+    for part in partials[1:]:
+        total, ev = add(total, part)
+        comb_events.append(ev)
+    return total, counts, step_events, comb_events
+
+
+def wrap_int64(a: np.ndarray, bits: int) -> np.ndarray:
+    half = np.int64(2 ** (bits - 1))
+    return (a + half) % (2 * half) - half
+
+
+# ----------------------------------------------------------------------------------------------
+# matrix-form engine
+
+
+def _int_operands(seed, rows=6, outs=5, k=37, xmax=127, wmax=7):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(-xmax - 1, xmax + 1, (rows, k), generator=g).double()
+    w = torch.randint(-wmax, wmax + 1, (outs, k), generator=g).double()
+    return x, w
+
+
+@pytest.mark.parametrize("bits", [8, 10, 12, 16])
+def test_wraparound_matches_int64_modular_arithmetic(bits):
+    x, w = _int_operands(bits)
+    xs, ws = 0.5, torch.full((5,), 0.25)  # powers of two: the rescaling is exact
+    y, chain = simulate_matmul((x * xs).float(), (w * ws[:, None]).float(), xs, ws,
+                               parse_accumulator(f"int{bits}-wrap"))
+    exact = x.numpy().astype(np.int64) @ w.numpy().astype(np.int64).T
+    expected = wrap_int64(exact, bits) * (xs * 0.25)
+    np.testing.assert_array_equal(y.double().numpy(), expected)
+    assert chain.overflow_outputs == int(((exact < -(2 ** (bits - 1))) |
+                                          (exact > 2 ** (bits - 1) - 1)).sum())
+    if bits <= 10:
+        assert chain.overflow_outputs > 0  # the case exercises wrapping
+
+
+@pytest.mark.parametrize("bits,chunk", [(10, None), (10, 8), (12, 5), (9, 1)])
+def test_saturation_matches_reference_loop(bits, chunk):
+    x, w = _int_operands(bits + (chunk or 0))
+    cfg = AccumulatorConfig("int", bits, "saturate", chunk_size=chunk)
+    y, chain = simulate_matmul(x.float(), w.float(), 1.0, torch.ones(5), cfg)
+    events = 0
+    for r in range(x.shape[0]):
+        for o in range(w.shape[0]):
+            total, ev, _, _ = ref_int_sat([int(v) for v in x[r]], [int(v) for v in w[o]], bits,
+                                          chunk)
+            assert y[r, o].item() == total
+            events += ev
+    assert chain.overflow_events == events > 0
+
+
+def _float_operands(seed, rows=4, outs=3, k=29, spread=6.0):
+    g = torch.Generator().manual_seed(seed)
+    mag = torch.exp2(torch.rand(rows, k, generator=g) * spread - spread / 2)
+    x = (torch.randn(rows, k, generator=g).sign() * mag).float()
+    w = torch.randn(outs, k, generator=g).float()
+    w[:, ::5] = 0.0  # zero products are no events
+    return x, w
+
+
+@pytest.mark.parametrize("spec", ["fp12-e4m7", "fp12-e4m7-c8", "fp9-e3m5", "fp9-e3m5-c4-rz",
+                                  "fp8-e4m3-c3"])
+def test_float_accumulation_matches_exact_reference(spec):
+    cfg = parse_accumulator(spec)
+    x, w = _float_operands(len(spec), spread=10.0 if "e4" in spec else 6.0)
+    y, chain = simulate_matmul(x, w, 1.0, torch.ones(w.shape[0]), cfg)
+    totals = {"over": 0, "swamp": 0, "under": 0}
+    for r in range(x.shape[0]):
+        for o in range(w.shape[0]):
+            total, counts, _, _ = ref_float(x[r].tolist(), w[o].tolist(), cfg.exp_bits,
+                                            cfg.man_bits, cfg.chunk_size,
+                                            cfg.rounding == "nearest")
+            assert Fraction(y[r, o].item()) == total or \
+                abs(y[r, o].item() - float(total)) <= 1e-7 * abs(float(total))
+            for key in totals:
+                totals[key] += counts[key]
+    assert chain.swamping_events == totals["swamp"]
+    assert chain.underflow_events == totals["under"]
+    assert chain.overflow_events == totals["over"]
+    assert totals["swamp"] > 0  # low precision: the case exercises swamping
+
+
+def test_float_overflow_saturates_and_counts():
+    cfg = parse_accumulator("fp8-e3m4")  # largest value (2 - 1/16) * 2^4 = 31
+    x = torch.full((1, 8), 4.0)
+    w = torch.full((1, 8), 2.0)
+    y, chain = simulate_matmul(x, w, 1.0, torch.ones(1), cfg)
+    assert y.item() == 31.0  # 8, 16, 24, then 32, 40, ... saturate: five overflowing additions
+    assert chain.overflow_events == 5 and chain.overflow_outputs == 1
+    assert chain.swamping_events == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# gradients
+
+
+def _masked_grads(x, w, g, masks):
+    """dL/dx, dL/dw of sum_{r,o,k} g[r,o] * mask[r,o,k] * x[r,k] * w[o,k]."""
+    m = torch.tensor(masks, dtype=torch.float64)
+    gx = torch.einsum("ro,rok,ok->rk", g.double(), m, w.double())
+    gw = torch.einsum("ro,rok,rk->ok", g.double(), m, x.double())
+    return gx, gw
+
+
+def _reference_masks(x, w, cfg, mode):
+    masks = []
+    for r in range(x.shape[0]):
+        row = []
+        for o in range(w.shape[0]):
+            if cfg.kind == "int":
+                _, _, steps, combs = ref_int_sat([int(v) for v in x[r]], [int(v) for v in w[o]],
+                                                 cfg.bits, cfg.chunk_size)
+            else:
+                _, _, steps, combs = ref_float(x[r].tolist(), w[o].tolist(), cfg.exp_bits,
+                                               cfg.man_bits, cfg.chunk_size)
+            chunk = cfg.chunk_size or len(steps)
+            keep = []
+            for k, ev in enumerate(steps):
+                c, j = divmod(k, chunk)
+                if mode == "immediate":
+                    keep.append(not ev and not combs[c])
+                else:  # recursive: no event at or after k in its chunk, none at or after c
+                    later_in_chunk = steps[k:(c + 1) * chunk]
+                    keep.append(not any(later_in_chunk) and not any(combs[c:]))
+            row.append(keep)
+        masks.append(row)
+    return masks
+
+
+@pytest.mark.parametrize("mode", ["immediate", "recursive"])
+@pytest.mark.parametrize("spec", ["int9-sat", "int10-sat-c6", "fp9-e3m5", "fp9-e3m5-c5"])
+def test_fine_grained_gradients_match_reference_masks(spec, mode):
+    cfg = parse_accumulator(spec, gradient=mode)
+    if cfg.kind == "int":
+        x, w = _int_operands(3, rows=4, outs=3, k=23)
+        x, w = x.float(), w.float()
+    else:
+        x, w = _float_operands(5, k=23)
+    xr = x.clone().requires_grad_(True)
+    wr = w.clone().requires_grad_(True)
+    g = torch.randn(x.shape[0], w.shape[0], generator=torch.Generator().manual_seed(1))
+    y, _ = simulate_matmul(xr, wr, 1.0, torch.ones(w.shape[0]), cfg)
+    y.backward(g)
+    masks = _reference_masks(x, w, cfg, mode)
+    assert any(not all(m) for row in masks for m in row)  # some gradient is cut
+    gx, gw = _masked_grads(x, w, g, masks)
+    torch.testing.assert_close(xr.grad.double(), gx, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(wr.grad.double(), gw, rtol=1e-5, atol=1e-4)
+
+
+def test_ste_gradient_is_that_of_exact_accumulation():
+    x, w = _int_operands(0, rows=4, outs=3, k=23)
+    g = torch.randn(4, 3, generator=torch.Generator().manual_seed(2))
+    for spec in ["int9-sat", "int9-wrap", "fp9-e3m5"]:
+        xr, wr = x.float().requires_grad_(True), w.float().requires_grad_(True)
+        y, chain = simulate_matmul(xr, wr, 1.0, torch.ones(3), parse_accumulator(spec))
+        assert chain.overflow_events + chain.swamping_events > 0
+        y.backward(g)
+        torch.testing.assert_close(xr.grad, g @ w.float())
+        torch.testing.assert_close(wr.grad, g.t() @ x.float())
+
+
+def test_wraparound_fine_grained_cuts_overflowed_outputs():
+    x, w = _int_operands(1, rows=4, outs=3, k=23)
+    xr, wr = x.float().requires_grad_(True), w.float().requires_grad_(True)
+    g = torch.ones(4, 3)
+    y, chain = simulate_matmul(xr, wr, 1.0, torch.ones(3), parse_accumulator("int9-wrap",
+                                                                            "immediate"))
+    y.backward(g)
+    keep = (~chain.overflowed).float()
+    assert 0 < keep.sum() < keep.numel()
+    torch.testing.assert_close(xr.grad, (g * keep) @ w.float())
+
+
+# ----------------------------------------------------------------------------------------------
+# Brevitas layers
+
+
+def _digits_batch(n=64):
+    _, test = load_digits()
+    return test.tensors[0][:n]
+
+
+def _outputs(model, x, names):
+    """{name: (layer input, layer output)} of one forward pass."""
+    seen = {}
+    handles = [dict(model.named_modules())[n].register_forward_hook(
+        lambda m, a, out, n=n: seen.__setitem__(n, (a[0], out))) for n in names]
+    with torch.no_grad():
+        model(x)
+    for h in handles:
+        h.remove()
+    return seen
+
+
+def _np_conv_int(x: np.ndarray, w: np.ndarray, pad: int) -> np.ndarray:
+    """int64 convolution (stride 1) by explicit windows."""
+    x = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    kh, kw = w.shape[2:]
+    win = np.lib.stride_tricks.sliding_window_view(x, (kh, kw), axis=(2, 3))  # B,C,H,W,kh,kw
+    return np.einsum("bchwij,ocij->bohw", win, w)
+
+
+@pytest.mark.parametrize("bits", [10, 12])
+def test_layers_wrap_like_int64_oracle(bits):
+    torch.manual_seed(0)
+    model = build_cnn("none").eval()
+    x = _digits_batch()
+    caps = {c.name: c for c in capture_layers(model, x)}
+    with simulate_accumulators(model, f"int{bits}-wrap") as stats:
+        outs = _outputs(model, x, ["conv1", "conv2", "fc"])
+    for name, (inp, out) in outs.items():
+        cap = caps[name]  # integer weights (independent of the input for this quantizer)
+        xi = inp.int().numpy().astype(np.int64)
+        wi = cap.int_weight.numpy().astype(np.int64)
+        if name == "fc":
+            exact = xi @ wi.T
+            scale = (inp.scale * cap.weight_scale.reshape(1, -1)).numpy()
+            bias = cap.module.bias.detach().numpy()
+        else:
+            exact = _np_conv_int(xi, wi, 1)
+            scale = (inp.scale * cap.weight_scale.reshape(1, -1, 1, 1)).numpy()
+            bias = 0.0
+        expected = wrap_int64(exact, bits) * scale + bias
+        np.testing.assert_allclose(out.numpy(), expected, rtol=1e-5, atol=1e-5)
+        n_over = int((wrap_int64(exact, bits) != exact).sum())
+        assert stats.layers[name].overflow_outputs == n_over
+    assert stats.layers["conv1"].overflow_outputs > 0  # 8-bit input: P = 10/12 overflows
+
+
+def test_layers_restored_and_exact_at_wide_accumulators():
+    torch.manual_seed(0)
+    model = build_mlp("none").eval()
+    x = _digits_batch()
+    with torch.no_grad():
+        ref = model(x)
+    for spec in ["int32-wrap", "int32-sat", "int32-sat-c7"]:
+        with simulate_accumulators(model, spec) as stats, torch.no_grad():
+            y = model(x)
+        assert stats.total_overflow_events == 0
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    assert not any("inner_forward_impl" in vars(m) for m in model.modules())
+    with pytest.raises(RuntimeError), simulate_accumulators(model, "int12-sat"):
+        raise RuntimeError("boom")
+    assert not any("inner_forward_impl" in vars(m) for m in model.modules())
+
+
+def test_overrides_and_bad_input():
+    model = build_cnn("none").eval()
+    x = _digits_batch(8)
+    with simulate_accumulators(model, "int8-wrap", {"conv1": None, "fc": "int32-wrap"}) as st, \
+            torch.no_grad():
+        model(x)
+    assert st.skipped == {"conv1": "excluded by override"}
+    assert st.layers["fc"].accumulator == "int32-wrap"
+    assert st.layers["fc"].overflow_events == 0
+    with pytest.raises(A2QInputError, match="unknown layers"):
+        with simulate_accumulators(model, "int8-wrap", {"conv9": None}):
+            pass
+    for bad in ["int12", "fp12-e4m8", "int12-wrap-q3", "fp12-e4m7-c0"]:
+        with pytest.raises(A2QInputError):
+            parse_accumulator(bad)
+    assert parse_accumulator("fp12-e4m7-c16-rz").spec == "fp12-e4m7-rz-c16"
+
+
+def test_conv_chain_matches_wrap_when_nothing_overflows():
+    """The unfolded, sequential path agrees with the convolution path on a model without
+    overflow (both exact)."""
+    torch.manual_seed(1)
+    model = build_cnn("none").eval()
+    x = _digits_batch(16)
+    with simulate_accumulators(model, "int24-wrap"), torch.no_grad():
+        a = model(x)
+    with simulate_accumulators(model, "int24-sat-c10"), torch.no_grad():
+        b = model(x)
+    torch.testing.assert_close(a, b)
+
+
+# ----------------------------------------------------------------------------------------------
+# A2Q's guarantee on real data
+
+
+def _train(quant, bits, epochs=3, seed=0):
+    from brevitas_a2q.training import train_epochs
+
+    torch.manual_seed(seed)
+    train, test = load_digits()
+    model = build_cnn(quant, acc_bits=bits)
+    train_epochs(model, train, epochs=epochs, lr=1e-2, progress=False, seed=seed)
+    return model.eval(), test
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quant", ["a2q", "a2q+"])
+def test_a2q_models_never_overflow_at_their_target(quant):
+    from brevitas_a2q.accumulator_sim import evaluate_accuracy
+
+    bits = 12
+    model, test = _train(quant, bits)
+    exact, _ = evaluate_accuracy(model, test)
+    assert exact > 0.5, "the A2Q model must have learned something for the check to mean much"
+    for spec in [f"int{bits}-wrap", f"int{bits}-sat"]:
+        acc, stats = evaluate_accuracy(model, test, spec)
+        assert stats.total_overflow_events == 0, stats.to_dict()
+        assert acc == exact
+
+
+@pytest.mark.slow
+def test_unconstrained_model_overflows_at_same_target():
+    from brevitas_a2q.accumulator_sim import evaluate_accuracy
+
+    model, test = _train("none", 12)
+    _, stats = evaluate_accuracy(model, test, "int12-wrap")
+    assert stats.total_overflow_events > 0
+    assert stats.layers["conv1"].overflow_rate > 0
+
+
+@pytest.mark.slow
+def test_finetune_under_simulated_accumulator_runs_and_learns():
+    from brevitas_a2q.accumulator_sim import evaluate_accuracy, finetune
+
+    torch.manual_seed(0)
+    train, test = load_digits()
+    model = build_mlp("none")
+    before, _ = evaluate_accuracy(model, test, "fp12-e4m7-c16")
+    losses = finetune(model, train, "fp12-e4m7-c16", epochs=2, lr=1e-2, gradient="recursive",
+                      progress=False)
+    after, _ = evaluate_accuracy(model, test, "fp12-e4m7-c16")
+    assert losses[-1] < losses[0]
+    assert after > max(before, 0.6)
+    assert not any("inner_forward_impl" in vars(m) for m in model.modules())
