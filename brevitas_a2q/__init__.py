@@ -10,6 +10,7 @@ from brevitas_a2q.bounds import (
     l1_norm_bound,
     min_accumulator_bits,
 )
+from brevitas_a2q.export import export_qonnx
 from brevitas_a2q.quantizers import A2QPlusWeightQuant, A2QWeightQuant
 
 __version__ = "0.1.0"
@@ -19,6 +20,7 @@ __all__ = [
     "A2QWeightQuant",
     "datatype_accumulator_bits",
     "exact_accumulator_range",
+    "export_qonnx",
     "l1_norm_bound",
     "min_accumulator_bits",
 ]

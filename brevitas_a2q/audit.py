@@ -39,6 +39,7 @@ __all__ = [
     "LayerAccumulator",
     "LayerCapture",
     "accumulator_report",
+    "capture_layer",
     "capture_layers",
     "iter_accumulating_layers",
     "layer_variant",
@@ -119,10 +120,11 @@ def capture_layers(model: nn.Module, example_input: Tensor) -> list[LayerCapture
         model.train(was_training)
         for handle in handles:
             handle.remove()
-    return [_capture(name, layer, seen.get(name)) for name, layer in layers if name in seen]
+    return [capture_layer(name, layer, seen.get(name)) for name, layer in layers if name in seen]
 
 
-def _capture(name: str, layer: nn.Module, inp: object) -> LayerCapture:
+def capture_layer(name: str, layer: nn.Module, inp: object) -> LayerCapture:
+    """Capture ``layer`` given the input ``inp`` it received (an ``IntQuantTensor`` or not)."""
     quant_input = inp if isinstance(inp, IntQuantTensor) else None
     if layer.weight_quant.requires_quant_input:
         weight = layer.quant_weight(quant_input)

@@ -23,7 +23,11 @@ from brevitas.core.function_wrapper import RoundToZeroSte
 from brevitas.core.zero_point import PreZeroCenterZeroPoint
 from brevitas.inject import ExtendedInjector, this, value
 from brevitas.proxy.parameter_quant import DecoupledWeightQuantWithInputProxyFromInjector
-from brevitas.quant.base import PerChannelL1Norm, PerChannelPreNorm, WeightNormPerChannelFloatDecoupled
+from brevitas.quant.base import (
+    PerChannelL1Norm,
+    PerChannelPreNorm,
+    WeightNormPerChannelFloatDecoupled,
+)
 from brevitas.quant_tensor import IntQuantTensor
 
 from brevitas_a2q.bounds import check_bits

@@ -1,0 +1,228 @@
+"""Exact QONNX export that carries each layer's accumulator width.
+
+Brevitas 0.13's QONNX export of decoupled (A2Q/A2Q+) weight quantizers writes the layer's *raw*
+float weights behind a ``Quant`` node that only divides by the post-scale and rounds, so the file
+neither computes what was trained nor satisfies the L1 bound (Colbert et al., ICCV 2023, Eq. 15),
+and no accumulator width is written at all. :func:`export_qonnx`:
+
+1. exports with Brevitas's TorchScript QONNX exporter (``dynamo=False``), also for this package's
+   quantizers (which Brevitas's exporter does not know);
+2. replaces each weight initializer with the layer's quantized weight ``quant_weight(x).value``
+   (``q * s``), so the weight ``Quant`` node reproduces the integers ``q`` exactly, and checks it;
+3. runs qonnx's cleanup and records, for every accumulating node, the Brevitas layer, variant,
+   target ``P``, ``N``, sign, ``M`` and a fingerprint of ``q`` (:mod:`brevitas_a2q.records`);
+4. writes the file atomically.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from brevitas.export.onnx.qonnx.handler import BrevitasDecoupledWeightQuantWithInputProxyHandler
+from brevitas.export.onnx.qonnx.manager import QONNXManager
+from qonnx.core.modelwrapper import ModelWrapper
+from qonnx.custom_op.general.quant import quant as qonnx_quant
+from qonnx.util.cleanup import cleanup_model
+from torch import Tensor, nn
+
+from brevitas_a2q.audit import LayerCapture, capture_layer, iter_accumulating_layers
+from brevitas_a2q.errors import A2QInputError
+from brevitas_a2q.io import atomic_output, check_writable
+from brevitas_a2q.qonnx_analysis import accumulating_nodes
+from brevitas_a2q.quantizers import A2QWeightQuantProxy
+from brevitas_a2q.records import AccumulatorRecord, weight_fingerprint, write_records
+
+__all__ = ["export_qonnx", "export_qonnx_model"]
+
+
+class _A2QProxyHandler(BrevitasDecoupledWeightQuantWithInputProxyHandler):
+    """Brevitas matches proxies to handlers by exact class: register ours like Brevitas's A2Q."""
+
+    handled_layer = A2QWeightQuantProxy
+
+
+class _Manager(QONNXManager):
+    handlers = [*QONNXManager.handlers, _A2QProxyHandler]
+
+
+def _brevitas_export(model: nn.Module, example_input: Tensor
+                     ) -> tuple[ModelWrapper, list[LayerCapture]]:
+    """Brevitas's QONNX export, capturing each accumulating layer's quantized input on the
+    export's own (non-traced) forward pass, as :func:`brevitas_a2q.audit.capture_layers` does."""
+    layers = list(iter_accumulating_layers(model))
+    if not layers:
+        raise A2QInputError("the model has no quantized Linear/Conv layer (brevitas.nn."
+                            "QuantLinear, QuantConv1d/2d/3d) to export accumulator records for")
+    seen: dict[str, object] = {}
+
+    def hook_for(name: str):
+        def hook(module, args):
+            seen.setdefault(name, args[0] if args else None)  # the first call is not traced
+        return hook
+
+    handles = [layer.register_forward_pre_hook(hook_for(name)) for name, layer in layers]
+    try:
+        proto = _Manager.export(model, args=example_input, export_path=None, dynamo=False)
+    except A2QInputError:
+        raise
+    except Exception as err:  # the exporter's errors are tracebacks from deep inside torch
+        raise A2QInputError(f"Brevitas's QONNX export of the model failed: "
+                            f"{type(err).__name__}: {err}") from err
+    finally:
+        for handle in handles:
+            handle.remove()
+    with torch.no_grad():
+        captures = [capture_layer(name, layer, seen[name]) for name, layer in layers if name in seen]
+    return ModelWrapper(proto), captures
+
+
+def _weight_quant_nodes(model: ModelWrapper) -> dict[str, object]:
+    """Weight ``Quant`` nodes of the raw export, by the initializer they quantize."""
+    return {n.input[0]: n for n in model.graph.node
+            if n.op_type == "Quant" and model.get_initializer(n.input[0]) is not None}
+
+
+def _find_weight_initializer(model: ModelWrapper, quant_nodes: dict, cap: LayerCapture,
+                             taken: set[str]) -> str:
+    """The initializer holding ``cap``'s float weight: Brevitas names it ``<layer>.weight``;
+    otherwise the one whose values equal the layer's weight. Verified by value either way."""
+    weight = cap.module.weight.detach().cpu().numpy().astype(np.float32)
+
+    def same(name: str) -> bool:
+        value = model.get_initializer(name)
+        return value.shape == weight.shape and np.array_equal(value, weight)
+
+    name = f"{cap.name}.weight"
+    if name in quant_nodes and name not in taken and same(name):
+        return name
+    candidates = [n for n in quant_nodes if n not in taken and same(n)]
+    if len(candidates) != 1:
+        problem = "no" if not candidates else f"{len(candidates)} ({', '.join(candidates)})"
+        raise A2QInputError(
+            f"layer {cap.name!r} ({type(cap.module).__name__}, weight "
+            f"{'x'.join(map(str, weight.shape))}): {problem} weight Quant node in the exported "
+            "graph holds its weights, so the quantized weights cannot be placed. Shared or tied "
+            "weights are not supported")
+    return candidates[0]
+
+
+def _set_param(model: ModelWrapper, node, index: int, value: np.ndarray) -> None:
+    """Point input ``index`` of ``node`` at ``value`` unless it already holds it (Brevitas shares
+    scalar constants between nodes, so a fresh initializer is made rather than overwriting)."""
+    current = model.get_initializer(node.input[index])
+    if current is not None and current.shape == value.shape and np.array_equal(current, value):
+        return
+    name = model.make_new_valueinfo_name()
+    model.set_initializer(name, value)
+    node.input[index] = name
+
+
+def _place_quantized_weights(model: ModelWrapper, captures: list[LayerCapture]) -> None:
+    quant_nodes = _weight_quant_nodes(model)
+    taken: set[str] = set()
+    for cap in captures:
+        name = _find_weight_initializer(model, quant_nodes, cap, taken)
+        taken.add(name)
+        node = quant_nodes[name]
+        zero_point = model.get_initializer(node.input[2])
+        if zero_point is None or np.any(zero_point != 0):
+            raise A2QInputError(f"layer {cap.name!r}: weights with a non-zero zero point are "
+                                "not supported")
+        q = cap.int_weight.cpu().numpy().astype(np.float32)
+        scale = cap.weight_scale.detach().cpu().numpy().astype(np.float32)
+        # q * s: the weight Quant node (round(w / s)) gives back exactly q
+        model.set_initializer(name, (q * scale).astype(np.float32))
+        _set_param(model, node, 1, scale)
+        _set_param(model, node, 3, np.asarray(cap.weight_bits, dtype=np.float32))
+        _check_exact(model, node, cap)
+
+
+def _check_exact(model: ModelWrapper, node, cap: LayerCapture) -> None:
+    """The weight Quant node, executed as qonnx does, must give back the layer's integers."""
+    attrs = {a.name: (a.s.decode() if a.type == a.STRING else a.i) for a in node.attribute}
+    scale = model.get_initializer(node.input[1])
+    out = qonnx_quant(model.get_initializer(node.input[0]), scale,
+                      model.get_initializer(node.input[2]), model.get_initializer(node.input[3]),
+                      attrs.get("signed", 1), attrs.get("narrow", 0),
+                      attrs.get("rounding_mode", "ROUND"))
+    got = np.rint(np.asarray(out, dtype=np.float64) / scale).astype(np.int64)
+    want = cap.int_weight.to(torch.int64).cpu().numpy()
+    if got.shape != want.shape or not np.array_equal(got, want):
+        bad = int(np.sum(got != want)) if got.shape == want.shape else "shape"
+        raise A2QInputError(f"layer {cap.name!r}: the exported weight Quant node does not "
+                            f"reproduce the layer's integer weights ({bad} differ)")
+
+
+def _channel_key(q: np.ndarray) -> bytes:
+    """Cheap signature of integer weights ``(out, K)``, invariant to reordering within a channel
+    (like the fingerprint): shape and per-channel sum, sum of magnitudes, sum of squares."""
+    q = q.astype(np.int64)
+    stats = np.stack([q.sum(axis=1), np.abs(q).sum(axis=1), (q * q).sum(axis=1)])
+    return str(q.shape).encode() + stats.tobytes()
+
+
+def _records(model: ModelWrapper, captures: list[LayerCapture]) -> list[AccumulatorRecord]:
+    by_key: dict[bytes, list[LayerCapture]] = {}
+    for cap in captures:
+        q = cap.int_weight.to(torch.int64).reshape(cap.out_channels, -1).cpu().numpy()
+        by_key.setdefault(_channel_key(q), []).append(cap)
+    records = []
+    for node, weights in accumulating_nodes(model):
+        key = _channel_key(weights.int_weights)
+        if not by_key.get(key):
+            raise A2QInputError(f"exported node {node.name!r} ({node.op_type}) has quantized "
+                                "weights that match no Brevitas layer")
+        cap = by_key[key].pop(0)
+        if cap.input_bits is None:
+            raise A2QInputError(f"layer {cap.name!r}: its input is not quantized, so its "
+                                "accumulator is not integer; quantize its input (input_quant=...)")
+        records.append(AccumulatorRecord(
+            layer=cap.name, node=node.name, op_type=node.op_type, weight=weights.tensor,
+            output=node.output[0], variant=cap.variant, target_bits=cap.target_bits,
+            input_bits=cap.input_bits, input_signed=bool(cap.input_signed),
+            weight_bits=cap.weight_bits, out_channels=cap.out_channels,
+            dot_length=cap.dot_length, fingerprint=weight_fingerprint(weights.int_weights),
+            extra={"layer_type": type(cap.module).__name__}))
+    missing = [c.name for group in by_key.values() for c in group]
+    if missing:
+        raise A2QInputError(f"layers {missing} were not found as accumulating nodes in the "
+                            "exported graph (is their output used by the model?)")
+    return records
+
+
+def export_qonnx_model(model: nn.Module, example_input: Tensor) -> ModelWrapper:
+    """Export ``model`` to a cleaned-up qonnx ``ModelWrapper`` with exact quantized weights and
+    accumulator records (see the module docstring); nothing is written to disk."""
+    if not isinstance(model, nn.Module):
+        raise A2QInputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(example_input, Tensor):
+        raise A2QInputError("example_input must be a torch.Tensor (one batch of model input)")
+    was_training = model.training
+    try:
+        wrapper, captures = _brevitas_export(model, example_input)
+    finally:
+        model.train(was_training)
+    _place_quantized_weights(wrapper, captures)
+    wrapper = cleanup_model(wrapper)
+    write_records(wrapper, _records(wrapper, captures))
+    return wrapper
+
+
+def export_qonnx(model: nn.Module, example_input: Tensor, path: str | os.PathLike,
+                 overwrite: bool = False) -> ModelWrapper:
+    """Export ``model`` to the QONNX file ``path``, exactly, with per-layer accumulator records.
+
+    Weight initializers hold the layers' quantized weights (``q * s``), so executing the file with
+    qonnx reproduces the Brevitas model and the integers read back from it satisfy each layer's
+    A2Q/A2Q+ bound. Works for this package's quantizers, Brevitas's built-in
+    ``Int8AccumulatorAware*WeightQuant`` and plain Brevitas QAT. Refuses an existing ``path``
+    unless ``overwrite``; never leaves a partial file. Returns the exported ``ModelWrapper``.
+    """
+    check_writable(path, overwrite)
+    wrapper = export_qonnx_model(model, example_input)
+    with atomic_output(Path(path), overwrite=overwrite) as tmp:
+        wrapper.save(tmp)
+    return wrapper
