@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/a2q demo
+	$(VENV)/bin/a2q demo --overwrite
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q

@@ -4,7 +4,12 @@ Train networks whose integer accumulators provably never overflow at a width cho
 audit any Brevitas model's accumulators, and export QONNX files that carry those widths.
 """
 
-from brevitas_a2q.bounds import (
+import warnings
+
+# Brevitas warns on import about an optional CUDA kernel package that nothing here uses
+warnings.filterwarnings("ignore", message="fast_hadamard_transform package not found")
+
+from brevitas_a2q.bounds import (  # noqa: E402
     datatype_accumulator_bits,
     exact_accumulator_range,
     l1_norm_bound,

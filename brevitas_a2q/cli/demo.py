@@ -1,4 +1,5 @@
-"""``a2q demo``: train a small A2Q+ CNN on scikit-learn's digits and audit its accumulators."""
+"""``a2q demo``: train a small A2Q+ CNN on scikit-learn's digits, audit its accumulators, export it
+to QONNX with its accumulator widths and report the exported file."""
 
 from __future__ import annotations
 
@@ -10,8 +11,12 @@ from pathlib import Path
 import torch
 
 from brevitas_a2q.audit import accumulator_report
+from brevitas_a2q.checkpoint import save_checkpoint
+from brevitas_a2q.cli.report import format_report
 from brevitas_a2q.data import load_digits
 from brevitas_a2q.errors import A2QInputError
+from brevitas_a2q.export import export_qonnx
+from brevitas_a2q.io import atomic_output
 from brevitas_a2q.models import WEIGHT_QUANTIZERS, build_cnn
 from brevitas_a2q.training import accuracy, train_epochs
 
@@ -22,7 +27,9 @@ def add_parser(subparsers) -> None:
         help="train a small accumulator-aware CNN on the bundled digits and audit it (offline)",
         description="Train a W4A4 CNN with A2Q+ weights at a 12-bit accumulator target on "
                     "scikit-learn's bundled 8x8 digits, print test accuracy and the accumulator "
-                    "report of every layer, and write the results to --out.",
+                    "report of every layer, export it to QONNX with its accumulator widths "
+                    "(--out/model.onnx), report the exported file, and save a checkpoint "
+                    "(--out/model.pt) for `a2q evaluate`.",
     )
     parser.add_argument("--quant", default="a2q+", choices=list(WEIGHT_QUANTIZERS),
                         help="weight quantizer (default: %(default)s)")
@@ -45,26 +52,43 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.epochs < 1:
         raise A2QInputError(f"--epochs must be at least 1, got {args.epochs}")
+    paths = {name: args.out / name for name in ("model.pt", "model.onnx", "results.json")}
     args.out.mkdir(parents=True, exist_ok=True)
+    for path in paths.values():  # refuse before spending time on training
+        if path.exists() and not args.overwrite:
+            raise A2QInputError(f"{path} exists from an earlier run; pass --overwrite to replace "
+                                "it or choose another --out")
     torch.manual_seed(args.seed)
     train_set, test_set = load_digits(seed=args.seed)
-    model = build_cnn(args.quant, args.weight_bits, args.act_bits, args.acc_bits)
+    kwargs = dict(quant=args.quant, weight_bits=args.weight_bits, act_bits=args.act_bits,
+                  acc_bits=args.acc_bits)
+    model = build_cnn(**kwargs)
     start = time.perf_counter()
     train_epochs(model, train_set, args.epochs, seed=args.seed, progress=not args.no_progress)
     seconds = time.perf_counter() - start
     test_accuracy = accuracy(model, test_set)
-    report = accumulator_report(model, test_set.tensors[0][:256])
+    example = test_set.tensors[0][:256]
+    report = accumulator_report(model, example)
+    save_checkpoint(paths["model.pt"], model, "cnn", kwargs, overwrite=args.overwrite)
+    export_qonnx(model, example[:1], paths["model.onnx"], overwrite=args.overwrite)
+    exported_report = format_report(paths["model.onnx"])
     results = {
-        "quant": args.quant, "acc_bits": args.acc_bits, "epochs": args.epochs,
-        "train_seconds": round(seconds, 2), "test_accuracy": test_accuracy,
-        "layers": report.to_dicts(), "all_targets_hold": report.all_hold,
+        **kwargs, "epochs": args.epochs, "train_seconds": round(seconds, 2),
+        "test_accuracy": test_accuracy, "layers": report.to_dicts(),
+        "all_targets_hold": report.all_hold, "files": {k: str(v) for k, v in paths.items()},
     }
+    with atomic_output(paths["results.json"], overwrite=args.overwrite) as tmp:
+        tmp.write_text(json.dumps(results, indent=2))
     if args.json:
         print(json.dumps(results, indent=2))
-    else:
-        print(f"trained {args.quant} CNN (W{args.weight_bits}A{args.act_bits}, P={args.acc_bits}) "
-              f"on digits for {args.epochs} epochs in {seconds:.1f} s")
-        print(f"test accuracy: {100 * test_accuracy:.2f}%\n")
-        print("accumulators of the trained model (P = target, widths in signed bits):")
-        print(report.table())
+        return 0 if report.all_hold else 1
+    print(f"trained {args.quant} CNN (W{args.weight_bits}A{args.act_bits}, P={args.acc_bits}) "
+          f"on digits for {args.epochs} epochs in {seconds:.1f} s")
+    print(f"test accuracy: {100 * test_accuracy:.2f}%\n")
+    print("accumulators of the trained Brevitas model (P = target, widths in signed bits):")
+    print(report.table())
+    print(f"\nexported {paths['model.onnx']}; accumulators of the exported QONNX file:")
+    print(exported_report)
+    print(f"\ncheckpoint: {paths['model.pt']} (try: a2q evaluate {paths['model.pt']} "
+          "--accumulator int12-wrap int10-wrap)")
     return 0 if report.all_hold else 1

@@ -1,0 +1,49 @@
+"""Clear, named errors for impossible settings and unquantized inputs."""
+
+import pytest
+import torch
+from brevitas.nn import QuantConv2d, QuantLinear
+from brevitas.quant import Int8ActPerTensorFloat
+from torch import nn
+
+from brevitas_a2q import A2QPlusWeightQuant, A2QWeightQuant
+from brevitas_a2q.audit import accumulator_report
+from brevitas_a2q.errors import A2QInputError
+
+
+@pytest.mark.parametrize("quant", [A2QWeightQuant, A2QPlusWeightQuant])
+def test_unquantized_input_names_the_layer_and_the_fix(quant):
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(),
+                          QuantLinear(8, 3, weight_quant=quant, weight_accumulator_bit_width=12))
+    with pytest.raises(A2QInputError) as err:
+        accumulator_report(model, torch.randn(2, 4))
+    message = str(err.value)
+    assert "layer '2'" in message and "QuantLinear" in message
+    assert "input_quant=" in message and "return_quant_tensor=True" in message
+
+
+def test_unquantized_input_without_a_name_still_says_what_to_do():
+    layer = QuantConv2d(2, 4, 3, weight_quant=A2QWeightQuant, weight_accumulator_bit_width=12)
+    with pytest.raises(A2QInputError, match=r"QuantConv2d, weight 4x2x3x3.*input_quant="):
+        layer(torch.randn(1, 2, 5, 5))
+
+
+@pytest.mark.parametrize("quant,needed", [(A2QWeightQuant, 9), (A2QPlusWeightQuant, 9)])
+def test_accumulator_too_small_for_the_input_names_the_values(quant, needed):
+    layer = QuantLinear(8, 3, weight_quant=quant, weight_accumulator_bit_width=8,
+                        input_quant=Int8ActPerTensorFloat)
+    with pytest.raises(A2QInputError, match=rf"weight_accumulator_bit_width=8 .* 8-bit signed.*"
+                                            rf">= {needed}"):
+        layer(torch.randn(2, 8))
+
+
+@pytest.mark.parametrize("kwargs,name", [
+    ({"weight_accumulator_bit_width": 0}, "weight_accumulator_bit_width"),
+    ({"weight_accumulator_bit_width": -4}, "weight_accumulator_bit_width"),
+    ({"weight_accumulator_bit_width": 12.5}, "weight_accumulator_bit_width"),
+    ({"weight_bit_width": 0}, "weight_bit_width"),
+])
+def test_non_positive_or_fractional_bit_widths_fail_at_construction(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        QuantLinear(8, 3, weight_quant=A2QWeightQuant, input_quant=Int8ActPerTensorFloat,
+                    **kwargs)
