@@ -9,7 +9,7 @@ import warnings
 # Brevitas warns on import about an optional CUDA kernel package that nothing here uses
 warnings.filterwarnings("ignore", message="fast_hadamard_transform package not found")
 
-from brevitas_a2q.bounds import (  # noqa: E402
+from brevitas_a2q.bounds import (
     datatype_accumulator_bits,
     exact_accumulator_range,
     l1_norm_bound,
