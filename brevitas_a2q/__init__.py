@@ -9,6 +9,7 @@ import warnings
 # Brevitas warns on import about an optional CUDA kernel package that nothing here uses
 warnings.filterwarnings("ignore", message="fast_hadamard_transform package not found")
 
+from brevitas_a2q.audit import accumulator_report
 from brevitas_a2q.bounds import (
     datatype_accumulator_bits,
     exact_accumulator_range,
@@ -23,6 +24,7 @@ __version__ = "0.1.0"
 __all__ = [
     "A2QPlusWeightQuant",
     "A2QWeightQuant",
+    "accumulator_report",
     "datatype_accumulator_bits",
     "exact_accumulator_range",
     "export_qonnx",
