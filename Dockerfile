@@ -1,0 +1,42 @@
+# brevitas-a2q with FINN: `a2q build` from estimates to bitstreams.
+#   docker build -t brevitas-a2q .
+#   docker run --rm -v $PWD:/work -w /work \
+#     -v /tools/Xilinx:/tools/Xilinx -e FINN_XILINX_VERSION=2024.2 \
+#     brevitas-a2q build model.onnx --board Pynq-Z1 --outputs bitfile --out build
+# Xilinx tools are not in the image: mount the host installation at FINN_XILINX_PATH
+# (default /tools/Xilinx, holding Vivado/<version> and Vitis/<version>) and name the version in
+# FINN_XILINX_VERSION. Without them, estimates and C++ simulation (--verify cppsim) still work.
+FROM python:3.11-slim-bookworm
+
+# Keep in step with finn_flow.environment.FINN_COMMIT (a test checks it).
+ARG FINN_COMMIT=73ba5ed64e805cb765dda7e57694338d1917848f
+ENV FINN_ROOT=/opt/finn \
+    FINN_BUILD_DIR=/tmp/finn_build \
+    FINN_XILINX_PATH=/tools/Xilinx \
+    FINN_XILINX_VERSION=2024.2 \
+    PIP_NO_CACHE_DIR=1
+
+RUN apt-get update && apt-get install -y --no-install-recommends \
+        git g++ make zlib1g-dev libgmp-dev libmpfr-dev unzip zip rsync \
+    && rm -rf /var/lib/apt/lists/*
+
+# FINN at the pinned commit, its dependency repositories from its own script, its requirements.
+RUN git clone https://github.com/Xilinx/finn.git $FINN_ROOT \
+    && git -C $FINN_ROOT checkout $FINN_COMMIT \
+    && cd $FINN_ROOT && bash fetch-repos.sh
+RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu \
+    && pip install -r $FINN_ROOT/requirements.txt
+
+# Our packages (pins qonnx 1.0.0, brevitas 0.13.4), then FINN itself and the ap_int.h headers.
+COPY pyproject.toml README.md /src/
+COPY brevitas_a2q /src/brevitas_a2q
+COPY finn_flow /src/finn_flow
+RUN pip install /src \
+    && pip install --no-deps -e $FINN_ROOT \
+    && pip install --no-deps hls4ml==1.3.0
+
+ENTRYPOINT ["bash", "-c", "x=$FINN_XILINX_PATH; v=$FINN_XILINX_VERSION; \
+if [ -f $x/Vivado/$v/settings64.sh ]; then . $x/Vivado/$v/settings64.sh; export VIVADO_PATH=$x/Vivado/$v; fi; \
+if [ -f $x/Vitis/$v/settings64.sh ]; then . $x/Vitis/$v/settings64.sh; export VITIS_PATH=$x/Vitis/$v HLS_PATH=$x/Vitis_HLS/$v; fi; \
+exec a2q \"$@\"", "a2q"]
+CMD ["--help"]

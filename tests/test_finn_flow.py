@@ -1,0 +1,246 @@
+"""finn_flow without FINN: the accumulator pass on FINN-format MVAU/VVAU nodes built with
+onnx.helper, reports, configuration and errors. Oracles: exact integer arithmetic (brute force
+over input extremes), qonnx DataType ranges, the records' fingerprints."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper
+from qonnx.core.datatype import DataType
+from qonnx.core.modelwrapper import ModelWrapper
+from qonnx.util.basic import qonnx_make_model
+
+from brevitas_a2q.bounds import l1_norm_bound
+from brevitas_a2q.errors import A2QInputError, AccumulatorOverflowError
+from brevitas_a2q.records import AccumulatorRecord, weight_fingerprint
+from finn_flow import FINN_COMMIT, SetProvenAccumulatorWidths, finn_available
+from finn_flow.accumulators import FINN_DOMAIN, integer_weights, range_datatype
+from finn_flow.report import summary_markdown, write_reports
+from finn_flow.verify import extreme_inputs
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _attr(node, name):
+    return next(helper.get_attribute_value(a) for a in node.attribute if a.name == name)
+
+
+def mvau_model(q: np.ndarray, idt: str = "UINT4", thresholds: np.ndarray | None = None,
+               acc: str = "INT32", op_type: str = "MVAU_hls") -> ModelWrapper:
+    """One FINN MVAU node: weights stored (MW, MH) = (K, out) as FINN does."""
+    out_ch, k = q.shape
+    inputs = ["inp", "weights"] + (["thresh"] if thresholds is not None else [])
+    node = helper.make_node(
+        op_type, inputs, ["out"], name=f"{op_type}_0",
+        domain=FINN_DOMAIN + (".hls" if op_type.endswith("_hls") else ""),
+        MW=k, MH=out_ch, SIMD=1, PE=1, inputDataType=idt, weightDataType="INT4",
+        outputDataType="UINT4" if thresholds is not None else acc, accDataType=acc,
+        noActivation=0 if thresholds is not None else 1, binaryXnorMode=0)
+    graph = helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info("inp", TensorProto.FLOAT, [1, k])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, out_ch])])
+    model = ModelWrapper(qonnx_make_model(graph))
+    model.set_initializer("weights", q.T.astype(np.float32))
+    model.set_tensor_datatype("weights", DataType["INT4"])
+    model.set_tensor_datatype("inp", DataType[idt])
+    if thresholds is not None:
+        model.set_initializer("thresh", thresholds.astype(np.float32))
+    return model
+
+
+def record_for(q: np.ndarray, target: int | None, layer: str = "fc1", variant: str = "a2q"):
+    return AccumulatorRecord(layer=layer, node="/fc1/MatMul", op_type="MatMul", weight="w",
+                             output="y", variant=variant if target else "none",
+                             target_bits=target, input_bits=4, input_signed=False, weight_bits=4,
+                             out_channels=q.shape[0], dot_length=q.shape[1],
+                             fingerprint=weight_fingerprint(q))
+
+
+def a2q_weights(target: int, n_bits: int = 4, k: int = 32, out: int = 6, seed: int = 0):
+    """Integer weights whose every channel meets the A2Q bound for ``target`` exactly or below."""
+    rng = np.random.default_rng(seed)
+    limit = int(l1_norm_bound(target, n_bits, False))
+    q = rng.integers(-7, 8, size=(out, k))
+    for row in q:
+        while np.abs(row).sum() > limit:
+            i = rng.integers(k)
+            row[i] -= np.sign(row[i])
+    return q
+
+
+def brute_force_range(q: np.ndarray, lo: int, hi: int) -> tuple[int, int]:
+    """Independent oracle: each channel's extremes over the corner inputs, evaluated as dot
+    products with Python integers."""
+    best_lo, best_hi = 0, 0
+    for row in q.astype(int).tolist():
+        x_max = [hi if w > 0 else lo for w in row]
+        x_min = [lo if w > 0 else hi for w in row]
+        best_hi = max(best_hi, sum(w * x for w, x in zip(row, x_max, strict=True)))
+        best_lo = min(best_lo, sum(w * x for w, x in zip(row, x_min, strict=True)))
+    return best_lo, best_hi
+
+
+@pytest.mark.parametrize("target", [10, 12, 14])
+def test_a2q_layer_gets_width_within_target_and_holding_exact_range(target):
+    q = a2q_weights(target)
+    model = mvau_model(q)
+    transform = SetProvenAccumulatorWidths([record_for(q, target)])
+    model = model.transform(transform)
+    (widths,) = transform.layers
+    node = model.graph.node[0]
+    acc = DataType[_attr(node, "accDataType").decode()]
+    lo, hi = brute_force_range(q, 0, 15)
+    assert acc.min() <= lo and hi <= acc.max()
+    assert acc.bitwidth() <= target
+    # tightest: one bit fewer cannot hold the range
+    narrower = DataType[acc.name.replace(str(acc.bitwidth()), str(acc.bitwidth() - 1))]
+    assert not (narrower.min() <= lo and hi <= narrower.max())
+    # no activation: the hardware accumulates in the output type, which must be the same
+    assert _attr(node, "outputDataType").decode() == acc.name
+    assert widths.layer == "fc1" and widths.target_bits == target
+    assert widths.bits_exact <= widths.bits_l1_bound <= target <= widths.bits_datatype
+
+
+def test_layer_over_target_stops_with_error_naming_it():
+    q = np.full((4, 64), 7)  # ||q||_1 = 448 with UINT4 inputs: needs 13 unsigned bits
+    model = mvau_model(q)
+    with pytest.raises(AccumulatorOverflowError, match=r"layer 'fc3'.*P = 10.*not overflow-safe"):
+        model.transform(SetProvenAccumulatorWidths([record_for(q, 10, layer="fc3")]))
+
+
+def test_thresholds_clipped_into_range_and_typed_like_accumulator():
+    q = a2q_weights(12, out=4)
+    lo, hi = brute_force_range(q, 0, 15)
+    rng = np.random.default_rng(1)
+    thresholds = np.sort(rng.uniform(lo - 500, hi + 500, size=(4, 15)), axis=1)
+    model = mvau_model(q, thresholds=thresholds)
+    model = model.transform(SetProvenAccumulatorWidths([record_for(q, 12)]))
+    node = model.graph.node[0]
+    acc = DataType[_attr(node, "accDataType").decode()]
+    new = model.get_initializer("thresh")
+    assert model.get_tensor_datatype("thresh") == acc  # one type: no truncation (FINN #1561)
+    assert np.all(new >= lo) and np.all(new <= hi + 1) and np.all(new == np.round(new))
+    assert all(acc.allowed(t) for t in new.flatten())
+    # same activation for every reachable accumulator value
+    for a in range(lo, hi + 1, max((hi - lo) // 200, 1)):
+        np.testing.assert_array_equal((a >= np.ceil(thresholds)).sum(1), (a >= new).sum(1))
+
+
+def test_unmatched_node_is_an_error_when_the_model_has_records():
+    q = a2q_weights(12)
+    other = a2q_weights(12, seed=5)
+    with pytest.raises(A2QInputError, match="matches no accumulator record"):
+        mvau_model(q).transform(SetProvenAccumulatorWidths([record_for(other, 12)]))
+
+
+def test_without_records_widths_are_exact_and_unchecked():
+    q = np.full((2, 64), 7)
+    transform = SetProvenAccumulatorWidths([])
+    mvau_model(q).transform(transform)
+    (w,) = transform.layers
+    assert w.layer is None and w.target_bits is None and w.within_target is None
+    assert w.datatype == range_datatype(*brute_force_range(q, 0, 15)).name
+
+
+def test_forced_width_is_imposed_and_marked():
+    q = np.full((2, 64), 7)
+    transform = SetProvenAccumulatorWidths([record_for(q, 10)], force_bits=10)
+    model = mvau_model(q).transform(transform)
+    assert _attr(model.graph.node[0], "accDataType").decode() == "INT10"
+    assert transform.layers[0].forced
+
+
+def test_vvau_and_conv_layout_match_record_of_pytorch_weights():
+    """A depthwise layer's (C, 1, kh, kw) FINN weights and an MVAU lowered from a convolution,
+    whose rows are in (kh, kw, C) order, both match the record made from PyTorch's layout."""
+    rng = np.random.default_rng(3)
+    w = rng.integers(-3, 4, size=(8, 4, 3, 3))  # PyTorch conv (out, C, kh, kw)
+    finn_conv = w.transpose(0, 2, 3, 1).reshape(8, -1)  # FINN im2col order
+    model = mvau_model(finn_conv)
+    rec = record_for(w.reshape(8, -1), 16, layer="conv2")
+    transform = SetProvenAccumulatorWidths([rec])
+    model.transform(transform)
+    assert transform.layers[0].layer == "conv2"
+    dw = rng.integers(-3, 4, size=(8, 1, 3, 3))
+    node = helper.make_node("VVAU", ["inp", "w"], ["out"], domain=FINN_DOMAIN, name="VVAU_0")
+    graph = helper.make_graph([node], "g", [], [])
+    vv = ModelWrapper(qonnx_make_model(graph))
+    vv.set_initializer("w", dw.astype(np.float32))
+    assert np.array_equal(integer_weights(vv, node), dw.reshape(8, 9))
+
+
+def test_range_datatype_matches_qonnx_ranges():
+    for lo, hi in [(0, 0), (0, 255), (0, 256), (-1, 0), (-128, 127), (-129, 5), (-3, 128)]:
+        dt = range_datatype(lo, hi)
+        assert dt.min() <= lo and hi <= dt.max()
+        smaller = DataType[re.sub(r"\d+$", str(dt.bitwidth() - 1), dt.name)] \
+            if dt.bitwidth() > 1 else None
+        assert smaller is None or not (smaller.min() <= lo and hi <= smaller.max())
+
+
+def test_reports_are_written_and_readable(tmp_path):
+    q = a2q_weights(12)
+    transform = SetProvenAccumulatorWidths([record_for(q, 12)],
+                                           lut_estimator=lambda n, m: 100 + 3 * DataType[
+                                               _attr(n, "accDataType").decode()].bitwidth())
+    mvau_model(q).transform(transform)
+    paths = write_reports(transform.layers, tmp_path)
+    data = json.loads(paths["json"].read_text())
+    (row,) = data["layers"]
+    assert row["layer"] == "fc1" and row["within_target"] is True
+    assert row["lut_int32"] == 100 + 3 * 32 and row["lut_chosen"] == 100 + 3 * row["bits"]
+    assert data["totals"]["all_within_target"] is True
+    assert "| MVAU_hls_0 | fc1 | 12 |" in paths["summary"].read_text()
+    assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "NO" not in summary_markdown(transform.layers).split("within its target:")[1][:5]
+
+
+def test_extreme_inputs_drive_first_layer_to_its_ends():
+    """On a QONNX-like graph (input -> MatMul), the extreme inputs reach the extremes of the
+    first layer's accumulator over inputs clipped to [-1, 1]."""
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(16, 5)).astype(np.float32)  # MatMul weight (in, out)
+    node = helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info(
+        "x", TensorProto.FLOAT, [1, 16])], [helper.make_tensor_value_info(
+            "y", TensorProto.FLOAT, [1, 5])])
+    model = ModelWrapper(qonnx_make_model(graph))
+    model.set_initializer("w", w)
+    xs = np.clip(extreme_inputs(model, channels=5), -1, 1)
+    reached = np.concatenate([x.reshape(1, -1) @ w for x in xs])
+    l1 = np.abs(w).sum(0)
+    np.testing.assert_allclose(reached.max(0), l1, rtol=1e-5)
+    np.testing.assert_allclose(reached.min(0), -l1, rtol=1e-5)
+
+
+def test_dockerfile_pins_the_same_finn_commit():
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert f"FINN_COMMIT={FINN_COMMIT}" in dockerfile
+    assert "fetch-repos.sh" in dockerfile and "exec a2q" in dockerfile
+
+
+def test_build_errors_are_clear_before_finn_is_needed(tmp_path):
+    from finn_flow import build
+
+    with pytest.raises(A2QInputError, match="does not exist"):
+        build(tmp_path / "missing.onnx", tmp_path / "out")
+    bad = tmp_path / "bad.onnx"
+    bad.write_text("not onnx")
+    with pytest.raises(A2QInputError, match="not a readable ONNX model"):
+        build(bad, tmp_path / "out")
+    with pytest.raises(A2QInputError, match="unknown output"):
+        build(bad, tmp_path / "out", outputs=["gds"])
+    with pytest.raises(A2QInputError, match="needs --board"):
+        build(bad, tmp_path / "out", outputs=["bitfile"], fpga_part="xc7z020clg400-1")
+
+
+def test_finn_available_explains_itself():
+    ok, reason = finn_available()
+    assert isinstance(ok, bool) and reason
+    if not ok:
+        assert "Docker" in reason and FINN_COMMIT in reason
