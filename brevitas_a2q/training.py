@@ -162,27 +162,31 @@ def a2q_penalty(model: nn.Module) -> Tensor:
 
 def train_epochs(
     model: nn.Module,
-    train_set: torch.utils.data.Dataset,
+    data: torch.utils.data.Dataset | torch.utils.data.DataLoader,
     epochs: int,
     lr: float = 1e-2,
     batch_size: int = 64,
     penalty_weight: float = 0.0,
     seed: int = 0,
     progress: bool = True,
+    desc: str = "epoch",
 ) -> list[float]:
     """Adam with a cosine schedule and cross-entropy, plus ``penalty_weight * a2q_penalty``; a tqdm
-    bar per epoch. Returns the mean loss of each epoch."""
+    bar per epoch. ``data`` is a DataLoader, or a Dataset shuffled in batches of ``batch_size``.
+    Returns the mean loss of each epoch and leaves the model in eval mode."""
     from tqdm.auto import tqdm
 
-    loader = torch.utils.data.DataLoader(train_set, batch_size=batch_size, shuffle=True,
-                                         generator=torch.Generator().manual_seed(seed))
+    loader = data
+    if isinstance(data, torch.utils.data.Dataset):
+        loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=True,
+                                             generator=torch.Generator().manual_seed(seed))
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(epochs * len(loader), 1))
     losses = []
     model.train()
     for epoch in range(epochs):
         total = 0.0
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", disable=not progress, leave=False)
+        bar = tqdm(loader, desc=f"{desc} {epoch + 1}/{epochs}", disable=not progress, leave=False)
         for x, y in bar:
             optimizer.zero_grad()
             loss = nn.functional.cross_entropy(model(x), y)

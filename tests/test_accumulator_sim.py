@@ -433,3 +433,21 @@ def test_finetune_under_simulated_accumulator_runs_and_learns():
     assert losses[-1] < losses[0]
     assert after > max(before, 0.6)
     assert not any("inner_forward_impl" in vars(m) for m in model.modules())
+
+
+@pytest.mark.parametrize("spec", ["int8-sat", "int10-sat-c4", "fp8-e3m4", "fp12-e4m7-c4",
+                                  "fp10-e3m6-rz", "fp12-e4m7-b3", "fp6-e2m3"])
+@pytest.mark.parametrize("seed", range(6))
+def test_fast_path_equals_the_step_by_step_chain(spec, seed):
+    # the fast path (no per-step events needed) must give the same bits and counts as the loop
+    from brevitas_a2q.accumulator_sim import _run_chain
+
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randint(-8, 8, (7, 37), generator=gen).double() * (0.5 if seed % 2 else 1.0)
+    x[x.abs() < 2] = 0.0  # exact zeros, which the fast path skips
+    w = torch.randint(-7, 8, (5, 37), generator=gen).double() * (2.0 ** (seed - 3))
+    cfg = parse_accumulator(spec)
+    fast, slow = _run_chain(x, w, cfg), _run_chain(x, w, cfg, fast=False)
+    assert torch.equal(fast.y.view(torch.int64), slow.y.view(torch.int64))
+    for count in ("overflow_events", "overflow_outputs", "swamping_events", "underflow_events"):
+        assert getattr(fast, count) == getattr(slow, count), count
