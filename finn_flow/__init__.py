@@ -7,6 +7,7 @@ The graph pass (:class:`SetProvenAccumulatorWidths`) and the reports need only q
 
 from finn_flow.accumulators import LayerWidths, SetProvenAccumulatorWidths
 from finn_flow.build import BuildResult, FinnBuildError, build
+from finn_flow.demo import demo_build
 from finn_flow.environment import (
     FINN_COMMIT,
     FinnUnavailableError,
@@ -22,6 +23,7 @@ __all__ = [
     "LayerWidths",
     "SetProvenAccumulatorWidths",
     "build",
+    "demo_build",
     "cppsim_available",
     "finn_available",
 ]

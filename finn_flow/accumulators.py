@@ -80,6 +80,7 @@ class LayerWidths:
     lut_chosen: int | None = None
     lut_finn: int | None = None
     lut_int32: int | None = None
+    lut_int32_uncapped: int | None = None  # FINN's formula at 32 bits without its cap
     extra: dict = field(default_factory=dict)
 
     @property

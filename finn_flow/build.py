@@ -13,8 +13,11 @@ step callables ``step(model, cfg) -> model``):
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +29,7 @@ from brevitas_a2q.errors import A2QInputError
 from brevitas_a2q.io import atomic_output
 from brevitas_a2q.records import read_records
 from finn_flow.accumulators import FINN_DOMAIN, LayerWidths, SetProvenAccumulatorWidths
+from finn_flow.cppsim import NodeExecution, PythonFallback, plan_cppsim
 from finn_flow.environment import import_finn, prepare_cppsim
 from finn_flow.report import totals, write_reports
 from finn_flow.verify import VerificationResult, compare, extreme_inputs, random_inputs, run_qonnx
@@ -48,6 +52,7 @@ class BuildResult:
     layers: list[LayerWidths]
     reports: dict[str, Path]
     verification: list[VerificationResult] = field(default_factory=list)
+    cppsim_layers: list[NodeExecution] = field(default_factory=list)
 
     @property
     def verified(self) -> bool | None:
@@ -58,7 +63,30 @@ class BuildResult:
                 "totals": totals(self.layers), "reports": {k: str(v) for k, v in
                                                            self.reports.items()},
                 "verification": [v.to_dict() for v in self.verification],
+                "cppsim_layers": [e.to_dict() for e in self.cppsim_layers],
                 "verified": self.verified}
+
+    def verification_summary(self) -> str:
+        """Plain-text lines: per input set, how many accelerator outputs were bit-exact; which
+        layers were C++-simulated and which ran in Python, and why."""
+        if not self.verification:
+            return "C++ simulation: not run"
+        lines = []
+        for v in self.verification:
+            status = "bit-exact" if v.ok else "MISMATCH"
+            rel = "-" if v.final_max_rel_diff is None else f"{v.final_max_rel_diff:.2g}"
+            lines.append(f"cppsim {v.kind}: {v.matched}/{v.inputs} accelerator outputs bit-exact "
+                         f"({status}; model output vs QONNX rel. diff {rel})")
+        simulated = [e.node for e in self.cppsim_layers if e.mode == "cppsim"]
+        lines.append(f"C++-simulated layers ({len(simulated)}): {', '.join(simulated)}")
+        python = [e for e in self.cppsim_layers if e.mode == "python"]
+        if python:
+            lines.append(f"Not C++-simulated, executed by FINN in Python ({len(python)}):")
+            groups: dict[str, list[str]] = {}
+            for e in python:  # one line per reason
+                groups.setdefault(e.reason, []).append(e.node)
+            lines += [f"  {', '.join(nodes)}: {reason}" for reason, nodes in groups.items()]
+        return "\n".join(lines)
 
 
 def _load(model_onnx: str | os.PathLike) -> ModelWrapper:
@@ -85,13 +113,91 @@ def _check_options(outputs: Sequence[str], verify: Sequence[str], board, fpga_pa
 
 
 def _lut_estimator():
+    from finn_flow.luts import lut_estimate
+
+    return lambda node, model: lut_estimate(node)
+
+
+@contextlib.contextmanager
+def _stderr_to(path: Path):
+    """Send this process's file descriptor 2 (inherited by FINN's g++ subprocesses) to ``path``."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(path, "ab") as log:
+        os.dup2(log.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def _executables_missing(model: ModelWrapper) -> list[str]:
+    """HLS layers whose cppsim executable was not produced (FINN does not check g++'s status)."""
     from qonnx.custom_op.registry import getCustomOp
 
-    def estimate(node, model):
-        inst = getCustomOp(node)
-        return inst.lut_estimation() if hasattr(inst, "lut_estimation") else 0
+    missing = []
+    for node in model.graph.node:
+        if node.domain == FINN_DOMAIN + ".hls":
+            exe = getCustomOp(node).get_nodeattr("executable_path")
+            if not exe or not Path(exe).is_file():
+                script = Path(getCustomOp(node).get_nodeattr("code_gen_dir_cppsim")) / "compile.sh"
+                missing.append(f"{node.name} (compile script {script})")
+    return missing
 
-    return estimate
+
+def verify_cppsim(model: ModelWrapper, output_dir: Path, verify_sets: dict[str, np.ndarray],
+                  qonnx_model: ModelWrapper) -> tuple[list[VerificationResult], list[NodeExecution]]:
+    """C++-simulate a copy of the dataflow graph ``model`` and compare it bit-exactly, per input
+    set, with FINN's Python execution of the same graph before specialization and width setting
+    (exact integer arithmetic, no wrap-around); the model outputs are compared with the QONNX
+    model. Layers the available finn-hlslib cannot compile run in Python
+    (:func:`finn_flow.cppsim.plan_cppsim`); the plan is returned and written to
+    ``verification_output/cppsim.json``. ``model`` itself is not changed."""
+    from finn.transformation.fpgadataflow.compile_cppsim import CompileCppSim
+    from finn.transformation.fpgadataflow.prepare_cppsim import PrepareCppSim
+    from finn.transformation.fpgadataflow.set_exec_mode import SetExecMode
+    from finn.util.test import execute_parent
+
+    prepare_cppsim(output_dir / "finn_build")
+    plan = plan_cppsim(model)
+    sim = ModelWrapper(copy.deepcopy(model.model)).transform(PythonFallback(plan))
+    verify_dir = output_dir / "verification_output"
+    verify_dir.mkdir(exist_ok=True)
+    sim = sim.transform(PrepareCppSim(num_workers=1))
+    with _stderr_to(verify_dir / "compile.log"):  # g++ warnings of finn-hlslib, hundreds of lines
+        sim = sim.transform(CompileCppSim(num_workers=1))
+    missing = _executables_missing(sim)
+    if missing:
+        raise FinnBuildError("g++ did not build the C++ simulation of " + "; ".join(missing)
+                             + f"; the compiler's messages are in {verify_dir / 'compile.log'}")
+    sim = sim.transform(SetExecMode("cppsim"))
+    child = verify_dir / "cppsim_dataflow.onnx"
+    sim.save(str(child))
+    reference = output_dir / "intermediate_models" / "step_create_dataflow_partition.onnx"
+    parent = str(output_dir / "intermediate_models" / "dataflow_parent.onnx")
+    parent_model = ModelWrapper(parent)
+    partition = next(n for n in parent_model.graph.node
+                     if n.op_type == "StreamingDataflowPartition")
+    acc_out, out_name = partition.output[0], parent_model.graph.output[0].name
+    in_shape = parent_model.get_tensor_shape(parent_model.graph.input[0].name)
+
+    def run(child_path, x):
+        ctx = execute_parent(parent, str(child_path), x.reshape(in_shape), return_full_ctx=True)
+        return ctx[acc_out], ctx[out_name]
+
+    results = []
+    for kind, inputs in verify_sets.items():
+        expected = run_qonnx(qonnx_model, inputs)
+        hw = [run(child, x) for x in inputs]
+        ideal = [run(reference, x) for x in inputs]
+        results.append(compare(kind, np.stack([i[0] for i in ideal]), np.stack([h[0] for h in hw]),
+                               final_expected=expected, final_actual=np.stack([h[1] for h in hw])))
+    with atomic_output(verify_dir / "cppsim.json", overwrite=True) as tmp:
+        tmp.write_text(json.dumps({"results": [r.to_dict() for r in results],
+                                   "layers": [e.to_dict() for e in plan]}, indent=2) + "\n")
+    return results, plan
 
 
 def _make_steps(state: dict, records, force_bits, verify_sets, qonnx_model, output_dir: Path,
@@ -120,6 +226,12 @@ def _make_steps(state: dict, records, force_bits, verify_sets, qonnx_model, outp
             state["error"] = err
             raise
         model = model.transform(InferDataTypes())
+        if lut_estimates:
+            from finn_flow.luts import uncapped_lut_estimate
+
+            nodes = {n.name: n for n in model.graph.node}
+            for w in transform.layers:
+                w.lut_int32_uncapped = uncapped_lut_estimate(nodes[w.finn_node], 32)
         state["layers"] = transform.layers
         state["reports"] = write_reports(transform.layers, output_dir,
                                          extra={"records": len(records),
@@ -127,53 +239,15 @@ def _make_steps(state: dict, records, force_bits, verify_sets, qonnx_model, outp
         return model
 
     def step_a2q_verify_cppsim(model, cfg):
-        from finn.transformation.fpgadataflow.compile_cppsim import CompileCppSim
-        from finn.transformation.fpgadataflow.prepare_cppsim import PrepareCppSim
-        from finn.transformation.fpgadataflow.set_exec_mode import SetExecMode
-        from finn.util.test import execute_parent
-
-        prepare_cppsim(output_dir / "finn_build")
-        model = model.transform(PrepareCppSim())
-        model = model.transform(CompileCppSim())
-        verify_dir = output_dir / "verification_output"
-        verify_dir.mkdir(exist_ok=True)
-        # reference: the same dataflow graph before layers were specialized and widths set,
-        # executed by FINN in Python (exact integer arithmetic, no wrap-around)
-        reference = output_dir / "intermediate_models" / "step_create_dataflow_partition.onnx"
-        model = model.transform(SetExecMode("cppsim"))
-        child = verify_dir / "cppsim_dataflow.onnx"
-        model.save(str(child))
-        parent = str(output_dir / "intermediate_models" / "dataflow_parent.onnx")
-        parent_model = ModelWrapper(parent)
-        partition = next(n for n in parent_model.graph.node
-                         if n.op_type == "StreamingDataflowPartition")
-        acc_out = partition.output[0]
-        out_name = parent_model.graph.output[0].name
-        in_shape = parent_model.get_tensor_shape(parent_model.graph.input[0].name)
-
-        def run(child_path, x):
-            ctx = execute_parent(parent, str(child_path), x.reshape(in_shape),
-                                 return_full_ctx=True)
-            return ctx[acc_out], ctx[out_name]
-
-        results = []
-        for kind, inputs in verify_sets.items():
-            expected = run_qonnx(qonnx_model, inputs)
-            hw = [run(child, x) for x in inputs]
-            ideal = [run(reference, x) for x in inputs]
-            results.append(compare(kind, np.stack([i[0] for i in ideal]),
-                                   np.stack([h[0] for h in hw]),
-                                   final_expected=expected, final_actual=np.stack([h[1] for h in hw])))
-        state["verification"] = results
-        with atomic_output(verify_dir / "cppsim.json", overwrite=True) as tmp:
-            tmp.write_text(json.dumps([r.to_dict() for r in results], indent=2) + "\n")
+        results, plan = verify_cppsim(model, output_dir, verify_sets, qonnx_model)
+        state["verification"], state["cppsim_plan"] = results, plan
         return model
 
     return step_a2q_prefer_hls, step_a2q_accumulators, step_a2q_verify_cppsim
 
 
 def _steps(build_dataflow_config, outputs, verify, ours) -> list:
-    prefer_hls, accumulators, verify_cppsim = ours
+    prefer_hls, accumulators, verify_step = ours
     if set(outputs) == {"estimate"}:
         names = list(build_dataflow_config.estimate_only_dataflow_steps)
     else:
@@ -187,7 +261,7 @@ def _steps(build_dataflow_config, outputs, verify, ours) -> list:
             steps.append(accumulators)
     if "cppsim" in verify:
         at = steps.index("step_generate_estimate_reports") + 1
-        steps.insert(at, verify_cppsim)
+        steps.insert(at, verify_step)
     return steps
 
 
@@ -278,4 +352,5 @@ def build(
     if estimates.exists():
         reports["finn_estimates"] = estimates
     return BuildResult(output_dir=out, layers=state.get("layers", []), reports=reports,
-                       verification=state.get("verification", []))
+                       verification=state.get("verification", []),
+                       cppsim_layers=state.get("cppsim_plan", []))

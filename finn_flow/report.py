@@ -17,7 +17,9 @@ REPORT_FORMAT = "finn_flow.accumulators/1"
 
 INT32_NOTE = (
     "FINN's HLS LUT model caps the accumulator at the data-type bound (A2Q Eq. 12), so the INT32 "
-    "column costs each layer at min(32, data-type bound) bits, as FINN would."
+    "column costs each layer at min(32, data-type bound) bits, as FINN would; the 32 (uncapped) "
+    "column extends FINN's formula, linear in the accumulator bits, to 32 bits "
+    "(finn_flow.luts.uncapped_lut_estimate)."
 )
 
 
@@ -28,9 +30,11 @@ def totals(layers: Sequence[LayerWidths]) -> dict:
         return None if not values or any(v is None for v in values) else int(sum(values))
 
     out = {"lut_chosen": total("lut_chosen"), "lut_finn": total("lut_finn"),
-           "lut_int32": total("lut_int32")}
+           "lut_int32": total("lut_int32"), "lut_int32_uncapped": total("lut_int32_uncapped")}
     if out["lut_chosen"] and out["lut_int32"]:
         out["int32_over_chosen"] = out["lut_int32"] / out["lut_chosen"]
+    if out["lut_chosen"] and out["lut_int32_uncapped"]:
+        out["int32_uncapped_over_chosen"] = out["lut_int32_uncapped"] / out["lut_chosen"]
     out["all_within_target"] = all(w.within_target is not False for w in layers)
     return out
 
@@ -46,19 +50,23 @@ def summary_markdown(layers: Sequence[LayerWidths], extra_totals: dict | None = 
         "# Accumulator widths",
         "",
         "| FINN node | Brevitas layer | P | set | exact range | L1 bound | data types | FINN | "
-        "LUT set | LUT FINN | LUT INT32 |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "LUT set | LUT FINN | LUT INT32 | LUT 32 (uncapped) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for w in layers:
         mark = " (forced)" if w.forced else ""
         lines.append(
             f"| {w.finn_node} | {_cell(w.layer)} | {_cell(w.target_bits)} | {w.datatype}{mark} | "
             f"{w.bits_exact} | {_cell(w.bits_l1_bound)} | {w.bits_datatype} | {w.finn_datatype} | "
-            f"{_cell(w.lut_chosen)} | {_cell(w.lut_finn)} | {_cell(w.lut_int32)} |")
+            f"{_cell(w.lut_chosen)} | {_cell(w.lut_finn)} | {_cell(w.lut_int32)} | "
+            f"{_cell(w.lut_int32_uncapped)} |")
     tot = totals(layers)
     lines += ["", f"Total LUTs of the accumulating layers: {_cell(tot['lut_chosen'])} at the widths "
               f"set, {_cell(tot['lut_finn'])} at FINN's widths, {_cell(tot['lut_int32'])} at INT32"
-              + (f" ({tot['int32_over_chosen']:.2f}x)." if "int32_over_chosen" in tot else "."),
+              + (f" ({tot['int32_over_chosen']:.2f}x)" if "int32_over_chosen" in tot else "")
+              + f", {_cell(tot['lut_int32_uncapped'])} at 32 bits uncapped"
+              + (f" ({tot['int32_uncapped_over_chosen']:.2f}x)."
+                 if "int32_uncapped_over_chosen" in tot else "."),
               "", "Every width within its target: "
               + ("yes" if tot["all_within_target"] else "NO"), "", INT32_NOTE]
     for key, value in (extra_totals or {}).items():

@@ -244,3 +244,83 @@ def test_finn_available_explains_itself():
     assert isinstance(ok, bool) and reason
     if not ok:
         assert "Docker" in reason and FINN_COMMIT in reason
+
+
+# --- cppsim plan: which layers the available finn-hlslib can compile (finn_flow.cppsim) ---
+
+OLD_POOL_API = """
+/* a comment mentioning template<typename T> class MaxPoolFunction must not count */
+template<typename T, unsigned size>
+class MaxPoolFunction : public PoolFunction<T, T, size> {};
+template<unsigned Channels, unsigned PE, unsigned TotalK, typename TSrcI = Identity,
+         typename TI, typename TO, typename TA>
+void Pool_batch(hls::stream<TI> &in, hls::stream<TO> &out, TA const &function, int const reps) {}
+"""
+NEW_POOL_API = """
+template<typename T>
+class MaxPoolFunction {};
+template<unsigned ISIZE, unsigned K, typename TI, typename TO, typename F>
+void Pool_batch(hls::stream<TI> &in, hls::stream<TO> &out, F const &fxn) {}
+"""
+
+
+def _hlslib(tmp_path, text):
+    (tmp_path / "pool.hpp").write_text(text)
+    return tmp_path
+
+
+def _dataflow_graph(*op_types):
+    nodes, prev = [], "x"
+    for i, op in enumerate(op_types):
+        backend = op.rsplit("_", 1)[1] if op.endswith(("_hls", "_rtl")) else None
+        attrs = {"Function": "MaxPool"} if op.startswith("Pool") else {}
+        nodes.append(helper.make_node(
+            op, [prev], [f"t{i}"], name=f"{op}_{i}",
+            domain=FINN_DOMAIN + (f".{backend}" if backend else ""), **attrs))
+        prev = f"t{i}"
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(
+        "x", TensorProto.FLOAT, [1, 4])], [helper.make_tensor_value_info(
+            prev, TensorProto.FLOAT, [1, 4])])
+    return ModelWrapper(qonnx_make_model(graph))
+
+
+def test_hlslib_api_check_tells_old_from_new_pool_api(tmp_path):
+    from finn_flow.cppsim import HLSLIB_API, missing_api
+
+    uses = HLSLIB_API["Pool_hls"]["MaxPool"]
+    (tmp_path / "old").mkdir()
+    old = missing_api(uses, _hlslib(tmp_path / "old", OLD_POOL_API))
+    assert len(old) == 2 and "MaxPoolFunction<typename T, unsigned size>" in old[0]
+    assert "int const reps" in old[1]
+    (tmp_path / "new").mkdir()
+    assert missing_api(uses, _hlslib(tmp_path / "new", NEW_POOL_API)) == []
+    (tmp_path / "none").mkdir()
+    assert "not declared" in " ".join(missing_api(uses, _hlslib(tmp_path / "none", "")))
+
+
+def test_cppsim_plan_runs_only_non_accumulating_layers_in_python(tmp_path):
+    from finn_flow.cppsim import plan_cppsim
+
+    (tmp_path / "old").mkdir()
+    old = _hlslib(tmp_path / "old", OLD_POOL_API)
+    model = _dataflow_graph("Thresholding_hls", "ConvolutionInputGenerator_rtl", "MVAU_hls",
+                            "Pool_hls", "Shuffle")
+    plan = {e.node: e for e in plan_cppsim(model, old)}
+    assert [e.mode for e in plan.values()] == ["cppsim", "python", "cppsim", "python", "python"]
+    assert "lacks the API" in plan["Pool_hls_3"].reason
+    assert "RTL" in plan["ConvolutionInputGenerator_rtl_1"].reason
+    (tmp_path / "new").mkdir()
+    new = _hlslib(tmp_path / "new", NEW_POOL_API)
+    assert plan_cppsim(model, new)[3].mode == "cppsim"
+    with pytest.raises(A2QInputError, match="RTL layer"):
+        plan_cppsim(_dataflow_graph("MVAU_rtl"), new)
+    with pytest.raises(A2QInputError, match="not specialized"):
+        plan_cppsim(_dataflow_graph("Thresholding"), new)
+
+
+@pytest.mark.skipif(finn_available()[0], reason="checks the message shown where FINN is absent")
+def test_demo_build_says_what_it_skipped_without_finn(tmp_path):
+    from finn_flow import demo_build
+
+    text, ok = demo_build(tmp_path / "model.onnx", tmp_path / "out")
+    assert ok and text.startswith("FINN build SKIPPED") and finn_available()[1] in text

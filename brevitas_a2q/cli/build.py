@@ -63,9 +63,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(result.to_dict(), indent=2))
     else:
         print(result.reports["summary"].read_text())
-        for v in result.verification:
-            status = "bit-exact" if v.ok else "MISMATCH"
-            print(f"cppsim {v.kind}: {v.matched}/{v.inputs} accelerator outputs bit-exact "
-                  f"({status}; model output vs QONNX rel. diff {v.final_max_rel_diff:.2g})")
+        if result.verification:
+            print(result.verification_summary())
         print(f"reports in {result.output_dir}")
     return 0 if result.verified is not False else 1

@@ -1,5 +1,6 @@
 """``a2q demo``: train a small A2Q+ CNN on scikit-learn's digits, audit its accumulators, export it
-to QONNX with its accumulator widths and report the exported file."""
+to QONNX with its accumulator widths, report the exported file, and (where FINN is importable) build
+it with FINN and check the accelerator in C++ simulation."""
 
 from __future__ import annotations
 
@@ -29,7 +30,9 @@ def add_parser(subparsers) -> None:
                     "scikit-learn's bundled 8x8 digits, print test accuracy and the accumulator "
                     "report of every layer, export it to QONNX with its accumulator widths "
                     "(--out/model.onnx), report the exported file, and save a checkpoint "
-                    "(--out/model.pt) for `a2q evaluate`.",
+                    "(--out/model.pt) for `a2q evaluate`. Where FINN is importable, also build "
+                    "the FINN estimate reports with proven accumulator widths and check the "
+                    "accelerator bit-exactly in C++ simulation (--out/finn); otherwise say so.",
     )
     parser.add_argument("--quant", default="a2q+", choices=list(WEIGHT_QUANTIZERS),
                         help="weight quantizer (default: %(default)s)")
@@ -46,13 +49,15 @@ def add_parser(subparsers) -> None:
                         help="replace the files of an earlier run in --out")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument("--no-finn", action="store_true",
+                        help="skip the FINN build even where FINN is importable")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.epochs < 1:
         raise A2QInputError(f"--epochs must be at least 1, got {args.epochs}")
-    paths = {name: args.out / name for name in ("model.pt", "model.onnx", "results.json")}
+    paths = {name: args.out / name for name in ("model.pt", "model.onnx", "results.json", "finn")}
     args.out.mkdir(parents=True, exist_ok=True)
     for path in paths.values():  # refuse before spending time on training
         if path.exists() and not args.overwrite:
@@ -72,16 +77,19 @@ def run(args: argparse.Namespace) -> int:
     save_checkpoint(paths["model.pt"], model, "cnn", kwargs, overwrite=args.overwrite)
     export_qonnx(model, example[:1], paths["model.onnx"], overwrite=args.overwrite)
     exported_report = format_report(paths["model.onnx"])
+    finn_text, finn_ok = _finn(args, paths["model.onnx"], paths["finn"], example[:10])
     results = {
         **kwargs, "epochs": args.epochs, "train_seconds": round(seconds, 2),
         "test_accuracy": test_accuracy, "layers": report.to_dicts(),
-        "all_targets_hold": report.all_hold, "files": {k: str(v) for k, v in paths.items()},
+        "all_targets_hold": report.all_hold, "finn": {"ok": finn_ok, "summary": finn_text},
+        "files": {k: str(v) for k, v in paths.items()},
     }
+    ok = report.all_hold and finn_ok
     with atomic_output(paths["results.json"], overwrite=args.overwrite) as tmp:
         tmp.write_text(json.dumps(results, indent=2))
     if args.json:
         print(json.dumps(results, indent=2))
-        return 0 if report.all_hold else 1
+        return 0 if ok else 1
     print(f"trained {args.quant} CNN (W{args.weight_bits}A{args.act_bits}, P={args.acc_bits}) "
           f"on digits for {args.epochs} epochs in {seconds:.1f} s")
     print(f"test accuracy: {100 * test_accuracy:.2f}%\n")
@@ -89,6 +97,17 @@ def run(args: argparse.Namespace) -> int:
     print(report.table())
     print(f"\nexported {paths['model.onnx']}; accumulators of the exported QONNX file:")
     print(exported_report)
+    print(f"\n{finn_text}")
     print(f"\ncheckpoint: {paths['model.pt']} (try: a2q evaluate {paths['model.pt']} "
           "--accumulator int12-wrap int10-wrap)")
-    return 0 if report.all_hold else 1
+    return 0 if ok else 1
+
+
+def _finn(args: argparse.Namespace, onnx_path: Path, out_dir: Path,
+          inputs: torch.Tensor) -> tuple[str, bool]:
+    """FINN estimate build + C++ simulation of the exported model, or a plain note of the skip."""
+    if args.no_finn:
+        return "FINN build SKIPPED (--no-finn)", True
+    from finn_flow import demo_build
+
+    return demo_build(onnx_path, out_dir, inputs.numpy(), overwrite=args.overwrite)
