@@ -47,3 +47,26 @@ def test_non_positive_or_fractional_bit_widths_fail_at_construction(kwargs, name
     with pytest.raises(ValueError, match=name):
         QuantLinear(8, 3, weight_quant=A2QWeightQuant, input_quant=Int8ActPerTensorFloat,
                     **kwargs)
+
+
+def test_outputs_are_atomic_refuse_overwrite_and_get_normal_permissions(tmp_path):
+    import os
+
+    from brevitas_a2q.io import atomic_output
+
+    target = tmp_path / "out.txt"
+    with pytest.raises(RuntimeError), atomic_output(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("failed while writing")
+    assert not target.exists() and list(tmp_path.iterdir()) == []
+    with atomic_output(target) as tmp:
+        tmp.write_text("done")
+    assert target.read_text() == "done"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask
+    with pytest.raises(A2QInputError, match="already exists.*overwrite"), atomic_output(target):
+        pass
+    with atomic_output(target, overwrite=True) as tmp:
+        tmp.write_text("again")
+    assert target.read_text() == "again"
