@@ -18,58 +18,32 @@ printed note. Outputs a table, JSON and a PNG plot in --out-dir.
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import statistics
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Subset, TensorDataset
 
 from brevitas_a2q.accumulator_sim import evaluate_accuracy, finetune, simulate_accumulators
+from brevitas_a2q.data import load_digits, load_idx_dataset
+from brevitas_a2q.errors import A2QInputError
 from brevitas_a2q.io import atomic_output
 from brevitas_a2q.models import build_cnn
 
-FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 COST_MODES = ("int16-wrap", "int12-wrap", "int12-sat", "int12-sat-c32", "fp12-e4m7",
               "fp12-e4m7-c16")
 
 
-def _read_idx(path: Path) -> np.ndarray:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
-    ndim = data[3]
-    dims = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
-
-
-def _find(stem: str) -> Path | None:
-    for name in (stem, stem + ".gz"):
-        if (FASHION_DIR / name).is_file():
-            return FASHION_DIR / name
-    return None
-
-
 def load_data() -> tuple[TensorDataset, TensorDataset, str]:
-    stems = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
-             "t10k-labels-idx1-ubyte"]
-    paths = [_find(s) for s in stems]
-    if all(paths):
-        xtr, ytr, xte, yte = (_read_idx(p) for p in paths)
-
-        def ds(x, y):
-            return TensorDataset(torch.tensor(x, dtype=torch.float32).unsqueeze(1) / 255.0,
-                                 torch.tensor(y, dtype=torch.long))
-
-        return ds(xtr, ytr), ds(xte, yte), "fashion-mnist"
-    from brevitas_a2q.data import load_digits
-
-    print(f"NOTE: Fashion-MNIST not found under {FASHION_DIR} (Debian package "
-          "dataset-fashion-mnist); using scikit-learn digits upsampled to 28x28 instead.")
+    """Fashion-MNIST (Debian package dataset-fashion-mnist), or digits upsampled to 28x28."""
+    try:
+        train, test = load_idx_dataset("fashion-mnist")
+        return train, test, "fashion-mnist"
+    except A2QInputError as err:
+        print(f"NOTE: {err}\nusing scikit-learn digits upsampled to 28x28 instead.")
     train, test = load_digits()
 
     def up(d):

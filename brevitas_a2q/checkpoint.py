@@ -2,7 +2,7 @@
 
     {"format": "brevitas_a2q.checkpoint/1",
      "model": {"arch": "cnn" | "mlp", "kwargs": {... for build_cnn / build_mlp}},
-     "dataset": "digits",
+     "dataset": "digits" | "fashion-mnist" | "mnist",
      "state_dict": {...},
      "extra": {...}}            # optional, free-form (training settings, metrics)
 
@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from brevitas_a2q.data import DATASETS
 from brevitas_a2q.errors import A2QInputError
 from brevitas_a2q.io import atomic_output
 
@@ -29,7 +30,6 @@ __all__ = ["ARCHITECTURES", "CHECKPOINT_FORMAT", "Checkpoint", "load_checkpoint"
 
 CHECKPOINT_FORMAT = "brevitas_a2q.checkpoint/1"
 ARCHITECTURES = ("cnn", "mlp")
-DATASETS = ("digits",)
 
 
 @dataclass

@@ -8,6 +8,7 @@ sees a quantized input (A2Q reads ``N`` and the sign from it).
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Mapping
 
 from brevitas.nn import QuantConv2d, QuantIdentity, QuantLinear, QuantReLU
 from brevitas.quant import (
@@ -22,7 +23,8 @@ from torch import nn
 from brevitas_a2q.errors import A2QInputError
 from brevitas_a2q.quantizers import A2QPlusWeightQuant, A2QWeightQuant
 
-__all__ = ["WEIGHT_QUANTIZERS", "build_cnn", "build_mlp", "weight_quant_kwargs"]
+__all__ = ["WEIGHT_QUANTIZERS", "build_cnn", "build_float_cnn", "build_float_mlp", "build_mlp",
+           "copy_float_weights", "weight_quant_kwargs"]
 
 # name -> (injector, takes an accumulator target)
 WEIGHT_QUANTIZERS = {
@@ -46,6 +48,18 @@ def weight_quant_kwargs(quant: str, weight_bits: int, acc_bits: int | None) -> d
     return kwargs
 
 
+def _check_layer_names(layer_acc_bits: Mapping[str, int] | None, names: tuple[str, ...]) -> None:
+    unknown = sorted(set(layer_acc_bits or {}) - set(names))
+    if unknown:
+        raise A2QInputError(f"per-layer accumulator bits name unknown layer(s) {unknown}; the "
+                            f"model's layers are {', '.join(names)}")
+
+
+def _layer_kwargs(quant: str, weight_bits: int, acc_bits: int | None,
+                  layer_acc_bits: Mapping[str, int] | None, name: str) -> dict:
+    return weight_quant_kwargs(quant, weight_bits, (layer_acc_bits or {}).get(name, acc_bits))
+
+
 def _act(act_bits: int) -> QuantReLU:
     return QuantReLU(act_quant=Uint8ActPerTensorFloat, bit_width=act_bits, return_quant_tensor=True)
 
@@ -59,25 +73,30 @@ def build_cnn(
     image_size: int = 8,
     num_classes: int = 10,
     channels: tuple[int, int] = (16, 32),
+    layer_acc_bits: Mapping[str, int] | None = None,
 ) -> nn.Sequential:
     """QuantIdentity(8-bit signed) -> [QuantConv2d 3x3 -> BN -> QuantReLU -> MaxPool 2] x 2 ->
-    QuantLinear. Layer names: ``conv1``, ``conv2``, ``fc``."""
-    w = weight_quant_kwargs(quant, weight_bits, acc_bits)
+    QuantLinear. Layer names: ``conv1``, ``conv2``, ``fc``. ``layer_acc_bits`` gives some layers
+    their own target P (e.g. ``{"conv1": 32, "fc": 32}``), for every accumulator-aware quantizer,
+    Brevitas's built-in ones included."""
+    _check_layer_names(layer_acc_bits, ("conv1", "conv2", "fc"))
+    w1, w2, w3 = (_layer_kwargs(quant, weight_bits, acc_bits, layer_acc_bits, n)
+                  for n in ("conv1", "conv2", "fc"))
     c1, c2 = channels
     side = image_size // 4
     return nn.Sequential(
         _named([
             ("input_quant", QuantIdentity(act_quant=Int8ActPerTensorFloat, return_quant_tensor=True)),
-            ("conv1", QuantConv2d(in_channels, c1, 3, padding=1, bias=False, **w)),
+            ("conv1", QuantConv2d(in_channels, c1, 3, padding=1, bias=False, **w1)),
             ("bn1", nn.BatchNorm2d(c1)),
             ("act1", _act(act_bits)),
             ("pool1", nn.MaxPool2d(2)),
-            ("conv2", QuantConv2d(c1, c2, 3, padding=1, bias=False, **w)),
+            ("conv2", QuantConv2d(c1, c2, 3, padding=1, bias=False, **w2)),
             ("bn2", nn.BatchNorm2d(c2)),
             ("act2", _act(act_bits)),
             ("pool2", nn.MaxPool2d(2)),
             ("flatten", nn.Flatten()),
-            ("fc", QuantLinear(c2 * side * side, num_classes, bias=True, **w)),
+            ("fc", QuantLinear(c2 * side * side, num_classes, bias=True, **w3)),
         ])
     )
 
@@ -90,21 +109,83 @@ def build_mlp(
     in_features: int = 64,
     hidden: tuple[int, ...] = (64,),
     num_classes: int = 10,
+    layer_acc_bits: Mapping[str, int] | None = None,
 ) -> nn.Sequential:
     """Flatten -> QuantIdentity(8-bit signed) -> [QuantLinear -> BN -> QuantReLU] x len(hidden) ->
-    QuantLinear. Layer names: ``fc0``, ``fc1``, ... ."""
-    w = weight_quant_kwargs(quant, weight_bits, acc_bits)
+    QuantLinear. Layer names: ``fc0``, ``fc1``, ... ; ``layer_acc_bits`` as in :func:`build_cnn`."""
+    names = tuple(f"fc{i}" for i in range(len(hidden) + 1))
+    _check_layer_names(layer_acc_bits, names)
+
+    def w(i: int) -> dict:
+        return _layer_kwargs(quant, weight_bits, acc_bits, layer_acc_bits, names[i])
+
     layers = [("flatten", nn.Flatten()),
               ("input_quant", QuantIdentity(act_quant=Int8ActPerTensorFloat,
                                             return_quant_tensor=True))]
     width = in_features
     for i, h in enumerate(hidden):
-        layers += [(f"fc{i}", QuantLinear(width, h, bias=False, **w)),
+        layers += [(f"fc{i}", QuantLinear(width, h, bias=False, **w(i))),
                    (f"bn{i}", nn.BatchNorm1d(h)),
                    (f"act{i}", _act(act_bits))]
         width = h
-    layers.append((f"fc{len(hidden)}", QuantLinear(width, num_classes, bias=True, **w)))
+    layers.append((f"fc{len(hidden)}",
+                   QuantLinear(width, num_classes, bias=True, **w(len(hidden)))))
     return nn.Sequential(_named(layers))
+
+
+def build_float_cnn(
+    in_channels: int = 1,
+    image_size: int = 8,
+    num_classes: int = 10,
+    channels: tuple[int, int] = (16, 32),
+) -> nn.Sequential:
+    """The floating-point twin of :func:`build_cnn` (same layer names and weight shapes, plain
+    ``nn`` layers, ReLU): the pretraining phase of Euclidean-projection init."""
+    c1, c2 = channels
+    side = image_size // 4
+    return nn.Sequential(_named([
+        ("conv1", nn.Conv2d(in_channels, c1, 3, padding=1, bias=False)),
+        ("bn1", nn.BatchNorm2d(c1)), ("act1", nn.ReLU()), ("pool1", nn.MaxPool2d(2)),
+        ("conv2", nn.Conv2d(c1, c2, 3, padding=1, bias=False)),
+        ("bn2", nn.BatchNorm2d(c2)), ("act2", nn.ReLU()), ("pool2", nn.MaxPool2d(2)),
+        ("flatten", nn.Flatten()),
+        ("fc", nn.Linear(c2 * side * side, num_classes, bias=True)),
+    ]))
+
+
+def build_float_mlp(in_features: int = 64, hidden: tuple[int, ...] = (64,),
+                    num_classes: int = 10) -> nn.Sequential:
+    """The floating-point twin of :func:`build_mlp` (same layer names and weight shapes)."""
+    layers, width = [("flatten", nn.Flatten())], in_features
+    for i, h in enumerate(hidden):
+        layers += [(f"fc{i}", nn.Linear(width, h, bias=False)), (f"bn{i}", nn.BatchNorm1d(h)),
+                   (f"act{i}", nn.ReLU())]
+        width = h
+    layers.append((f"fc{len(hidden)}", nn.Linear(width, num_classes, bias=True)))
+    return nn.Sequential(_named(layers))
+
+
+def copy_float_weights(source: nn.Module, target: nn.Module) -> list[str]:
+    """Copy the weights, biases and BatchNorm statistics of ``source`` (e.g. a float twin from
+    :func:`build_float_cnn`, or a plain-QAT model) into the same-named entries of ``target``.
+    Quantizer parameters are left alone. Returns the copied state-dict keys; a clear error when
+    a layer's weight shape differs or nothing matches."""
+    src = source.state_dict()
+    dst = target.state_dict()
+    picked = {}
+    for key, value in src.items():
+        leaf = key.rsplit(".", 1)[-1]
+        if key not in dst or leaf not in ("weight", "bias", "running_mean", "running_var",
+                                          "num_batches_tracked"):
+            continue
+        if dst[key].shape != value.shape:
+            raise A2QInputError(f"cannot copy {key}: shape {tuple(value.shape)} in the source, "
+                                f"{tuple(dst[key].shape)} in the target model")
+        picked[key] = value.detach().clone()
+    if not picked:
+        raise A2QInputError("the source and target models share no weight names")
+    target.load_state_dict(picked, strict=False)
+    return list(picked)
 
 
 def _named(layers: list[tuple[str, nn.Module]]) -> OrderedDict:

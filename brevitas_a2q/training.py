@@ -22,6 +22,7 @@ __all__ = [
     "project_onto_l1_ball",
     "set_accumulator_bit_width",
     "train_epochs",
+    "train_one_epoch",
 ]
 
 
@@ -160,6 +161,37 @@ def a2q_penalty(model: nn.Module) -> Tensor:
     return torch.stack(terms).sum()
 
 
+def train_one_epoch(
+    model: nn.Module,
+    loader: torch.utils.data.DataLoader,
+    optimizer: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LRScheduler | None = None,
+    penalty_weight: float = 0.0,
+    desc: str = "epoch",
+    progress: bool = True,
+) -> float:
+    """One pass of cross-entropy (plus ``penalty_weight * a2q_penalty``) over ``loader``, stepping
+    ``schedule`` per batch, with a tqdm bar. Returns the mean loss; leaves the model in eval mode."""
+    from tqdm.auto import tqdm
+
+    model.train()
+    total = 0.0
+    bar = tqdm(loader, desc=desc, disable=not progress, leave=False)
+    for x, y in bar:
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        if penalty_weight:
+            loss = loss + penalty_weight * a2q_penalty(model)
+        loss.backward()
+        optimizer.step()
+        if schedule is not None:
+            schedule.step()
+        total += loss.item()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+    return total / max(len(loader), 1)
+
+
 def train_epochs(
     model: nn.Module,
     data: torch.utils.data.Dataset | torch.utils.data.DataLoader,
@@ -171,35 +203,18 @@ def train_epochs(
     progress: bool = True,
     desc: str = "epoch",
 ) -> list[float]:
-    """Adam with a cosine schedule and cross-entropy, plus ``penalty_weight * a2q_penalty``; a tqdm
-    bar per epoch. ``data`` is a DataLoader, or a Dataset shuffled in batches of ``batch_size``.
-    Returns the mean loss of each epoch and leaves the model in eval mode."""
-    from tqdm.auto import tqdm
-
+    """Adam with a cosine schedule over all steps, :func:`train_one_epoch` ``epochs`` times.
+    ``data`` is a DataLoader, or a Dataset shuffled in batches of ``batch_size``. Returns the mean
+    loss of each epoch and leaves the model in eval mode."""
     loader = data
     if isinstance(data, torch.utils.data.Dataset):
         loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=True,
                                              generator=torch.Generator().manual_seed(seed))
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(epochs * len(loader), 1))
-    losses = []
-    model.train()
-    for epoch in range(epochs):
-        total = 0.0
-        bar = tqdm(loader, desc=f"{desc} {epoch + 1}/{epochs}", disable=not progress, leave=False)
-        for x, y in bar:
-            optimizer.zero_grad()
-            loss = nn.functional.cross_entropy(model(x), y)
-            if penalty_weight:
-                loss = loss + penalty_weight * a2q_penalty(model)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            total += loss.item()
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-        losses.append(total / max(len(loader), 1))
-    model.eval()
-    return losses
+    return [train_one_epoch(model, loader, optimizer, schedule, penalty_weight,
+                            f"{desc} {epoch + 1}/{epochs}", progress)
+            for epoch in range(epochs)]
 
 
 @torch.no_grad()

@@ -9,7 +9,7 @@ import sys
 
 from brevitas_a2q.errors import A2QInputError
 
-SUBCOMMANDS = ("demo", "report", "evaluate", "build")
+SUBCOMMANDS = ("demo", "train", "report", "evaluate", "build")
 
 
 def build_parser() -> argparse.ArgumentParser:

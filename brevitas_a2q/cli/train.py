@@ -1,0 +1,418 @@
+"""``a2q train``: train a small quantized CNN or MLP at a chosen accumulator width on digits,
+Fashion-MNIST or MNIST, with checkpoints and resume; export it to QONNX with its accumulator
+widths and print the accumulator report.
+
+Recipe (A2Q, Colbert et al. ICCV 2023; A2Q+, Colbert et al. ICML 2024): optional float (or plain
+QAT) pretraining, Euclidean-projection init onto each channel's L1 ball (``--ep-init``), then
+quantization-aware training with Adam and a cosine schedule, plus ``--penalty`` times the A2Q
+regularizer ``sum relu(g - s*T)``. Optionally fine-tunes under a simulated accumulator
+(Blumenfeld et al., ICLR 2024; ``--finetune-accumulator``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pickle
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from brevitas_a2q.errors import A2QInputError
+
+ARCHS = ("cnn", "mlp")
+QUANTS = ("a2q", "a2q+", "brevitas-a2q", "brevitas-a2q+", "none")
+OURS = ("a2q", "a2q+")
+# settings that define a run: a checkpoint written with other values cannot be resumed
+CONFIG_KEYS = ("dataset", "arch", "model", "epochs", "lr", "batch_size", "seed", "ep_init",
+               "pretrain", "pretrain_epochs", "penalty", "train_limit")
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "train",
+        help="train a quantized CNN/MLP at a chosen accumulator width (checkpoints, resume, "
+             "QONNX export, accumulator report)",
+        description=(
+            "Train a small quantized CNN or MLP with accumulator-aware weights on digits "
+            "(bundled), Fashion-MNIST or MNIST (IDX files, plain or .gz). Every epoch is saved "
+            "to OUT/model.pt (brevitas_a2q.checkpoint/1 with optimizer state; --resume "
+            "continues). At the end: test accuracy, the accumulator report of every layer, "
+            "OUT/model.onnx (QONNX with accumulator records) and OUT/results.json."),
+        epilog="example: a2q train --dataset fashion-mnist --quant a2q+ --acc-bits 12 "
+               "--layer-acc-bits conv1=32 fc=32 --ep-init --pretrain-epochs 1 --epochs 2 "
+               "--out runs/fmnist-a2q+-12",
+    )
+    data = p.add_argument_group("data")
+    data.add_argument("--dataset", default="digits", choices=["digits", "fashion-mnist", "mnist"],
+                      help="(default: %(default)s)")
+    data.add_argument("--data-dir", type=Path, default=None,
+                      help="directory with the IDX files (train-images-idx3-ubyte[.gz], ...); "
+                           "default for fashion-mnist: /usr/share/datasets/fashion-mnist "
+                           "(Debian package dataset-fashion-mnist)")
+    data.add_argument("--train-limit", type=int, default=None,
+                      help="train on the first N training samples only")
+    model = p.add_argument_group("model and quantization")
+    model.add_argument("--arch", default="cnn", choices=ARCHS, help="(default: %(default)s)")
+    model.add_argument("--hidden", type=int, nargs="+", default=[64],
+                       help="MLP hidden widths (default: %(default)s)")
+    model.add_argument("--quant", default="a2q+", choices=QUANTS,
+                       help="weight quantizer: ours (a2q, a2q+), Brevitas's built-in "
+                            "(brevitas-a2q, brevitas-a2q+) or plain per-channel QAT (none); "
+                            "(default: %(default)s)")
+    model.add_argument("--weight-bits", type=int, default=4, help="M (default: %(default)s)")
+    model.add_argument("--act-bits", type=int, default=4,
+                       help="hidden activation bits (default: %(default)s)")
+    model.add_argument("--acc-bits", type=int, default=16,
+                       help="target accumulator bits P of every layer (default: %(default)s)")
+    model.add_argument("--layer-acc-bits", nargs="+", default=[], metavar="LAYER=P",
+                       help="per-layer targets, e.g. conv1=32 fc=32 (CNN layers: conv1 conv2 "
+                            "fc; MLP: fc0 fc1 ...)")
+    train = p.add_argument_group("training")
+    train.add_argument("--epochs", type=int, default=4, help="(default: %(default)s)")
+    train.add_argument("--lr", type=float, default=1e-3, help="Adam (default: %(default)s)")
+    train.add_argument("--batch-size", type=int, default=64, help="(default: %(default)s)")
+    train.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    train.add_argument("--ep-init", action="store_true",
+                       help="Euclidean-projection init (A2Q+) from a pretraining phase; "
+                            "ours (a2q, a2q+) only")
+    train.add_argument("--pretrain", default="float", choices=["float", "qat"],
+                       help="pretraining model for --ep-init: the float twin or plain QAT "
+                            "(default: %(default)s)")
+    train.add_argument("--pretrain-epochs", type=int, default=2,
+                       help="pretraining epochs for --ep-init (default: %(default)s)")
+    train.add_argument("--penalty", type=float, default=0.0,
+                       help="weight of the A2Q penalty sum relu(g - s*T) (ours only; the "
+                            "papers use ~1e-3; default: %(default)s)")
+    ft = p.add_argument_group("fine-tuning under a simulated accumulator (optional)")
+    ft.add_argument("--finetune-accumulator", default=None, metavar="SPEC",
+                    help="after training, fine-tune with every layer accumulating in SPEC "
+                         "(e.g. int12-sat, fp12-e4m7; see `a2q evaluate --help`) and report "
+                         "the accuracy under it")
+    ft.add_argument("--finetune-layer", action="append", default=[], metavar="NAME=SPEC",
+                    help="per-layer accumulator for fine-tuning, e.g. conv1=int16-sat, or "
+                         "NAME=exact (repeatable)")
+    ft.add_argument("--finetune-epochs", type=int, default=1, help="(default: %(default)s)")
+    ft.add_argument("--finetune-lr", type=float, default=1e-4, help="(default: %(default)s)")
+    out = p.add_argument_group("output")
+    out.add_argument("--out", type=Path, default=Path("a2q-train"),
+                     help="output directory (default: %(default)s)")
+    out.add_argument("--resume", action="store_true",
+                     help="continue from OUT/model.pt (same configuration required)")
+    out.add_argument("--overwrite", action="store_true",
+                     help="start afresh, replacing the files of an earlier run in OUT")
+    out.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    out.add_argument("--json", action="store_true", help="print the results as JSON")
+    out.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(func=run)
+    return p
+
+
+# ----------------------------------------------------------------------------------------------
+# configuration
+
+
+def _layer_acc_bits(items: list[str]) -> dict[str, int]:
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        try:
+            out[name] = int(value)
+        except ValueError:
+            sep = ""
+        if not sep or not name:
+            raise A2QInputError(f"--layer-acc-bits {item!r}: expected LAYER=P with an integer P "
+                                "(e.g. conv1=16)")
+    return out
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    for flag, value, low in (("--epochs", args.epochs, 1), ("--batch-size", args.batch_size, 1),
+                             ("--pretrain-epochs", args.pretrain_epochs, 1),
+                             ("--finetune-epochs", args.finetune_epochs, 1),
+                             ("--threads", args.threads, 1)):
+        if value < low:
+            raise A2QInputError(f"{flag} must be at least {low}, got {value}")
+    if args.lr <= 0 or args.finetune_lr <= 0:
+        raise A2QInputError("learning rates must be positive")
+    if args.train_limit is not None and args.train_limit < 1:
+        raise A2QInputError(f"--train-limit must be at least 1, got {args.train_limit}")
+    if args.penalty < 0:
+        raise A2QInputError(f"--penalty must be >= 0, got {args.penalty}")
+    if args.quant not in OURS:
+        if args.ep_init:
+            raise A2QInputError(f"--ep-init needs this package's quantizers (--quant a2q or "
+                                f"a2q+), not {args.quant!r}")
+        if args.penalty:
+            raise A2QInputError(f"--penalty needs --quant a2q or a2q+, not {args.quant!r}")
+    if args.quant == "none" and args.layer_acc_bits:
+        raise A2QInputError("--layer-acc-bits needs an accumulator-aware --quant (plain QAT "
+                            "has no accumulator target)")
+    if args.resume and args.overwrite:
+        raise A2QInputError("--resume and --overwrite exclude each other")
+    if args.data_dir is not None and args.dataset == "digits":
+        raise A2QInputError("--data-dir is for IDX data sets (fashion-mnist, mnist); digits "
+                            "ships with scikit-learn")
+
+
+def _model_kwargs(args: argparse.Namespace, image_shape: tuple[int, ...]) -> dict:
+    channels, side = image_shape[0], image_shape[-1]
+    kwargs = dict(quant=args.quant, weight_bits=args.weight_bits, act_bits=args.act_bits,
+                  acc_bits=None if args.quant == "none" else args.acc_bits)
+    if args.arch == "cnn":
+        kwargs.update(in_channels=channels, image_size=side)
+    else:
+        kwargs.update(in_features=channels * side * image_shape[-2], hidden=list(args.hidden))
+    overrides = _layer_acc_bits(args.layer_acc_bits)
+    if overrides:
+        kwargs["layer_acc_bits"] = overrides
+    return kwargs
+
+
+def _config(args: argparse.Namespace, kwargs: dict) -> dict:
+    return {"dataset": args.dataset, "arch": args.arch, "model": kwargs, "epochs": args.epochs,
+            "lr": args.lr, "batch_size": args.batch_size, "seed": args.seed,
+            "ep_init": args.ep_init, "pretrain": args.pretrain if args.ep_init else None,
+            "pretrain_epochs": args.pretrain_epochs if args.ep_init else None,
+            "penalty": args.penalty, "train_limit": args.train_limit}
+
+
+def _build(arch: str, kwargs: dict) -> nn.Module:
+    from brevitas_a2q.models import build_cnn, build_mlp
+
+    kwargs = dict(kwargs)
+    if "hidden" in kwargs:
+        kwargs["hidden"] = tuple(kwargs["hidden"])
+    return (build_cnn if arch == "cnn" else build_mlp)(**kwargs)
+
+
+def _load_data(args: argparse.Namespace):
+    from brevitas_a2q.data import load_dataset
+
+    train, test = load_dataset(args.dataset, args.data_dir, seed=args.seed)
+    if args.train_limit is not None:
+        train = torch.utils.data.Subset(train, range(min(args.train_limit, len(train))))
+    return train, test
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def _save(path: Path, model: nn.Module, config: dict, extra: dict) -> None:
+    from brevitas_a2q.checkpoint import save_checkpoint
+
+    save_checkpoint(path, model, config["arch"], config["model"], config["dataset"],
+                    {"config": config, **extra}, overwrite=True)
+
+
+def _read_checkpoint(path: Path) -> dict:
+    from brevitas_a2q.checkpoint import CHECKPOINT_FORMAT
+
+    if not path.is_file():
+        raise A2QInputError(f"--resume: {path} does not exist (start without --resume)")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as err:
+        raise A2QInputError(f"--resume: {path} is not a readable checkpoint "
+                            f"({str(err).splitlines()[0] if str(err) else err!r})") from err
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise A2QInputError(f"--resume: {path} is not a {CHECKPOINT_FORMAT} checkpoint")
+    extra = payload.get("extra") or {}
+    if "config" not in extra or "epoch" not in extra or "optimizer" not in extra:
+        raise A2QInputError(f"--resume: {path} was not written by `a2q train` (no training "
+                            "state in it); start afresh with --overwrite")
+    return payload
+
+
+def _config_differences(saved: dict, current: dict) -> list[str]:
+    return [f"{key}: checkpoint {saved.get(key)!r}, now {current.get(key)!r}"
+            for key in CONFIG_KEYS if saved.get(key) != current.get(key)]
+
+
+# ----------------------------------------------------------------------------------------------
+# training
+
+
+def _loader(dataset, batch_size: int, seed: int, epoch: int) -> torch.utils.data.DataLoader:
+    gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True,
+                                       generator=gen)
+
+
+def _pretrain_and_project(args, config, model, train, example) -> dict:
+    """The EP-init phase: pretrain the float twin (or plain QAT), copy its weights, project."""
+    from brevitas_a2q.models import build_float_cnn, build_float_mlp, copy_float_weights
+    from brevitas_a2q.training import euclidean_projection_init, train_epochs
+
+    kwargs = config["model"]
+    torch.manual_seed(args.seed)
+    if args.pretrain == "qat":
+        source = _build(args.arch, {**kwargs, "quant": "none", "acc_bits": None,
+                                    "layer_acc_bits": None})
+    elif args.arch == "cnn":
+        source = build_float_cnn(kwargs["in_channels"], kwargs["image_size"])
+    else:
+        source = build_float_mlp(kwargs["in_features"], tuple(kwargs["hidden"]))
+    start = time.perf_counter()
+    train_epochs(source, train, args.pretrain_epochs, lr=args.lr, batch_size=args.batch_size,
+                 seed=args.seed, progress=not args.no_progress)
+    copy_float_weights(source, model)
+    projected = euclidean_projection_init(model, example)
+    return {"pretrain_seconds": round(time.perf_counter() - start, 2),
+            "projected_channels": projected}
+
+
+def run(args: argparse.Namespace) -> int:
+    from brevitas_a2q.training import accuracy, train_one_epoch
+
+    _check_args(args)
+    torch.set_num_threads(args.threads)
+    paths = {name: args.out / name for name in ("model.pt", "model.onnx", "results.json")}
+    if not args.resume and not args.overwrite:
+        for path in paths.values():  # refuse before spending time on training
+            if path.exists():
+                raise A2QInputError(f"{path} exists from an earlier run; pass --resume to "
+                                    "continue it, --overwrite to start afresh, or choose "
+                                    "another --out")
+    if args.finetune_accumulator is not None:
+        from brevitas_a2q.accumulator_sim import parse_accumulator
+
+        parse_accumulator(args.finetune_accumulator)
+        for spec in _finetune_overrides(args).values():
+            if spec is not None:
+                parse_accumulator(spec)
+    elif args.finetune_layer:
+        raise A2QInputError("--finetune-layer needs --finetune-accumulator")
+    train, test = _load_data(args)
+    example = torch.stack([train[i][0] for i in range(min(256, len(train)))])
+    kwargs = _model_kwargs(args, tuple(example.shape[1:]))
+    config = _config(args, kwargs)
+    torch.manual_seed(args.seed)
+    model = _build(args.arch, kwargs)
+    state = {"epoch": 0, "history": [], "init": {}, "train_seconds": 0.0, "finetuned": None}
+    payload = None
+    if args.resume:
+        payload = _read_checkpoint(paths["model.pt"])
+        diffs = _config_differences(payload["extra"]["config"], config)
+        if diffs:
+            raise A2QInputError(f"--resume: {paths['model.pt']} comes from another "
+                                f"configuration ({'; '.join(diffs)}); rerun with the same "
+                                "settings, or use --overwrite / another --out")
+        _restore(paths["model.pt"], model.load_state_dict, payload["state_dict"])
+    else:
+        args.out.mkdir(parents=True, exist_ok=True)
+        if args.ep_init:
+            state["init"] = _pretrain_and_project(args, config, model, train, example)
+        # the first checkpoint comes after epoch 1: Brevitas initializes activation scales from
+        # the statistics of the first training steps, and a checkpoint needs them
+    # the optimizer is built after the model's state is loaded: Brevitas may replace parameter
+    # objects while loading, and an optimizer built before would train orphans
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    steps = args.epochs * len(_loader(train, args.batch_size, args.seed, 0))
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(steps, 1))
+    if payload is not None:
+        _restore(paths["model.pt"], optimizer.load_state_dict, payload["extra"]["optimizer"])
+        _restore(paths["model.pt"], schedule.load_state_dict, payload["extra"]["scheduler"])
+        for key in state:
+            state[key] = payload["extra"].get(key, state[key])
+    progress = not args.no_progress and not args.json
+    first = state["epoch"]
+    for epoch in range(first, args.epochs):
+        start = time.perf_counter()
+        loss = train_one_epoch(model, _loader(train, args.batch_size, args.seed, epoch),
+                               optimizer, schedule, args.penalty,
+                               f"epoch {epoch + 1}/{args.epochs}", progress)
+        state["train_seconds"] += time.perf_counter() - start
+        acc = accuracy(model, test)
+        state["epoch"] = epoch + 1
+        state["history"].append({"epoch": epoch + 1, "loss": loss, "test_accuracy": acc})
+        _save(paths["model.pt"], model, config, _extra(optimizer, schedule, state))
+        if not args.json:
+            print(f"epoch {epoch + 1}/{args.epochs}: loss {loss:.4f}, test accuracy "
+                  f"{100 * acc:.2f}%", flush=True)
+    return _finish(args, model, config, state, train, test, example, paths, resumed_at=first,
+                   save=lambda: _save(paths["model.pt"], model, config,
+                                      _extra(optimizer, schedule, state)))
+
+
+def _restore(path: Path, load, state) -> None:
+    try:
+        load(state)
+    except (RuntimeError, KeyError, ValueError, TypeError) as err:
+        raise A2QInputError(f"--resume: {path} does not match the model or optimizer "
+                            f"({' '.join(str(err).split())[:300]})") from err
+
+
+def _extra(optimizer, schedule, state: dict) -> dict:
+    return {"optimizer": optimizer.state_dict(), "scheduler": schedule.state_dict(),
+            **{k: v for k, v in state.items()}}
+
+
+def _finish(args, model, config, state, train, test, example, paths, resumed_at: int,
+            save) -> int:
+    from brevitas_a2q.audit import accumulator_report
+    from brevitas_a2q.cli.report import format_report
+    from brevitas_a2q.export import export_qonnx
+    from brevitas_a2q.io import atomic_output
+    from brevitas_a2q.training import accuracy
+
+    finetuned = state.get("finetuned")
+    if args.finetune_accumulator is not None and finetuned is None:
+        finetuned = _finetune(args, model, train, test)
+        state["finetuned"] = finetuned
+        save()
+    test_accuracy = accuracy(model, test)
+    report = accumulator_report(model, example)
+    export_qonnx(model, example[:1], paths["model.onnx"], overwrite=True)
+    exported = format_report(paths["model.onnx"])
+    results = {**config, "quant": args.quant, "resumed_at_epoch": resumed_at if args.resume
+               else None, "epochs_done": state["epoch"],
+               "train_seconds": round(state["train_seconds"], 2), "init": state["init"],
+               "history": state["history"], "test_accuracy": test_accuracy,
+               "finetune": finetuned, "layers": report.to_dicts(),
+               "all_targets_hold": report.all_hold,
+               "files": {k: str(v) for k, v in paths.items()}}
+    with atomic_output(paths["results.json"], overwrite=True) as tmp:
+        tmp.write_text(json.dumps(results, indent=2))
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return 0 if report.all_hold else 1
+    m = config["model"]
+    targets = f"P={m['acc_bits']}" + "".join(f", {k}={v}" for k, v in
+                                             (m.get("layer_acc_bits") or {}).items())
+    print(f"\n{args.quant} {args.arch} (W{args.weight_bits}A{args.act_bits}, {targets}) on "
+          f"{args.dataset}: {state['epoch']} epochs, {state['train_seconds']:.1f} s training")
+    print(f"test accuracy: {100 * test_accuracy:.2f}%")
+    if finetuned:
+        print(f"after fine-tuning under {finetuned['accumulator']} "
+              f"{finetuned['layers'] or ''}: "
+              f"{100 * finetuned['accuracy']:.2f}% with that accumulator")
+    print("\naccumulators of the trained model (P = target, widths in signed bits):")
+    print(report.table())
+    print(f"\nexported {paths['model.onnx']}; accumulators of the exported QONNX file:")
+    print(exported)
+    print(f"\ncheckpoint {paths['model.pt']}, results {paths['results.json']}")
+    return 0 if report.all_hold else 1
+
+
+def _finetune(args, model, train, test) -> dict:
+    from brevitas_a2q.accumulator_sim import evaluate_accuracy, finetune
+
+    spec, overrides = args.finetune_accumulator, _finetune_overrides(args)
+    before, _ = evaluate_accuracy(model, test, spec, overrides)
+    loader = _loader(train, args.batch_size, args.seed, 10_000)
+    finetune(model, loader, spec, epochs=args.finetune_epochs, lr=args.finetune_lr,
+             overrides=overrides, progress=not args.no_progress and not args.json)
+    after, stats = evaluate_accuracy(model, test, spec, overrides)
+    return {"accumulator": spec, "layers": overrides, "epochs": args.finetune_epochs,
+            "lr": args.finetune_lr, "accuracy_before": before, "accuracy": after,
+            "simulation": stats.to_dict()}
+
+
+def _finetune_overrides(args: argparse.Namespace) -> dict:
+    from brevitas_a2q.cli.evaluate import parse_layer_overrides
+
+    return parse_layer_overrides(args.finetune_layer)
