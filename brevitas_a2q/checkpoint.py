@@ -25,7 +25,7 @@ from brevitas_a2q.data import DATASETS
 from brevitas_a2q.errors import A2QInputError
 from brevitas_a2q.io import atomic_output
 
-__all__ = ["ARCHITECTURES", "CHECKPOINT_FORMAT", "Checkpoint", "load_checkpoint",
+__all__ = ["ARCHITECTURES", "CHECKPOINT_FORMAT", "Checkpoint", "load_checkpoint", "read_payload",
            "save_checkpoint"]
 
 CHECKPOINT_FORMAT = "brevitas_a2q.checkpoint/1"
@@ -82,8 +82,8 @@ def save_checkpoint(
     return Path(path)
 
 
-def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    """Read a checkpoint written by :func:`save_checkpoint` and rebuild its model (eval mode)."""
+def read_payload(path: str | os.PathLike) -> dict:
+    """The raw ``brevitas_a2q.checkpoint/1`` dict in ``path`` (tensors only, ``weights_only``)."""
     path = Path(path)
     if not path.is_file():
         raise A2QInputError(f"checkpoint {path} does not exist (write one with `a2q train` or "
@@ -96,6 +96,13 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
         raise A2QInputError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint (format: {found!r})")
+    return payload
+
+
+def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Read a checkpoint written by :func:`save_checkpoint` and rebuild its model (eval mode)."""
+    path = Path(path)
+    payload = read_payload(path)
     for key in ("model", "dataset", "state_dict"):
         if key not in payload:
             raise A2QInputError(f"{path}: checkpoint has no {key!r} entry")

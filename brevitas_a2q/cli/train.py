@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import pickle
 import time
 from pathlib import Path
 
@@ -209,17 +208,11 @@ def _save(path: Path, model: nn.Module, config: dict, extra: dict) -> None:
 
 
 def _read_checkpoint(path: Path) -> dict:
-    from brevitas_a2q.checkpoint import CHECKPOINT_FORMAT
+    from brevitas_a2q.checkpoint import read_payload
 
     if not path.is_file():
         raise A2QInputError(f"--resume: {path} does not exist (start without --resume)")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as err:
-        raise A2QInputError(f"--resume: {path} is not a readable checkpoint "
-                            f"({str(err).splitlines()[0] if str(err) else err!r})") from err
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise A2QInputError(f"--resume: {path} is not a {CHECKPOINT_FORMAT} checkpoint")
+    payload = read_payload(path)
     extra = payload.get("extra") or {}
     if "config" not in extra or "epoch" not in extra or "optimizer" not in extra:
         raise A2QInputError(f"--resume: {path} was not written by `a2q train` (no training "
