@@ -956,7 +956,7 @@ def evaluate_accuracy(
     correct = total = 0
     try:
         with ctx as stats:
-            for x, y in tqdm(loader, desc=f"evaluate {config or 'exact'}", disable=not progress,
+            for x, y in tqdm(loader, desc=f"evaluate {config or 'exact'}", disable=None if progress else True,
                              leave=False):
                 correct += int((model(x).argmax(dim=1) == y).sum())
                 total += len(y)

@@ -171,12 +171,13 @@ def train_one_epoch(
     progress: bool = True,
 ) -> float:
     """One pass of cross-entropy (plus ``penalty_weight * a2q_penalty``) over ``loader``, stepping
-    ``schedule`` per batch, with a tqdm bar. Returns the mean loss; leaves the model in eval mode."""
+    ``schedule`` per batch, with a tqdm bar (on a terminal). Returns the mean loss; leaves the model
+    in eval mode."""
     from tqdm.auto import tqdm
 
     model.train()
     total = 0.0
-    bar = tqdm(loader, desc=desc, disable=not progress, leave=False)
+    bar = tqdm(loader, desc=desc, disable=None if progress else True, leave=False)
     for x, y in bar:
         optimizer.zero_grad()
         loss = nn.functional.cross_entropy(model(x), y)
