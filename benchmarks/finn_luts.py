@@ -45,7 +45,7 @@ from brevitas_a2q.data import load_digits
 from brevitas_a2q.export import export_qonnx
 from brevitas_a2q.io import atomic_output
 from brevitas_a2q.models import build_cnn, build_mlp
-from brevitas_a2q.training import euclidean_projection_init
+from brevitas_a2q.training import accuracy, euclidean_projection_init, train_one_epoch
 from finn_flow import build, finn_available
 
 NETWORKS = {
@@ -63,16 +63,9 @@ def train(model, a2q: bool, epochs: int) -> float:
     opt = torch.optim.Adam(model.parameters(), 3e-3)
     loader = torch.utils.data.DataLoader(train_set, batch_size=64, shuffle=True,
                                          generator=torch.Generator().manual_seed(0))
-    for _ in range(epochs):
-        model.train()
-        for x, y in loader:
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(model(x), y).backward()
-            opt.step()
-    model.eval()
-    with torch.no_grad():
-        x, y = test_set.tensors
-        return float((model(x).argmax(1) == y).float().mean())
+    for epoch in range(epochs):  # constant learning rate: no schedule
+        train_one_epoch(model, loader, opt, desc=f"epoch {epoch + 1}/{epochs}", progress=False)
+    return accuracy(model, test_set)
 
 
 def folding_configs(autos: dict[str, Path], out: Path) -> dict[tuple[str, str], Path]:
