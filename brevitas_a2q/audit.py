@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from brevitas_a2q import bounds
 from brevitas_a2q.errors import A2QInputError
 from brevitas_a2q.quantizers import is_a2q_proxy
+from brevitas_a2q.table import cell, text_table
 
 __all__ = [
     "ACCUMULATING_LAYERS",
@@ -223,19 +224,9 @@ class AccumulatorReport(list):
         return json.dumps(self.to_dicts(), **kwargs)
 
     def table(self) -> str:
-        def cell(key: str, value) -> str:
-            if value is None:
-                return "-"
-            if isinstance(value, bool):
-                return {True: "yes", False: "NO" if key == "target_holds" else "no"}[value]
-            return str(value)
-
-        rows = [[title for _, title in _COLUMNS]]
-        rows += [[cell(key, getattr(r, key)) for key, _ in _COLUMNS] for r in self]
-        widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows]
-        lines.insert(1, "  ".join("-" * w for w in widths))
-        return "\n".join(lines)
+        rows = [[cell(getattr(r, key), verdict=key == "target_holds") for key, _ in _COLUMNS]
+                for r in self]
+        return text_table([title for _, title in _COLUMNS], rows)
 
     def __str__(self) -> str:
         return self.table()

@@ -37,6 +37,7 @@ from qonnx.util.basic import get_by_name
 from brevitas_a2q import bounds
 from brevitas_a2q.errors import A2QInputError
 from brevitas_a2q.records import AccumulatorRecord, read_records, weight_fingerprint
+from brevitas_a2q.table import cell, text_table
 
 __all__ = [
     "ACCUMULATING_OPS",
@@ -358,27 +359,14 @@ class AccumulatorReport(list):
                 ("bits_a2q_plus_bound", "P(A2Q+)"), ("bits_datatype", "P(dtype)"),
                 ("target_bits", "target"), ("target_holds", "holds"))
 
-        def cell(key, value) -> str:
-            if value is None:
-                return "-"
-            if isinstance(value, bool):
-                return ("yes" if value else "NO") if key == "target_holds" else \
-                    ("yes" if value else "no")
-            return str(value)
-
         def holds(r: AccumulatorAnalysis):
             if r.target_holds is None:
                 return None
             return r.target_holds and r.bound_holds is not False
 
-        rows = [[t for _, t in cols]]
-        for r in self:
-            rows.append([cell(k, holds(r) if k == "target_holds" else getattr(r, k))
-                         for k, _ in cols])
-        widths = [max(len(row[i]) for row in rows) for i in range(len(cols))]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
-                 for row in rows]
-        lines.insert(1, "  ".join("-" * w for w in widths))
+        rows = [[cell(holds(r), verdict=True) if k == "target_holds" else cell(getattr(r, k))
+                 for k, _ in cols] for r in self]
+        lines = [text_table([t for _, t in cols], rows)]
         for rec in self.unmatched_records:
             lines.append(f"record {rec.layer!r} (target {rec.target_bits}) matches no node's "
                          "integer weights: the file's weights differ from what was exported")
