@@ -6,10 +6,17 @@
 # Xilinx tools are not in the image: mount the host installation at FINN_XILINX_PATH
 # (default /tools/Xilinx, holding Vivado/<version> and Vitis/<version>) and name the version in
 # FINN_XILINX_VERSION. Without them, estimates and C++ simulation (--verify cppsim) still work.
+#
+# This image uses upstream FINN dev at a pinned commit, with the finn-hlslib and cnpy commits its
+# fetch-repos.sh pins (fetched here, at image build time): the FINN whose bitstream flow AMD
+# maintains. pip users and CI get FINN+ from PyPI instead (see the Makefile); finn_flow runs on both
+# (finn_flow/finn_compat.py).
 FROM python:3.11-slim-bookworm
 
 # Keep in step with finn_flow.environment.FINN_COMMIT (a test checks it).
 ARG FINN_COMMIT=73ba5ed64e805cb765dda7e57694338d1917848f
+# ap_int.h headers for C++ simulation without Vitis; the same pin as the Makefile
+ARG HLS4ML_VERSION=1.3.0
 ENV FINN_ROOT=/opt/finn \
     FINN_BUILD_DIR=/tmp/finn_build \
     FINN_XILINX_PATH=/tools/Xilinx \
@@ -33,7 +40,7 @@ COPY brevitas_a2q /src/brevitas_a2q
 COPY finn_flow /src/finn_flow
 RUN pip install /src \
     && pip install --no-deps -e $FINN_ROOT \
-    && pip install --no-deps hls4ml==1.3.0
+    && pip install --no-deps hls4ml==$HLS4ML_VERSION
 
 ENTRYPOINT ["bash", "-c", "x=$FINN_XILINX_PATH; v=$FINN_XILINX_VERSION; \
 if [ -f $x/Vivado/$v/settings64.sh ]; then . $x/Vivado/$v/settings64.sh; export VIVADO_PATH=$x/Vivado/$v; fi; \

@@ -27,7 +27,8 @@ only for LUTRAM. Columns (LUTs):
 
 "MVAU" sums the accumulating layers; "network" is FINN's whole-network estimate
 (``report/estimate_layer_resources.json``) with the MVAU part replaced accordingly. JSON and a
-markdown table are written to ``--out`` (``finn_luts.json``, ``finn_luts.md``).
+markdown table are written to ``--out`` (``finn_luts.json``, ``finn_luts.md``), and the JSON also to
+``--results`` (default ``benchmarks/results/finn_luts.json``, the file the README's table quotes).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from brevitas_a2q.io import atomic_output
 from brevitas_a2q.models import build_cnn, build_mlp
 from brevitas_a2q.training import accuracy, euclidean_projection_init, train_one_epoch
 from finn_flow import build, finn_available
+from finn_flow.finn_compat import detect_finn
 
 NETWORKS = {
     "mlp": lambda q, p: build_mlp(q, acc_bits=p, hidden=(64, 64)),
@@ -160,6 +162,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="output directory (JSON, markdown, builds)")
     parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--results", type=Path,
+                        default=Path(__file__).parent / "results" / "finn_luts.json",
+                        help="where to write the results JSON as well (default: %(default)s)")
     parser.add_argument("--mlp-fps", type=int, default=200_000,
                         help="target_fps for the MLP's realistic folding")
     parser.add_argument("--cnn-fps", type=int, default=50_000,
@@ -190,8 +195,8 @@ def main() -> int:
         autos = {}
         for name, rate in (("fps", fps), ("fps x10", 10 * fps)):
             auto_dir = out / "builds" / f"{net}_a2q_fps{rate}"
-            build(paths["a2q"], auto_dir, target_fps=rate, overwrite=True)
-            autos[name] = auto_dir / "auto_folding_config.json"
+            result = build(paths["a2q"], auto_dir, target_fps=rate, overwrite=True)
+            autos[name] = result.reports["finn_auto_folding"]
         configs = folding_configs(autos, out / net)
         for (folding, style), cfg in configs.items():
             tag = f"{folding.replace(' ', '')}_{style}"
@@ -209,9 +214,10 @@ def main() -> int:
     meta = {"command": f"python benchmarks/finn_luts.py --out {args.out} --epochs {args.epochs} "
                        f"--mlp-fps {args.mlp_fps} --cnn-fps {args.cnn_fps}",
             "seconds": time.time() - start, "accuracy": accuracy, "fpga_part": "xc7z020 (Pynq-Z1)",
-            "clk_ns": 10.0}
-    with atomic_output(out / "finn_luts.json", overwrite=True) as tmp:
-        tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+            "clk_ns": 10.0, "finn": detect_finn().describe().split(" at ")[0]}
+    for path in (out / "finn_luts.json", args.results):
+        with atomic_output(path, overwrite=True) as tmp:
+            tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     with atomic_output(out / "finn_luts.md", overwrite=True) as tmp:
         tmp.write_text(markdown(rows, meta))
     print(f"accuracy: {meta['accuracy']}; {meta['seconds']:.0f} s; tables in {out}/finn_luts.md")

@@ -2,22 +2,23 @@
 A2Q bound, and bit-exact C++ simulation without Xilinx tools.
 
 FINN itself is optional: :func:`finn_available` says whether it can be used here and why not.
+It runs on FINN+ (``finn-plus`` from PyPI) and on upstream FINN dev; :mod:`finn_flow.finn_compat`
+holds every difference between them. Our build steps are in :mod:`finn_flow.steps`.
 The graph pass (:class:`SetProvenAccumulatorWidths`) and the reports need only qonnx.
 """
 
 from finn_flow.accumulators import LayerWidths, SetProvenAccumulatorWidths
-from finn_flow.build import BuildResult, FinnBuildError, build
+from finn_flow.build import BuildResult, build
 from finn_flow.demo import demo_build
-from finn_flow.environment import (
-    FINN_COMMIT,
-    FinnUnavailableError,
-    cppsim_available,
-    finn_available,
-)
+from finn_flow.environment import FinnStatus, cppsim_available, finn_available
+from finn_flow.errors import FinnBuildError, FinnUnavailableError
+from finn_flow.finn_compat import FINN_COMMIT, FINN_PLUS_VERSION
 
 __all__ = [
     "FINN_COMMIT",
+    "FINN_PLUS_VERSION",
     "BuildResult",
+    "FinnStatus",
     "FinnBuildError",
     "FinnUnavailableError",
     "LayerWidths",

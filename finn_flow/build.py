@@ -1,24 +1,17 @@
 """FINN builds with per-layer accumulator widths proven from the A2Q bound.
 
-:func:`build` drives FINN's ``build_dataflow_cfg`` with FINN's own steps plus three of ours (FINN
-step callables ``step(model, cfg) -> model``):
-
-* ``step_a2q_prefer_hls`` (before ``step_specialize_layers``): HLS variants for every layer, so
-  FINN's LUT model costs the accumulators and the layers can be simulated in C++;
-* ``step_a2q_accumulators`` (after ``step_minimize_bit_width``): :class:`SetProvenAccumulatorWidths`
-  with the export records, then ``accumulators.json`` / ``.md`` / ``.png``;
-* ``step_a2q_verify_cppsim`` (last, when asked): C++ simulation compared bit-exactly with the
-  QONNX model (:mod:`finn_flow.verify`).
+:func:`build` drives FINN's ``build_dataflow_cfg`` with FINN's own steps (or a user's step list)
+plus ours from :mod:`finn_flow.steps`: HLS variants for every layer, the proven accumulator widths
+after ``step_minimize_bit_width`` and, when asked, the C++-simulation check. It runs inside
+:func:`finn_flow.finn_compat.build_session`, so the process (environment, FINN+ settings, streams,
+logging) is left as it was found, and works with FINN+ and upstream FINN dev alike.
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
-import json
+import functools
 import os
-import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,22 +19,26 @@ import numpy as np
 from qonnx.core.modelwrapper import ModelWrapper
 
 from brevitas_a2q.errors import A2QInputError
-from brevitas_a2q.io import atomic_output
 from brevitas_a2q.records import read_records
-from finn_flow.accumulators import FINN_DOMAIN, LayerWidths, SetProvenAccumulatorWidths
-from finn_flow.cppsim import NodeExecution, PythonFallback, plan_cppsim
-from finn_flow.environment import import_finn, prepare_cppsim
-from finn_flow.report import totals, write_reports
-from finn_flow.verify import VerificationResult, compare, extreme_inputs, random_inputs, run_qonnx
+from finn_flow.accumulators import LayerWidths
+from finn_flow.cppsim import NodeExecution
+from finn_flow.environment import prepare_cppsim
+from finn_flow.errors import FinnBuildError
+from finn_flow.finn_compat import (
+    auto_folding_config,
+    build_session,
+    config_options,
+    import_builder,
+    run_build,
+)
+from finn_flow.report import totals
+from finn_flow.steps import insert_a2q_steps, make_accumulator_step, make_verify_step
+from finn_flow.verify import VerificationResult, extreme_inputs, random_inputs
 
 __all__ = ["OUTPUTS", "BuildResult", "FinnBuildError", "build"]
 
 OUTPUTS = ("estimate", "stitched_ip", "bitfile")
 VERIFY = ("cppsim",)
-
-
-class FinnBuildError(A2QInputError):
-    """A FINN step failed; the message names the step log."""
 
 
 @dataclass
@@ -99,7 +96,10 @@ def _load(model_onnx: str | os.PathLike) -> ModelWrapper:
         raise A2QInputError(f"{path} is not a readable ONNX model: {err}") from err
 
 
-def _check_options(outputs: Sequence[str], verify: Sequence[str], board, fpga_part) -> None:
+def _check_options(outputs: Sequence[str], verify: Sequence[str], board, fpga_part, *,
+                   clk_ns: float, target_fps: int | None, random_count: int,
+                   force_accumulator_bits: int | None) -> None:
+    """Refuse bad options before any work, each naming the option (CLI spelling) and value."""
     for name in outputs:
         if name not in OUTPUTS:
             raise A2QInputError(f"unknown output {name!r}; choose from {', '.join(OUTPUTS)}")
@@ -110,159 +110,88 @@ def _check_options(outputs: Sequence[str], verify: Sequence[str], board, fpga_pa
         raise A2QInputError("a bitfile needs --board (e.g. Pynq-Z1)")
     if board is not None and fpga_part is not None:
         raise A2QInputError("give a board or an FPGA part, not both")
+    if not clk_ns > 0:
+        raise A2QInputError(f"--clk-ns must be a positive clock period in ns, got {clk_ns}")
+    if target_fps is not None and target_fps < 1:
+        raise A2QInputError(f"--target-fps must be at least 1, got {target_fps}")
+    if random_count < 0:
+        raise A2QInputError(f"--random-inputs must be 0 or more, got {random_count}")
+    if force_accumulator_bits is not None and not 2 <= force_accumulator_bits <= 64:
+        raise A2QInputError("--force-accumulator-bits must be between 2 and 64, got "
+                            f"{force_accumulator_bits}")
 
 
-def _lut_estimator():
-    from finn_flow.luts import lut_estimate
+def _check_model(model: ModelWrapper, path: Path) -> list:
+    """The model's accumulator records, after checking that it is a quantized model FINN can
+    take: one input, quantized layers (QONNX Quant nodes)."""
+    graph = model.graph
+    if len(graph.input) != 1 or len(graph.output) < 1 or not graph.node:
+        raise A2QInputError(f"{path}: FINN builds need a model with one input and nodes; this one "
+                            f"has {len(graph.input)} inputs and {len(graph.node)} nodes")
+    try:
+        records = read_records(model)
+    except ValueError as err:
+        raise A2QInputError(f"{path}: {err}") from err
+    if not records and not any(n.op_type in ("Quant", "BipolarQuant", "Trunc", "IntQuant")
+                               for n in graph.node):
+        raise A2QInputError(
+            f"{path} has no quantization (no QONNX Quant nodes, no accumulator records): FINN "
+            "would leave its layers outside the accelerator and no accumulator width could be "
+            "proven. Export a quantized Brevitas model with brevitas_a2q.export_qonnx")
+    return records
 
-    return lambda node, model: lut_estimate(node)
+
+def _verify_sets(model: ModelWrapper, path: Path, random_count: int,
+                 verify_inputs: np.ndarray | None) -> dict[str, np.ndarray]:
+    """Random, real (checked against the model's input shape) and extreme inputs."""
+    shape = tuple(model.get_tensor_shape(model.graph.input[0].name))
+    sets = {"random": random_inputs(model, random_count)} if random_count else {}
+    if verify_inputs is not None:
+        real = np.asarray(verify_inputs, dtype=np.float32)
+        per_input = shape[1:] if shape and shape[0] == 1 else shape
+        if real.ndim < 1 or int(np.prod(real.shape[1:])) != int(np.prod(per_input)):
+            raise A2QInputError(
+                f"--verify-inputs has shape {real.shape}, but {path} takes inputs of shape "
+                f"{shape}: give an array of shape (count, {', '.join(map(str, per_input))})")
+        sets["real"] = real
+    sets["extreme"] = extreme_inputs(model)
+    return sets
 
 
-@contextlib.contextmanager
-def _stderr_to(path: Path):
-    """Send this process's file descriptor 2 (inherited by FINN's g++ subprocesses) to ``path``."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with open(path, "ab") as log:
-        os.dup2(log.fileno(), 2)
+def _generate_outputs(bdc, outputs: Sequence[str]) -> list:
+    generate = [bdc.DataflowOutputType.ESTIMATE_REPORTS]
+    if "stitched_ip" in outputs:
+        generate.append(bdc.DataflowOutputType.STITCHED_IP)
+    if "bitfile" in outputs:
+        generate += [bdc.DataflowOutputType.BITFILE, bdc.DataflowOutputType.PYNQ_DRIVER,
+                     bdc.DataflowOutputType.DEPLOYMENT_PACKAGE]
+    return generate
+
+
+def _finn_reports(out: Path) -> dict[str, Path]:
+    """FINN's own estimate reports that exist in ``out/report``."""
+    names = {"finn_estimates": "estimate_layer_resources.json",
+             "finn_performance": "estimate_network_performance.json",
+             "finn_cycles": "estimate_layer_cycles.json"}
+    reports = {key: out / "report" / name for key, name in names.items()
+               if (out / "report" / name).exists()}
+    folding = auto_folding_config(out)
+    if folding is not None:
+        reports["finn_auto_folding"] = folding
+    return reports
+
+
+def _recording_errors(step: Callable, state: dict) -> Callable:
+    """``step`` that keeps our own error in ``state`` (upstream FINN logs a failed step's exception
+    and returns -1, so it would otherwise be lost)."""
+    @functools.wraps(step)
+    def wrapper(model, cfg):
         try:
-            yield
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-
-
-def _executables_missing(model: ModelWrapper) -> list[str]:
-    """HLS layers whose cppsim executable was not produced (FINN does not check g++'s status)."""
-    from qonnx.custom_op.registry import getCustomOp
-
-    missing = []
-    for node in model.graph.node:
-        if node.domain == FINN_DOMAIN + ".hls":
-            exe = getCustomOp(node).get_nodeattr("executable_path")
-            if not exe or not Path(exe).is_file():
-                script = Path(getCustomOp(node).get_nodeattr("code_gen_dir_cppsim")) / "compile.sh"
-                missing.append(f"{node.name} (compile script {script})")
-    return missing
-
-
-def verify_cppsim(model: ModelWrapper, output_dir: Path, verify_sets: dict[str, np.ndarray],
-                  qonnx_model: ModelWrapper) -> tuple[list[VerificationResult], list[NodeExecution]]:
-    """C++-simulate a copy of the dataflow graph ``model`` and compare it bit-exactly, per input
-    set, with FINN's Python execution of the same graph before specialization and width setting
-    (exact integer arithmetic, no wrap-around); the model outputs are compared with the QONNX
-    model. Layers the available finn-hlslib cannot compile run in Python
-    (:func:`finn_flow.cppsim.plan_cppsim`); the plan is returned and written to
-    ``verification_output/cppsim.json``. ``model`` itself is not changed."""
-    from finn.transformation.fpgadataflow.compile_cppsim import CompileCppSim
-    from finn.transformation.fpgadataflow.prepare_cppsim import PrepareCppSim
-    from finn.transformation.fpgadataflow.set_exec_mode import SetExecMode
-    from finn.util.test import execute_parent
-
-    prepare_cppsim(output_dir / "finn_build")
-    plan = plan_cppsim(model)
-    sim = ModelWrapper(copy.deepcopy(model.model)).transform(PythonFallback(plan))
-    verify_dir = output_dir / "verification_output"
-    verify_dir.mkdir(exist_ok=True)
-    sim = sim.transform(PrepareCppSim(num_workers=1))
-    with _stderr_to(verify_dir / "compile.log"):  # g++ warnings of finn-hlslib, hundreds of lines
-        sim = sim.transform(CompileCppSim(num_workers=1))
-    missing = _executables_missing(sim)
-    if missing:
-        raise FinnBuildError("g++ did not build the C++ simulation of " + "; ".join(missing)
-                             + f"; the compiler's messages are in {verify_dir / 'compile.log'}")
-    sim = sim.transform(SetExecMode("cppsim"))
-    child = verify_dir / "cppsim_dataflow.onnx"
-    sim.save(str(child))
-    reference = output_dir / "intermediate_models" / "step_create_dataflow_partition.onnx"
-    parent = str(output_dir / "intermediate_models" / "dataflow_parent.onnx")
-    parent_model = ModelWrapper(parent)
-    partition = next(n for n in parent_model.graph.node
-                     if n.op_type == "StreamingDataflowPartition")
-    acc_out, out_name = partition.output[0], parent_model.graph.output[0].name
-    in_shape = parent_model.get_tensor_shape(parent_model.graph.input[0].name)
-
-    def run(child_path, x):
-        ctx = execute_parent(parent, str(child_path), x.reshape(in_shape), return_full_ctx=True)
-        return ctx[acc_out], ctx[out_name]
-
-    results = []
-    for kind, inputs in verify_sets.items():
-        expected = run_qonnx(qonnx_model, inputs)
-        hw = [run(child, x) for x in inputs]
-        ideal = [run(reference, x) for x in inputs]
-        results.append(compare(kind, np.stack([i[0] for i in ideal]), np.stack([h[0] for h in hw]),
-                               final_expected=expected, final_actual=np.stack([h[1] for h in hw])))
-    with atomic_output(verify_dir / "cppsim.json", overwrite=True) as tmp:
-        tmp.write_text(json.dumps({"results": [r.to_dict() for r in results],
-                                   "layers": [e.to_dict() for e in plan]}, indent=2) + "\n")
-    return results, plan
-
-
-def _make_steps(state: dict, records, force_bits, verify_sets, qonnx_model, output_dir: Path,
-                lut_estimates: bool):
-    """Our FINN steps, closing over the build's records and results (``state``)."""
-
-    def step_a2q_prefer_hls(model, cfg):
-        for node in model.graph.node:
-            if node.domain == FINN_DOMAIN:
-                attrs = [a for a in node.attribute if a.name == "preferred_impl_style"]
-                for a in attrs:
-                    node.attribute.remove(a)
-                from onnx import helper
-                node.attribute.append(helper.make_attribute("preferred_impl_style", "hls"))
-        return model
-
-    def step_a2q_accumulators(model, cfg):
-        from qonnx.transformation.infer_datatypes import InferDataTypes
-
-        transform = SetProvenAccumulatorWidths(
-            records, force_bits=force_bits,
-            lut_estimator=_lut_estimator() if lut_estimates else None)
-        try:
-            model = model.transform(transform)
+            return step(model, cfg)
         except A2QInputError as err:
             state["error"] = err
             raise
-        model = model.transform(InferDataTypes())
-        if lut_estimates:
-            from finn_flow.luts import uncapped_lut_estimate
-
-            nodes = {n.name: n for n in model.graph.node}
-            for w in transform.layers:
-                w.lut_int32_uncapped = uncapped_lut_estimate(nodes[w.finn_node], 32)
-        state["layers"] = transform.layers
-        state["reports"] = write_reports(transform.layers, output_dir,
-                                         extra={"records": len(records),
-                                                "forced_bits": force_bits})
-        return model
-
-    def step_a2q_verify_cppsim(model, cfg):
-        results, plan = verify_cppsim(model, output_dir, verify_sets, qonnx_model)
-        state["verification"], state["cppsim_plan"] = results, plan
-        return model
-
-    return step_a2q_prefer_hls, step_a2q_accumulators, step_a2q_verify_cppsim
-
-
-def _steps(build_dataflow_config, outputs, verify, ours) -> list:
-    prefer_hls, accumulators, verify_step = ours
-    if set(outputs) == {"estimate"}:
-        names = list(build_dataflow_config.estimate_only_dataflow_steps)
-    else:
-        names = list(build_dataflow_config.default_build_dataflow_steps)
-    steps: list = []
-    for name in names:
-        if name == "step_specialize_layers":
-            steps.append(prefer_hls)
-        steps.append(name)
-        if name == "step_minimize_bit_width":
-            steps.append(accumulators)
-    if "cppsim" in verify:
-        at = steps.index("step_generate_estimate_reports") + 1
-        steps.insert(at, verify_step)
-    return steps
+    return wrapper
 
 
 def build(
@@ -280,6 +209,7 @@ def build(
     random_count: int = 20,
     force_accumulator_bits: int | None = None,
     lut_estimates: bool = True,
+    steps: Sequence | None = None,
     overwrite: bool = False,
     verbose: bool = False,
 ) -> BuildResult:
@@ -289,68 +219,64 @@ def build(
     ``board`` (FINN board name, default Pynq-Z1 when no ``fpga_part`` is given) or ``fpga_part``;
     ``clk_ns`` target clock; ``target_fps`` or a FINN ``folding_config`` JSON for parallelism (default:
     fully folded); ``outputs`` among :data:`OUTPUTS` (``bitfile`` and ``stitched_ip`` need Vivado);
-    ``verify=("cppsim",)`` compares C++ simulation with the QONNX model on random inputs, on
-    ``verify_inputs`` ("real") and on extreme inputs (:func:`finn_flow.verify.extreme_inputs`).
-    ``force_accumulator_bits`` imposes a width on every layer without proof (to show that the check
-    catches an overflowing model). Raises :class:`~brevitas_a2q.errors.AccumulatorOverflowError` if
-    a layer does not fit its target, :class:`FinnUnavailableError` without FINN.
+    ``verify=("cppsim",)`` compares C++ simulation with the QONNX model on ``random_count`` random
+    inputs, on ``verify_inputs`` ("real") and on extreme inputs
+    (:func:`finn_flow.verify.extreme_inputs`). ``steps``: a FINN step list (names and callables)
+    to use instead of FINN's defaults; ours are inserted where they belong
+    (:func:`finn_flow.steps.insert_a2q_steps`). ``force_accumulator_bits`` imposes a width on every
+    layer without proof (to show that the check catches an overflowing model). Raises
+    :class:`~brevitas_a2q.errors.AccumulatorOverflowError` if a layer does not fit its target,
+    :class:`FinnUnavailableError` without FINN, :class:`FinnBuildError` if a FINN step fails.
     """
     outputs, verify = tuple(outputs), tuple(verify)
-    _check_options(outputs, verify, board, fpga_part)
-    qonnx_model = _load(model_onnx)
-    try:
-        records = read_records(qonnx_model)
-    except ValueError as err:
-        raise A2QInputError(f"{model_onnx}: {err}") from err
+    _check_options(outputs, verify, board, fpga_part, clk_ns=clk_ns, target_fps=target_fps,
+                   random_count=random_count, force_accumulator_bits=force_accumulator_bits)
+    path = Path(model_onnx).resolve()
+    qonnx_model = _load(path)
+    _check_model(qonnx_model, path)
     out = Path(output_dir).resolve()
+    if out.exists() and not out.is_dir():
+        raise A2QInputError(f"output directory {out} is a file")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise A2QInputError(f"output directory {out} is not empty; pass overwrite=True "
                             "(CLI: --overwrite) to build into it")
-    build_dataflow = import_finn()
+    verify_sets = _verify_sets(qonnx_model, path, random_count, verify_inputs) \
+        if "cppsim" in verify else {}
+    build_dataflow = import_builder()
     from finn.builder import build_dataflow_config as bdc
 
-    out.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("FINN_BUILD_DIR", str(out / "finn_build"))
-    Path(os.environ["FINN_BUILD_DIR"]).mkdir(parents=True, exist_ok=True)
-    verify_sets: dict[str, np.ndarray] = {}
-    if "cppsim" in verify:
-        prepare_cppsim(out / "finn_build")
-        verify_sets["random"] = random_inputs(qonnx_model, random_count)
-        if verify_inputs is not None:
-            verify_sets["real"] = np.asarray(verify_inputs, dtype=np.float32)
-        verify_sets["extreme"] = extreme_inputs(qonnx_model)
     state: dict = {}
-    ours = _make_steps(state, records, force_accumulator_bits, verify_sets, qonnx_model, out,
-                       lut_estimates)
-    generate = [bdc.DataflowOutputType.ESTIMATE_REPORTS]
-    if "stitched_ip" in outputs:
-        generate.append(bdc.DataflowOutputType.STITCHED_IP)
-    if "bitfile" in outputs:
-        generate += [bdc.DataflowOutputType.BITFILE, bdc.DataflowOutputType.PYNQ_DRIVER,
-                     bdc.DataflowOutputType.DEPLOYMENT_PACKAGE]
-    cfg = bdc.DataflowBuildConfig(
-        output_dir=str(out),
-        synth_clk_period_ns=clk_ns,
-        board=board if board or fpga_part else "Pynq-Z1",
-        fpga_part=fpga_part,
-        shell_flow_type=bdc.ShellFlowType.VIVADO_ZYNQ,
-        target_fps=target_fps,
-        folding_config_file=None if folding_config is None else str(folding_config),
-        generate_outputs=generate,
-        steps=_steps(bdc, outputs, verify, ours),
-        save_intermediate_models=True,
-        enable_build_pdb_debug=False,
-        verbose=verbose,
-    )
-    status = build_dataflow.build_dataflow_cfg(str(Path(model_onnx).resolve()), cfg)
-    if "error" in state:
-        raise state["error"]
+    accumulators = _recording_errors(make_accumulator_step(
+        force_accumulator_bits, lut_estimates,
+        on_result=lambda layers, reports: state.update(layers=layers, reports=reports)), state)
+    verify_step = _recording_errors(make_verify_step(
+        verify_sets, qonnx_model,
+        on_result=lambda results, plan: state.update(verification=results, plan=plan)), state) \
+        if "cppsim" in verify else None
+    if steps is None:
+        steps = (bdc.estimate_only_dataflow_steps if set(outputs) == {"estimate"}
+                 else bdc.default_build_dataflow_steps)
+    step_list = insert_a2q_steps(steps, accumulators=accumulators, verify=verify_step)
+    out.mkdir(parents=True, exist_ok=True)
+    with build_session(out / "finn_build"):
+        if verify_step is not None:
+            prepare_cppsim(out / "finn_build")
+        cfg = bdc.DataflowBuildConfig(
+            output_dir=str(out), synth_clk_period_ns=clk_ns,
+            board=board if board or fpga_part else "Pynq-Z1", fpga_part=fpga_part,
+            shell_flow_type=bdc.ShellFlowType.VIVADO_ZYNQ, target_fps=target_fps,
+            folding_config_file=None if folding_config is None else str(folding_config),
+            generate_outputs=_generate_outputs(bdc, outputs), steps=step_list,
+            save_intermediate_models=True, enable_build_pdb_debug=False, verbose=verbose,
+            **config_options(bdc, verbose))
+        status, error = run_build(build_dataflow, str(path), cfg)
+    error = state.get("error", error)
+    if isinstance(error, A2QInputError):  # ours, e.g. AccumulatorOverflowError: as raised
+        raise error
     if status != 0:
-        raise FinnBuildError(f"the FINN build failed; see {out / 'build_dataflow.log'}")
-    reports = dict(state.get("reports", {}))
-    estimates = out / "report" / "estimate_layer_resources_hls.json"
-    if estimates.exists():
-        reports["finn_estimates"] = estimates
-    return BuildResult(output_dir=out, layers=state.get("layers", []), reports=reports,
+        detail = f": {type(error).__name__}: {error}" if error is not None else ""
+        raise FinnBuildError(f"the FINN build failed{detail}; see {out / 'build_dataflow.log'}")
+    return BuildResult(output_dir=out, layers=state.get("layers", []),
+                       reports={**state.get("reports", {}), **_finn_reports(out)},
                        verification=state.get("verification", []),
-                       cppsim_layers=state.get("cppsim_plan", []))
+                       cppsim_layers=state.get("plan", []))

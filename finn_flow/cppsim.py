@@ -17,7 +17,6 @@ Every layer's execution is recorded (:class:`NodeExecution`) and reported with t
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from qonnx.transformation.base import Transformation
 
 from brevitas_a2q.errors import A2QInputError
 from finn_flow.accumulators import ACCUMULATING_OPS, FINN_DOMAIN
+from finn_flow.finn_compat import hlslib_dir
 
 __all__ = [
     "HLSLIB_API",
@@ -63,14 +63,16 @@ class TemplateUse:
         return f"{self.name}<{targs}>{call}"
 
 
-# What FINN (at finn_flow.FINN_COMMIT) emits, per HLS layer and node attribute "Function":
-# finn/custom_op/fpgadataflow/hls/pool_hls.py, docompute().
+# What FINN emits, per HLS layer and node attribute "Function" (finn/custom_op/fpgadataflow/hls/
+# pool_hls.py, docompute(), in upstream FINN dev at finn_flow.FINN_COMMIT and in FINN+ 1.6.1; FINN+
+# names the quantized average pool "AvgPool" and adds "AccPool").
+_POOL_BATCH = TemplateUse("pool.hpp", "function", "Pool_batch", 2, 3)
 HLSLIB_API: dict[str, dict[str | None, tuple[TemplateUse, ...]]] = {
     "Pool_hls": {
-        "MaxPool": (TemplateUse("pool.hpp", "class", "MaxPoolFunction", 1),
-                    TemplateUse("pool.hpp", "function", "Pool_batch", 2, 3)),
-        "QuantAvgPool": (TemplateUse("pool.hpp", "class", "QuantAvgPoolFunction", 3),
-                         TemplateUse("pool.hpp", "function", "Pool_batch", 2, 3)),
+        "MaxPool": (TemplateUse("pool.hpp", "class", "MaxPoolFunction", 1), _POOL_BATCH),
+        "QuantAvgPool": (TemplateUse("pool.hpp", "class", "QuantAvgPoolFunction", 3), _POOL_BATCH),
+        "AvgPool": (TemplateUse("pool.hpp", "class", "AvgPoolFunction", 3), _POOL_BATCH),
+        "AccPool": (TemplateUse("pool.hpp", "class", "AccPoolFunction", 1), _POOL_BATCH),
     },
 }
 
@@ -87,11 +89,6 @@ class NodeExecution:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def hlslib_dir() -> Path:
-    """finn-hlslib as FINN compiles against it: ``$FINN_ROOT/deps/finn-hlslib``."""
-    return Path(os.environ["FINN_ROOT"]) / "deps" / "finn-hlslib"
 
 
 def _split_top_level(text: str) -> list[str]:

@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 
 from brevitas_a2q.errors import AccumulatorOverflowError
-from finn_flow.build import FinnBuildError, build
+from finn_flow.build import build
 from finn_flow.environment import cppsim_available, finn_available
+from finn_flow.errors import FinnBuildError
 
 __all__ = ["demo_build"]
 
@@ -47,6 +48,10 @@ def demo_build(onnx_path: str | os.PathLike, out_dir: str | os.PathLike,
         lines.append(result.verification_summary())
     else:
         lines.append(f"C++ simulation SKIPPED: {cpp_reason}")
-    lines.append(f"FINN reports and accumulators.json/.md/.png in {Path(result.output_dir)}")
+    lines.append("Bitstream SKIPPED: synthesis needs Vivado; build it in the Docker image with the "
+                 "Xilinx tools mounted (README, section \"FINN builds\"): `a2q build MODEL.onnx "
+                 "--board Pynq-Z1 --outputs bitfile --out DIR`")
+    lines.append(f"FINN's estimate reports (report/estimate_*.json) and accumulators.json/.md/.png "
+                 f"in {Path(result.output_dir)}")
     within = all(w.within_target is not False for w in result.layers)
     return "\n".join(lines), within and result.verified is not False

@@ -18,18 +18,23 @@ import copy
 import numpy as np
 from onnx import helper
 
-__all__ = ["lut_at_width", "lut_estimate", "uncapped_lut_estimate"]
+from finn_flow.finn_compat import lut_estimation
+
+__all__ = ["DEFAULT_FPGA_PART", "lut_at_width", "lut_estimate", "uncapped_lut_estimate"]
+
+DEFAULT_FPGA_PART = "xc7z020clg400-1"  # Pynq-Z1, FINN's default board here
 
 
-def lut_estimate(node) -> int:
-    """FINN's ``lut_estimation()`` of ``node`` as configured (0 for layers without one)."""
+def lut_estimate(node, fpgapart: str = DEFAULT_FPGA_PART) -> int:
+    """FINN's ``lut_estimation`` of ``node`` as configured, for ``fpgapart`` (0 for layers
+    without one)."""
     from qonnx.custom_op.registry import getCustomOp
 
     inst = getCustomOp(node)
-    return int(inst.lut_estimation()) if hasattr(inst, "lut_estimation") else 0
+    return lut_estimation(inst, fpgapart) if hasattr(inst, "lut_estimation") else 0
 
 
-def lut_at_width(node, bits: int, signed: bool = True) -> int:
+def lut_at_width(node, bits: int, signed: bool = True, fpgapart: str = DEFAULT_FPGA_PART) -> int:
     """FINN's LUT estimate of a copy of ``node`` with ``accDataType`` ``INT<bits>`` (or
     ``UINT<bits>``); ``node`` is unchanged."""
     probe = copy.deepcopy(node)
@@ -37,10 +42,10 @@ def lut_at_width(node, bits: int, signed: bool = True) -> int:
         probe.attribute.remove(a)
     probe.attribute.append(helper.make_attribute("accDataType",
                                                  f"{'' if signed else 'U'}INT{bits}"))
-    return lut_estimate(probe)
+    return lut_estimate(probe, fpgapart)
 
 
-def uncapped_lut_estimate(node, bits: int = 32) -> int | None:
+def uncapped_lut_estimate(node, bits: int = 32, fpgapart: str = DEFAULT_FPGA_PART) -> int | None:
     """FINN's LUT formula for ``node`` at ``bits`` accumulator bits without its data-type cap.
 
     The estimates at 2, 3, ... bits grow linearly until the cap, where they stop; a least-squares
@@ -48,7 +53,7 @@ def uncapped_lut_estimate(node, bits: int = 32) -> int | None:
     an integer, so the result is within about one LUT per 16 bits of extrapolation). Returns the
     plain estimate when ``bits`` is below the cap, and None when the estimates are not linear in
     the width (a layer whose cost does not depend on it, or another cost model)."""
-    values = [lut_at_width(node, w) for w in range(2, max(bits, 3) + 1)]
+    values = [lut_at_width(node, w, fpgapart=fpgapart) for w in range(2, max(bits, 3) + 1)]
     widths = np.arange(2, len(values) + 2)
     growing = [i for i in range(1, len(values)) if values[i] > values[i - 1]]
     if not growing:

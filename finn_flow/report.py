@@ -11,7 +11,7 @@ from pathlib import Path
 from brevitas_a2q.io import atomic_output
 from finn_flow.accumulators import LayerWidths
 
-__all__ = ["REPORT_FORMAT", "summary_markdown", "totals", "write_reports"]
+__all__ = ["REPORT_FORMAT", "summary_markdown", "target_verdict", "totals", "write_reports"]
 
 REPORT_FORMAT = "finn_flow.accumulators/1"
 
@@ -37,6 +37,31 @@ def totals(layers: Sequence[LayerWidths]) -> dict:
         out["int32_uncapped_over_chosen"] = out["lut_int32_uncapped"] / out["lut_chosen"]
     out["all_within_target"] = all(w.within_target is not False for w in layers)
     return out
+
+
+def target_verdict(layers: Sequence[LayerWidths]) -> str:
+    """One sentence saying what was checked against a target, never claiming more: forced widths
+    are unproven, layers without a recorded target P are not checked."""
+    forced = [w for w in layers if w.forced]
+    if forced:
+        return (f"Widths FORCED on {len(forced)} of {len(layers)} layers (--force-accumulator-bits): "
+                "unproven, not checked against any target; only a verification can tell whether "
+                "they overflow.")
+    checked = [w for w in layers if w.target_bits is not None]
+    if not layers:
+        return "No MVAU/VVAU layer in the accelerator: no accumulator width was set or checked."
+    if not checked:
+        return (f"Targets checked: none of {len(layers)} layers has a target P (the model carries "
+                "no accumulator records): the widths set hold the exact range of the integer "
+                "weights, but no target was checked.")
+    failed = [w.layer or w.finn_node for w in checked if not w.within_target]
+    unchecked = len(layers) - len(checked)
+    note = f"; {unchecked} layers without a target were not checked" if unchecked else ""
+    if failed:
+        return (f"Targets checked: {len(checked)} of {len(layers)} layers; VIOLATED by "
+                f"{', '.join(failed)}{note}.")
+    return (f"Targets checked: {len(checked)} of {len(layers)} layers; every checked width is "
+            f"within its target{note}.")
 
 
 def _cell(value) -> str:
@@ -67,8 +92,7 @@ def summary_markdown(layers: Sequence[LayerWidths], extra_totals: dict | None = 
               + f", {_cell(tot['lut_int32_uncapped'])} at 32 bits uncapped"
               + (f" ({tot['int32_uncapped_over_chosen']:.2f}x)."
                  if "int32_uncapped_over_chosen" in tot else "."),
-              "", "Every width within its target: "
-              + ("yes" if tot["all_within_target"] else "NO"), "", INT32_NOTE]
+              "", target_verdict(layers), "", INT32_NOTE]
     for key, value in (extra_totals or {}).items():
         lines.append(f"- {key}: {value}")
     return "\n".join(lines) + "\n"

@@ -11,14 +11,26 @@ range (:func:`extreme_inputs`).
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import json
+import os
+import sys
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 from qonnx.core.modelwrapper import ModelWrapper
 
 from brevitas_a2q.errors import A2QInputError
+from brevitas_a2q.io import atomic_output
+from finn_flow.accumulators import FINN_DOMAIN
+from finn_flow.cppsim import NodeExecution, PythonFallback, plan_cppsim
+from finn_flow.environment import prepare_cppsim
+from finn_flow.errors import FinnBuildError
+from finn_flow.finn_compat import execute_parent
 
-__all__ = ["VerificationResult", "extreme_inputs", "random_inputs", "run_qonnx"]
+__all__ = ["VerificationResult", "extreme_inputs", "random_inputs", "run_qonnx", "verify_cppsim"]
 
 ACCUMULATING_OP_TYPES = ("MatMul", "Gemm", "Conv")
 
@@ -146,3 +158,84 @@ def compare(kind: str, expected: np.ndarray, actual: np.ndarray,
         result.final_max_rel_diff = float(np.max(np.abs(fe - fa))) / scale
         result.final_argmax_agree = int((fe.argmax(1) == fa.argmax(1)).sum())
     return result
+
+
+@contextlib.contextmanager
+def _stderr_to(path: Path):
+    """Send this process's file descriptor 2 (inherited by FINN's g++ subprocesses) to ``path``."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(path, "ab") as log:
+        os.dup2(log.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def _executables_missing(model: ModelWrapper) -> list[str]:
+    """HLS layers whose cppsim executable was not produced (FINN does not check g++'s status)."""
+    from qonnx.custom_op.registry import getCustomOp
+
+    missing = []
+    for node in model.graph.node:
+        if node.domain == FINN_DOMAIN + ".hls":
+            exe = getCustomOp(node).get_nodeattr("executable_path")
+            if not exe or not Path(exe).is_file():
+                script = Path(getCustomOp(node).get_nodeattr("code_gen_dir_cppsim")) / "compile.sh"
+                missing.append(f"{node.name} (compile script {script})")
+    return missing
+
+
+def verify_cppsim(model: ModelWrapper, output_dir: Path, verify_sets: dict[str, np.ndarray],
+                  qonnx_model: ModelWrapper) -> tuple[list[VerificationResult], list[NodeExecution]]:
+    """C++-simulate a copy of the dataflow graph ``model`` and compare it bit-exactly, per input
+    set, with FINN's Python execution of the same graph before specialization and width setting
+    (exact integer arithmetic, no wrap-around); the model outputs are compared with the QONNX
+    model. Layers the available finn-hlslib cannot compile run in Python
+    (:func:`finn_flow.cppsim.plan_cppsim`); the plan is returned and written to
+    ``verification_output/cppsim.json``. ``model`` itself is not changed."""
+    from finn.transformation.fpgadataflow.compile_cppsim import CompileCppSim
+    from finn.transformation.fpgadataflow.prepare_cppsim import PrepareCppSim
+    from finn.transformation.fpgadataflow.set_exec_mode import SetExecMode
+
+    prepare_cppsim(output_dir / "finn_build")
+    plan = plan_cppsim(model)
+    sim = ModelWrapper(copy.deepcopy(model.model)).transform(PythonFallback(plan))
+    verify_dir = output_dir / "verification_output"
+    verify_dir.mkdir(exist_ok=True)
+    sim = sim.transform(PrepareCppSim(num_workers=1))
+    with _stderr_to(verify_dir / "compile.log"):  # g++ warnings of finn-hlslib, hundreds of lines
+        sim = sim.transform(CompileCppSim(num_workers=1))
+    missing = _executables_missing(sim)
+    if missing:
+        raise FinnBuildError("g++ did not build the C++ simulation of " + "; ".join(missing)
+                             + f"; the compiler's messages are in {verify_dir / 'compile.log'}")
+    sim = sim.transform(SetExecMode("cppsim"))
+    child = verify_dir / "cppsim_dataflow.onnx"
+    sim.save(str(child))
+    reference = output_dir / "intermediate_models" / "step_create_dataflow_partition.onnx"
+    parent = str(output_dir / "intermediate_models" / "dataflow_parent.onnx")
+    parent_model = ModelWrapper(parent)
+    partition = next(n for n in parent_model.graph.node
+                     if n.op_type == "StreamingDataflowPartition")
+    acc_out, out_name = partition.output[0], parent_model.graph.output[0].name
+    in_shape = parent_model.get_tensor_shape(parent_model.graph.input[0].name)
+
+    def run(child_path, x):
+        ctx = execute_parent(parent, str(child_path), x.reshape(in_shape), return_full_ctx=True)
+        return ctx[acc_out], ctx[out_name]
+
+    results = []
+    for kind, inputs in verify_sets.items():
+        expected = run_qonnx(qonnx_model, inputs)
+        hw = [run(child, x) for x in inputs]
+        ideal = [run(reference, x) for x in inputs]
+        results.append(compare(kind, np.stack([i[0] for i in ideal]), np.stack([h[0] for h in hw]),
+                               final_expected=expected, final_actual=np.stack([h[1] for h in hw])))
+    with atomic_output(verify_dir / "cppsim.json", overwrite=True) as tmp:
+        tmp.write_text(json.dumps({"results": [r.to_dict() for r in results],
+                                   "layers": [e.to_dict() for e in plan]}, indent=2) + "\n")
+    return results, plan

@@ -6,6 +6,11 @@ importable."""
 from __future__ import annotations
 
 import json
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -84,6 +89,52 @@ def test_estimate_build_widths_within_target(exported, tmp_path, name):
         assert abs(row["lut_int32_uncapped"] - (at8 + (at8 - at4) / 4 * 24)) <= 7, row
 
 
+def _process_state() -> dict:
+    """What a build must leave as it found it: the environment, the streams, the root logger's
+    handlers, the warning hook and (FINN+) FINN's global settings."""
+    import warnings
+
+    state = {"env": dict(os.environ), "streams": (sys.stdout, sys.stderr),
+             "handlers": list(logging.getLogger().handlers), "showwarning": warnings.showwarning}
+    try:
+        import finn.util.settings
+
+        state["settings"] = finn.util.settings._SETTINGS
+    except ImportError:  # upstream FINN has no global settings
+        pass
+    return state
+
+
+def test_two_builds_in_one_process_leave_no_state_behind(exported, tmp_path):
+    """A second build must not write into (or need) the first build's folder, which is deleted in
+    between; the process state is the same after each build as before."""
+    made: list[Path] = []
+
+    def step_probe_build_dir(model, cfg):  # where FINN puts generated code (both FINNs)
+        from finn.util.basic import make_build_dir
+
+        made.append(Path(make_build_dir("probe_")))
+        return model
+
+    def steps():
+        from finn.builder.build_dataflow_config import estimate_only_dataflow_steps
+
+        return [*estimate_only_dataflow_steps, step_probe_build_dir]
+
+    before = _process_state()
+    build(exported["mlp_a2q"], tmp_path / "first", steps=steps())
+    assert _process_state() == before
+    assert made[-1].parent == tmp_path / "first" / "finn_build"
+    shutil.rmtree(tmp_path / "first")
+    second = build(exported["cnn_a2q"], tmp_path / "second", steps=steps())
+    assert _process_state() == before
+    assert not (tmp_path / "first").exists()
+    assert made[-1].parent == tmp_path / "second" / "finn_build" and made[-1].is_dir()
+    assert len(second.layers) == 3 and all(w.within_target for w in second.layers)
+    assert second.reports["finn_estimates"].name == "estimate_layer_resources.json"
+    assert second.reports["finn_estimates"].is_file()
+
+
 @pytest.mark.skipif(not CPPSIM_OK, reason=f"C++ simulation unavailable: {CPPSIM_REASON}")
 def test_demo_build_cppsim_bit_exact_for_a2q_mlp(exported, tmp_path):
     """The demo entry point: estimate build, widths within P, C++ simulation bit-exact on random,
@@ -93,7 +144,7 @@ def test_demo_build_cppsim_bit_exact_for_a2q_mlp(exported, tmp_path):
     assert ok, text
     for kind, count in (("random", 5), ("real", 5), ("extreme", 16)):
         assert f"cppsim {kind}: {count}/{count} accelerator outputs bit-exact" in text, text
-    assert "Every width within its target: yes" in text
+    assert "Targets checked: 2 of 2 layers; every checked width is within its target." in text
     saved = json.loads((tmp_path / "out/verification_output/cppsim.json").read_text())
     assert {r["kind"] for r in saved["results"]} == {"random", "real", "extreme"}
     assert all(r["ok"] for r in saved["results"])

@@ -1,0 +1,161 @@
+"""finn_flow's FINN build steps, for any FINN step list.
+
+FINN build steps are functions ``step(model, cfg) -> model`` that ``DataflowBuildConfig.steps`` may
+mix with FINN's step names. Ours:
+
+* :func:`step_a2q_prefer_hls` (before ``step_specialize_layers``): HLS variants for every layer, so
+  FINN's LUT model costs the accumulators and the layers can be C++-simulated;
+* :func:`step_a2q_accumulators` (after ``step_minimize_bit_width``): every MVAU/VVAU accumulator
+  set to its tightest width proven from the A2Q bound and checked against the target P recorded at
+  export (:class:`~finn_flow.accumulators.SetProvenAccumulatorWidths`, records read from the
+  model's metadata), then ``accumulators.json`` / ``.md`` / ``.png`` in ``cfg.output_dir``;
+* a C++-simulation check (:func:`make_verify_step`, after ``step_generate_estimate_reports``).
+
+A custom build script (finn-examples style)::
+
+    from finn.builder import build_dataflow as bd, build_dataflow_config as bdc
+    from finn_flow.steps import insert_a2q_steps
+
+    steps = insert_a2q_steps(["step_qonnx_to_finn", "step_tidy_up", my_streamlining,
+                              "step_convert_to_hw", "step_create_dataflow_partition",
+                              "step_specialize_layers", "step_minimize_bit_width",
+                              "step_generate_estimate_reports"])
+    cfg = bdc.DataflowBuildConfig(output_dir="out", board="Pynq-Z1", synth_clk_period_ns=10.0,
+                                  generate_outputs=[bdc.DataflowOutputType.ESTIMATE_REPORTS],
+                                  steps=steps)
+    bd.build_dataflow_cfg("model.onnx", cfg)
+
+(:func:`finn_flow.build` does the same with FINN's default steps and also restores the process
+state FINN changes; a script calling FINN directly sets up FINN as FINN documents.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from onnx import helper
+from qonnx.core.modelwrapper import ModelWrapper
+
+from brevitas_a2q.errors import A2QInputError
+from brevitas_a2q.records import AccumulatorRecord, read_records
+from finn_flow.accumulators import FINN_DOMAIN, LayerWidths, SetProvenAccumulatorWidths
+from finn_flow.report import write_reports
+
+__all__ = [
+    "insert_a2q_steps",
+    "make_accumulator_step",
+    "make_verify_step",
+    "step_a2q_accumulators",
+    "step_a2q_prefer_hls",
+]
+
+Step = Callable[[ModelWrapper, object], ModelWrapper]
+
+
+def step_a2q_prefer_hls(model: ModelWrapper, cfg) -> ModelWrapper:
+    """Ask FINN's specialization for the HLS variant of every layer (``preferred_impl_style``)."""
+    for node in model.graph.node:
+        if node.domain == FINN_DOMAIN:
+            for a in [a for a in node.attribute if a.name == "preferred_impl_style"]:
+                node.attribute.remove(a)
+            node.attribute.append(helper.make_attribute("preferred_impl_style", "hls"))
+    return model
+
+
+def _records(model: ModelWrapper, cfg) -> list[AccumulatorRecord]:
+    """The export records, from the model's metadata (FINN's passes keep graph metadata) or, for
+    a dataflow partition, from the parent model FINN saved beside it."""
+    try:
+        records = read_records(model)
+        if not records:
+            parent = Path(cfg.output_dir) / "intermediate_models" / "dataflow_parent.onnx"
+            if parent.exists():
+                records = read_records(ModelWrapper(str(parent)))
+    except ValueError as err:
+        raise A2QInputError(f"accumulator records of the model: {err}") from err
+    return records
+
+
+def make_accumulator_step(force_bits: int | None = None, lut_estimates: bool = True,
+                          on_result: Callable[[list[LayerWidths], dict], None] | None = None
+                          ) -> Step:
+    """A ``step_a2q_accumulators`` with options: ``force_bits`` imposes that width on every layer
+    without proof (unsafe: to show that a check catches overflow); ``lut_estimates`` adds FINN's
+    LUT estimates at the width set, at FINN's width, at INT32 and at 32 bits uncapped;
+    ``on_result(layers, report_paths)`` receives what the step found."""
+
+    def step_a2q_accumulators(model: ModelWrapper, cfg) -> ModelWrapper:
+        from qonnx.transformation.infer_datatypes import InferDataTypes
+
+        from finn_flow.luts import lut_estimate, uncapped_lut_estimate
+
+        records = _records(model, cfg)
+        part = cfg._resolve_fpga_part()
+        estimator = (lambda node, _model: lut_estimate(node, part)) if lut_estimates else None
+        transform = SetProvenAccumulatorWidths(records, force_bits=force_bits,
+                                               lut_estimator=estimator)
+        model = model.transform(transform).transform(InferDataTypes())
+        if lut_estimates:
+            nodes = {n.name: n for n in model.graph.node}
+            for w in transform.layers:
+                w.lut_int32_uncapped = uncapped_lut_estimate(nodes[w.finn_node], 32, part)
+        reports = write_reports(transform.layers, cfg.output_dir,
+                                extra={"records": len(records), "forced_bits": force_bits})
+        if on_result is not None:
+            on_result(transform.layers, reports)
+        return model
+
+    return step_a2q_accumulators
+
+
+step_a2q_accumulators = make_accumulator_step()
+step_a2q_accumulators.__doc__ = ("Proven accumulator widths for every MVAU/VVAU, checked against "
+                                 "the recorded targets; reports in cfg.output_dir.")
+
+
+def make_verify_step(verify_sets: dict, qonnx_model: ModelWrapper,
+                     on_result: Callable | None = None) -> Step:
+    """``step_a2q_verify_cppsim``: C++ simulation of the dataflow graph compared bit-exactly with
+    FINN's exact execution and the QONNX model on each input set of ``verify_sets``
+    (:func:`finn_flow.verify.verify_cppsim`); ``on_result(results, plan)`` receives the outcome.
+    Place it after ``step_generate_estimate_reports``."""
+
+    def step_a2q_verify_cppsim(model: ModelWrapper, cfg) -> ModelWrapper:
+        from finn_flow.verify import verify_cppsim
+
+        results, plan = verify_cppsim(model, Path(cfg.output_dir), verify_sets, qonnx_model)
+        if on_result is not None:
+            on_result(results, plan)
+        return model
+
+    return step_a2q_verify_cppsim
+
+
+def _name(step) -> str:
+    return step if isinstance(step, str) else getattr(step, "__name__", "")
+
+
+def insert_a2q_steps(steps: Sequence, *, accumulators: Step = step_a2q_accumulators,
+                     prefer_hls: Step | None = step_a2q_prefer_hls,
+                     verify: Step | None = None) -> list:
+    """A FINN step list with ours inserted: ``prefer_hls`` before ``step_specialize_layers``,
+    ``accumulators`` after the last ``step_minimize_bit_width``, ``verify`` after
+    ``step_generate_estimate_reports``. Steps of ours already in ``steps`` are not added twice.
+    Raises :class:`~brevitas_a2q.errors.A2QInputError` if an anchor step is missing."""
+    out = list(steps)
+    names = [_name(s) for s in out]
+    if prefer_hls is not None and _name(prefer_hls) not in names:
+        if "step_specialize_layers" not in names:
+            raise A2QInputError("the step list has no step_specialize_layers to put "
+                                "step_a2q_prefer_hls before")
+        out.insert(names.index("step_specialize_layers"), prefer_hls)
+    for step, anchor in ((accumulators, "step_minimize_bit_width"),
+                         (verify, "step_generate_estimate_reports")):
+        names = [_name(s) for s in out]
+        if step is None or _name(step) in names:
+            continue
+        if anchor not in names:
+            raise A2QInputError(f"the step list has no {anchor} to put {_name(step)} after")
+        out.insert(len(names) - names[::-1].index(anchor), step)
+    return out
