@@ -196,37 +196,68 @@ def verdicts(summary: dict) -> list[str]:
     return out
 
 
+MARKERS = ("o", "s", "^", "v", "D", "X", "P", "*")
+
+
+def _same_as(summary: dict, label: str) -> str | None:
+    """The Brevitas row whose means equal ``label``'s at every P ("ours A2Q" -> "Brevitas A2Q")."""
+    twin = label.replace("ours", "Brevitas", 1)
+    if not label.startswith("ours") or twin not in summary:
+        return None
+    same = summary[label].keys() == summary[twin].keys() and all(
+        abs(summary[label][p]["mean"] - summary[twin][p]["mean"]) < 1e-9 for p in summary[label])
+    return twin if same else None
+
+
+def _zoom_range(summary: dict, floor: float) -> tuple[float, float]:
+    """A y range holding every mean within 10 points of the float accuracy ``floor``."""
+    near = [c["mean"] - c["std"] for label, cells in summary.items() if label != "float"
+            for c in cells.values() if c["mean"] > floor - 10]
+    return float(int(min(near + [floor - 2]) - 1)), float(int(floor) + 1.5)
+
+
 def plot(summary: dict, bits: list[int], path: Path) -> None:
-    import matplotlib
+    """Two panels: every method on the full 0-100% range, and a zoom on the top of the range
+    where the methods differ. Curves that coincide are offset sideways and drawn with distinct
+    markers; a row identical to Brevitas's says so in the legend. Writes a PNG to ``path``."""
+    from brevitas_a2q.plots import legend_outside, pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    plt = pyplot()
     xs = sorted(bits)
     position = {p: i for i, p in enumerate(xs)}  # evenly spaced: P = 32 is not 2x P = 16
-    for label, _, init in METHODS:
-        if label not in summary:
-            continue
-        have = [p for p in xs if p in summary[label]]
-        means = [summary[label][p]["mean"] for p in have]
-        stds = [summary[label][p]["std"] for p in have]
-        ours = label.startswith("ours") and init != "ep"  # drawn over Brevitas's, which it equals
-        ax.errorbar([position[p] for p in have], means, yerr=stds, capsize=3, label=label,
-                    marker="x" if ours else "o", markersize=8 if ours else 5,
-                    linestyle="--" if init == "ep" else (":" if ours else "-"))
+    labels = [label for label, _, _ in METHODS if label in summary]
+    inits = {label: init for label, _, init in METHODS}
     f = summary["float"]["float"]["mean"]
-    ax.axhline(f, color="black", linewidth=1, label=f"float {f:.1f}%")
-    ax.axhline(0.99 * f, color="gray", linewidth=1, linestyle=":", label="99% of float")
-    ax.set_xticks(range(len(xs)), [str(p) for p in xs])
-    ax.set_xlabel("accumulator bits P of conv2 (conv1, fc: 32)")
-    ax.set_ylabel("Fashion-MNIST test accuracy (%)")
-    ax.set_title("W4A4 CNN: accuracy vs accumulator width (mean ± std over seeds)")
-    ax.set_ylim(0, 100)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    seeds = len(summary["float"]["float"].get("values", [])) or "?"
+    fig, (full, zoom) = plt.subplots(1, 2, figsize=(13, 5.0), gridspec_kw={"width_ratios": [1, 1.25]})
+    for ax in (full, zoom):
+        for i, label in enumerate(labels):
+            have = [p for p in xs if p in summary[label]]
+            offset = (i - (len(labels) - 1) / 2) * 0.045 * min(len(xs), 6) / 6
+            twin = _same_as(summary, label)
+            ax.errorbar([position[p] + offset for p in have],
+                        [summary[label][p]["mean"] for p in have],
+                        yerr=[summary[label][p]["std"] for p in have], capsize=2,
+                        marker=MARKERS[i % len(MARKERS)], markersize=5, color=f"C{i}",
+                        linestyle="--" if inits[label] == "ep" else (":" if twin else "-"),
+                        label=f"{label} (= {twin})" if twin else label)
+        ax.axhline(f, color="black", linewidth=1, label=f"float {f:.2f}%")
+        ax.axhline(0.99 * f, color="gray", linewidth=1, linestyle=":", label="99% of float")
+        ax.set_xticks(range(len(xs)), [str(p) for p in xs])
+        ax.set_xlabel("accumulator bits P of conv2 (conv1 and fc: 32)")
+        ax.grid(alpha=0.3)
+    full.set_ylim(0, 100)
+    full.set_ylabel("Fashion-MNIST test accuracy (%)")
+    full.set_title("all methods, 0-100%")
+    lo, hi = _zoom_range(summary, f)
+    zoom.set_ylim(lo, hi)
+    below = any(c["mean"] < lo for label, cells in summary.items() for c in cells.values())
+    zoom.set_title(f"zoom on {lo:.0f}-{hi:.1f}%" + (" (lower points off the panel)" if below else ""))
+    fig.suptitle(f"W4A4 CNN on Fashion-MNIST: accuracy vs accumulator width "
+                 f"(mean ± std over {seeds} seeds)")
+    legend_outside(zoom)
     fig.tight_layout()
-    fig.savefig(path, dpi=120, format="png")
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
 
 
@@ -302,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="run only these rows (labels as in the table, e.g. 'ours A2Q+, "
                         "EP-init'); the float baseline always runs")
     p.add_argument("--tag", default="", help="suffix of the output file names")
-    p.add_argument("--replot", action="store_true",
+    p.add_argument("--replot", "--plot-only", action="store_true",
                    help="redraw the PNG from the JSON of an earlier run (no training)")
     p.add_argument("--summarize-partial", action="store_true",
                    help="write the JSON/PNG/table from the rows an interrupted run left in "

@@ -2,32 +2,44 @@
 
 Train networks whose integer accumulators provably never overflow at a width chosen per layer,
 audit any Brevitas model's accumulators, and export QONNX files that carry those widths.
+
+The public names are imported on first use (PEP 562), so that ``import brevitas_a2q.cli`` and
+``a2q --help`` do not pay for importing torch and Brevitas.
 """
 
+from __future__ import annotations
+
+import importlib
 import warnings
 
 # Brevitas warns on import about an optional CUDA kernel package that nothing here uses
 warnings.filterwarnings("ignore", message="fast_hadamard_transform package not found")
 
-from brevitas_a2q.audit import accumulator_report
-from brevitas_a2q.bounds import (
-    datatype_accumulator_bits,
-    exact_accumulator_range,
-    l1_norm_bound,
-    min_accumulator_bits,
-)
-from brevitas_a2q.export import export_qonnx
-from brevitas_a2q.quantizers import A2QPlusWeightQuant, A2QWeightQuant
-
 __version__ = "0.1.0"
 
-__all__ = [
-    "A2QPlusWeightQuant",
-    "A2QWeightQuant",
-    "accumulator_report",
-    "datatype_accumulator_bits",
-    "exact_accumulator_range",
-    "export_qonnx",
-    "l1_norm_bound",
-    "min_accumulator_bits",
-]
+# public name -> module that defines it
+_EXPORTS = {
+    "A2QPlusWeightQuant": "brevitas_a2q.quantizers",
+    "A2QWeightQuant": "brevitas_a2q.quantizers",
+    "accumulator_report": "brevitas_a2q.audit",
+    "datatype_accumulator_bits": "brevitas_a2q.bounds",
+    "exact_accumulator_range": "brevitas_a2q.bounds",
+    "export_qonnx": "brevitas_a2q.export",
+    "l1_norm_bound": "brevitas_a2q.bounds",
+    "min_accumulator_bits": "brevitas_a2q.bounds",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    """Import a public name's module on first access."""
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'brevitas_a2q' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

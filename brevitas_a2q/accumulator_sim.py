@@ -956,7 +956,8 @@ def evaluate_accuracy(
     correct = total = 0
     try:
         with ctx as stats:
-            for x, y in tqdm(loader, desc=f"evaluate {config or 'exact'}", disable=None if progress else True,
+            label = parse_accumulator(config).spec if config is not None else "exact"
+            for x, y in tqdm(loader, desc=f"evaluate {label}", disable=None if progress else True,
                              leave=False):
                 correct += int((model(x).argmax(dim=1) == y).sum())
                 total += len(y)

@@ -14,7 +14,7 @@ Written by ``a2q train`` and :func:`save_checkpoint`, read by ``a2q evaluate`` a
 from __future__ import annotations
 
 import os
-import pickle
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,10 +23,10 @@ from torch import nn
 
 from brevitas_a2q.data import DATASETS
 from brevitas_a2q.errors import A2QInputError
-from brevitas_a2q.io import atomic_output
+from brevitas_a2q.io import atomic_output, check_input_file
 
 __all__ = ["ARCHITECTURES", "CHECKPOINT_FORMAT", "Checkpoint", "load_checkpoint", "read_payload",
-           "save_checkpoint"]
+           "restore_runtime_state", "runtime_state", "save_checkpoint"]
 
 CHECKPOINT_FORMAT = "brevitas_a2q.checkpoint/1"
 ARCHITECTURES = ("cnn", "mlp")
@@ -85,18 +85,31 @@ def save_checkpoint(
 def read_payload(path: str | os.PathLike) -> dict:
     """The raw ``brevitas_a2q.checkpoint/1`` dict in ``path`` (tensors only, ``weights_only``)."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise A2QInputError(f"checkpoint {path} does not exist (write one with `a2q train` or "
                             "brevitas_a2q.checkpoint.save_checkpoint)")
+    check_input_file(path, "checkpoint")
+    if path.stat().st_size == 0:
+        raise A2QInputError(f"checkpoint {path} is empty (0 bytes)")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as err:
+    except Exception as err:  # torch raises many types for foreign files (KeyError for text)
         raise A2QInputError(f"{path} is not a readable brevitas_a2q checkpoint (torch.load "
-                            f"failed: {str(err).splitlines()[0] if str(err) else err!r})") from err
+                            f"failed: {_first_line(err)})") from err
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
         raise A2QInputError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint (format: {found!r})")
     return payload
+
+
+def _first_line(err: BaseException) -> str:
+    """The first non-empty line of ``err`` without terminal escape codes, or its type's name."""
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", str(err))
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    first = lines[0] if lines else ""
+    if isinstance(err, KeyError):  # the legacy unpickler reading a byte it has no opcode for
+        return "the file is not a torch.save archive"
+    return first[:300] if first else type(err).__name__
 
 
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
@@ -141,3 +154,65 @@ def _load_state(model: nn.Module, state: dict, where: str) -> None:
 def _few(keys: list[str], n: int = 5) -> str:
     more = f" and {len(keys) - n} more" if len(keys) > n else ""
     return ", ".join(keys[:n]) + more
+
+
+# ----------------------------------------------------------------------------------------------
+# training state that a state dict does not hold (for a bit-identical resume)
+
+
+def _stats_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Modules that initialize a learned value from running statistics over their first
+    ``collect_stats_steps`` training steps (Brevitas ``ParameterFromRuntimeStatsScaling``, the
+    activation scales). Their state dict stores the statistics *as* the value and loading it ends
+    the collection, so a run resumed in the middle of it would diverge."""
+    return {name: m for name, m in model.named_modules()
+            if hasattr(m, "collect_stats_steps") and isinstance(getattr(m, "counter", None), int)}
+
+
+def runtime_state(model: nn.Module) -> dict:
+    """Counters, statistics buffers and raw values of the modules of :func:`_stats_modules`,
+    plus the global random number generators (torch, numpy, Python), for :func:`restore_runtime_state`."""
+    import random
+
+    import numpy as np
+
+    modules = {}
+    for name, m in _stats_modules(model).items():
+        entry = {"counter": int(m.counter)}
+        for attr in ("buffer", "value"):
+            tensor = getattr(m, attr, None)
+            if isinstance(tensor, torch.Tensor):
+                entry[attr] = tensor.detach().clone()
+        modules[name] = entry
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    py_version, py_state, py_gauss = random.getstate()
+    return {"modules": modules, "torch_rng": torch.get_rng_state(),
+            "numpy_rng": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos),
+                          int(has_gauss), float(cached)],
+            "python_rng": [py_version, list(py_state), py_gauss]}
+
+
+@torch.no_grad()
+def restore_runtime_state(model: nn.Module, state: dict, where: str = "checkpoint") -> None:
+    """Undo what loading a state dict does to the modules of :func:`_stats_modules` (restore their
+    counters, buffers and raw values) and restore the random number generators."""
+    import random
+
+    import numpy as np
+
+    modules = _stats_modules(model)
+    saved = state.get("modules", {})
+    if set(saved) != set(modules):
+        raise A2QInputError(f"{where}: its runtime statistics name modules "
+                            f"{_few(sorted(saved))}, the model has {_few(sorted(modules))}")
+    for name, entry in saved.items():
+        m = modules[name]
+        m.counter = int(entry["counter"])
+        for attr in ("buffer", "value"):
+            if attr in entry:
+                getattr(m, attr).copy_(entry[attr])
+    torch.set_rng_state(state["torch_rng"])
+    kind, keys, pos, has_gauss, cached = state["numpy_rng"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, py_state, gauss = state["python_rng"]
+    random.setstate((version, tuple(py_state), gauss))

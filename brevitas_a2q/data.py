@@ -57,6 +57,8 @@ def load_digits(test_fraction: float = 0.25, seed: int = 0) -> tuple[TensorDatas
 def read_idx(path: str | os.PathLike) -> np.ndarray:
     """Read one IDX file (optionally gzipped, by its ``.gz`` suffix) into a numpy array."""
     path = Path(path)
+    if path.is_dir():
+        raise A2QInputError(f"IDX file {path} is a directory, not a file")
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as f:
@@ -112,6 +114,9 @@ def load_idx_dataset(name: str, data_dir: str | os.PathLike | None = None
                                 f"{', '.join(DEFAULT_DIRS[name])}); {hint}, or pass --data-dir "
                                 "with the IDX files")
     data_dir = Path(data_dir)
+    if data_dir.exists() and not data_dir.is_dir():
+        raise A2QInputError(f"data directory {data_dir} is a file, not a directory (expected a "
+                            f"directory with the {name} IDX files)")
     if not data_dir.is_dir():
         raise A2QInputError(f"data directory {data_dir} does not exist (expected the {name} IDX "
                             f"files {', '.join(IDX_FILES.values())}, optionally .gz)")

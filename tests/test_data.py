@@ -63,6 +63,15 @@ def test_missing_directory_names_it(tmp_path):
         load_idx_dataset("fashion-mnist", tmp_path / "nowhere")
 
 
+def test_a_file_or_directory_in_the_wrong_place_is_named_as_such(tmp_path):
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(A2QInputError, match="a-file is a file, not a directory"):
+        load_idx_dataset("mnist", tmp_path / "a-file")
+    (tmp_path / "a-dir").mkdir()
+    with pytest.raises(A2QInputError, match="a-dir is a directory, not a file"):
+        read_idx(tmp_path / "a-dir")
+
+
 def test_missing_file_names_it(tmp_path):
     make_dataset(tmp_path / "d")
     next((tmp_path / "d").glob("t10k-labels*")).unlink()

@@ -70,3 +70,24 @@ def test_outputs_are_atomic_refuse_overwrite_and_get_normal_permissions(tmp_path
     with atomic_output(target, overwrite=True) as tmp:
         tmp.write_text("again")
     assert target.read_text() == "again"
+
+
+def test_input_and_output_path_checks_name_the_path_and_the_problem(tmp_path):
+    from brevitas_a2q.io import check_input_file, check_output_dir, check_writable
+
+    (tmp_path / "d").mkdir()
+    (tmp_path / "f.txt").write_text("x")
+    with pytest.raises(A2QInputError, match=r"model .*d is a directory, not a file"):
+        check_input_file(tmp_path / "d", "model")
+    with pytest.raises(A2QInputError, match=r"nope does not exist"):
+        check_input_file(tmp_path / "nope")
+    with pytest.raises(A2QInputError, match=r"--plot .*d is a directory"):
+        check_writable(tmp_path / "d", what="--plot")
+    with pytest.raises(A2QInputError, match=r"must end in \.png"):
+        check_writable(tmp_path / "w.jpg", suffix=".png")
+    with pytest.raises(A2QInputError, match=r"f\.txt is a file, not a directory"):
+        check_output_dir(tmp_path / "f.txt")
+    with pytest.raises(A2QInputError, match=r"f\.txt is a file, not a directory"):
+        check_output_dir(tmp_path / "f.txt" / "sub")
+    assert check_output_dir(tmp_path / "new" / "deeper") == tmp_path / "new" / "deeper"
+    assert not (tmp_path / "new").exists()  # checking creates nothing

@@ -91,4 +91,4 @@ def test_evaluate_bad_input(checkpoint, tmp_path, capsys):
     assert main(["evaluate", str(path), "-a", "int12-wrapp"]) == 2
     assert "cannot read accumulator" in capsys.readouterr().err
     assert main(["evaluate", str(path), "--layer", "conv9=int8-wrap"]) == 2
-    assert "unknown layers" in capsys.readouterr().err
+    assert "unknown layer(s) conv9" in capsys.readouterr().err

@@ -135,6 +135,31 @@ def test_two_builds_in_one_process_leave_no_state_behind(exported, tmp_path):
     assert second.reports["finn_estimates"].is_file()
 
 
+def test_a2q_build_runs_a_users_step_list(exported, tmp_path, capsys):
+    """`a2q build --steps FILE.py:NAME`: the user's FINN steps run, ours are inserted, the widths
+    are proven as usual; a bad step list is refused with exit 2."""
+    from brevitas_a2q.cli import main
+
+    script = tmp_path / "my_build.py"
+    script.write_text(
+        "from pathlib import Path\n"
+        "from finn.builder.build_dataflow_config import estimate_only_dataflow_steps\n\n"
+        "def step_mark(model, cfg):\n"
+        "    Path(cfg.output_dir, 'mine.txt').write_text(str(len(model.graph.node)))\n"
+        "    return model\n\n"
+        "STEPS = [*estimate_only_dataflow_steps[:3], step_mark, *estimate_only_dataflow_steps[3:]]\n"
+        "BAD = 42\n")
+    out = tmp_path / "out"
+    assert main(["build", str(exported["mlp_a2q"]), "--out", str(out), "--steps",
+                 f"{script}:STEPS", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert (out / "mine.txt").is_file()
+    assert [row["bits"] <= 12 for row in result["layers"]] == [True, True]
+    assert main(["build", str(exported["mlp_a2q"]), "--out", str(tmp_path / "o2"), "--steps",
+                 f"{script}:BAD"]) == 2
+    assert "BAD must be a non-empty list" in capsys.readouterr().err
+
+
 @pytest.mark.skipif(not CPPSIM_OK, reason=f"C++ simulation unavailable: {CPPSIM_REASON}")
 def test_demo_build_cppsim_bit_exact_for_a2q_mlp(exported, tmp_path):
     """The demo entry point: estimate build, widths within P, C++ simulation bit-exact on random,

@@ -1,64 +1,178 @@
 """``a2q build MODEL.onnx --out DIR``: a FINN build with accumulator widths proven from the A2Q
-bound (see :mod:`finn_flow`)."""
+bound (see :mod:`finn_flow`). Every option, the model and the --verify-inputs array are checked
+before FINN is imported or a step runs."""
 
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
-import numpy as np
-
+from brevitas_a2q.cli.options import (
+    ACC_BITS,
+    HelpFormatter,
+    bits_type,
+    int_range,
+    positive_float,
+    positive_int,
+)
 from brevitas_a2q.errors import A2QInputError
+
+DESCRIPTION = """\
+Build a QONNX model written by brevitas_a2q's export with FINN. Each MVAU/VVAU accumulator is set
+to its tightest proven width and checked against the target P the layer was trained for; reports
+go to DIR. Needs FINN (FINN+ from PyPI, or the Docker image).
+
+exit status: 0 built (and verified, with --verify), 1 a verification mismatch, 2 bad input,
+3 internal error, 130 interrupted"""
 
 
 def add_parser(subparsers) -> None:
+    """Register ``a2q build``."""
     parser = subparsers.add_parser(
         "build", help="build an exported QONNX model with FINN (proven accumulator widths)",
-        description="Build a QONNX model written by brevitas_a2q's export with FINN. Each MVAU/VVAU "
-                    "accumulator is set to its tightest proven width and checked against the "
-                    "target P the layer was trained for; reports go to DIR. Needs FINN "
-                    "(the Docker image has it).")
-    parser.add_argument("model", help="QONNX model file (.onnx)")
-    parser.add_argument("--out", required=True, help="output directory")
+        description=DESCRIPTION, formatter_class=HelpFormatter)
+    parser.add_argument("model", type=Path, help="QONNX model file (.onnx)")
+    parser.add_argument("--out", type=Path, required=True, help="output directory")
     target = parser.add_mutually_exclusive_group()
-    target.add_argument("--board", help="FINN board name (default Pynq-Z1)")
+    target.add_argument("--board", help="FINN board name (default: Pynq-Z1)")
     target.add_argument("--fpga-part", help="FPGA part, e.g. xc7z020clg400-1")
-    parser.add_argument("--clk-ns", type=float, default=10.0, help="target clock period (ns)")
+    parser.add_argument("--clk-ns", type=positive_float, default=10.0,
+                        help="target clock period in ns (default: %(default)s)")
     fold = parser.add_mutually_exclusive_group()
-    fold.add_argument("--target-fps", type=int, help="let FINN choose folding for this rate")
-    fold.add_argument("--folding-config", help="FINN folding configuration JSON")
+    fold.add_argument("--target-fps", type=positive_int,
+                      help="let FINN choose folding for this rate (default: fully folded)")
+    fold.add_argument("--folding-config", type=Path, help="FINN folding configuration JSON")
     parser.add_argument("--outputs", nargs="+", default=["estimate"],
                         choices=["estimate", "stitched_ip", "bitfile"],
-                        help="what to build (stitched_ip and bitfile need Vivado)")
-    parser.add_argument("--verify", nargs="*", default=[], choices=["cppsim"],
-                        help="cppsim: C++ simulation compared bit-exactly with the QONNX model")
-    parser.add_argument("--verify-inputs", help=".npy file of real inputs for --verify")
-    parser.add_argument("--random-inputs", type=int, default=20,
-                        help="random inputs for --verify (default 20)")
-    parser.add_argument("--force-accumulator-bits", type=int,
+                        help="what to build; stitched_ip and bitfile need Vivado "
+                             "(default: estimate)")
+    parser.add_argument("--verify", nargs="*", default=[], choices=["cppsim", "hls-arith"],
+                        help="cppsim: C++ simulation of the HLS code (needs finn-hlslib); "
+                             "hls-arith: FINN's dataflow graph with every MVAU/VVAU accumulator "
+                             "and threshold comparison at its accDataType in two's complement, "
+                             "a model of finn-hlslib's arithmetic (no finn-hlslib needed; cppsim "
+                             "stays the authority where it runs). Each is compared bit-exactly "
+                             "with FINN's exact graph and the QONNX model, and every MVAU/VVAU is "
+                             "checked alone at its accumulators' extremes")
+    parser.add_argument("--verify-inputs", type=Path, metavar="NPY",
+                        help=".npy array of real inputs for --verify, shaped like the model's "
+                             "input with any batch size")
+    parser.add_argument("--random-inputs", type=int_range(0), default=20, metavar="COUNT",
+                        help="random inputs for --verify (default: %(default)s)")
+    parser.add_argument("--force-accumulator-bits", type=bits_type(ACC_BITS), metavar="B",
                         help="UNSAFE: impose this width on every layer without proof "
                              "(to show that --verify catches overflow)")
+    parser.add_argument("--steps", metavar="FILE.py:NAME",
+                        help="your FINN step list (step names and step(model, cfg) functions) "
+                             "instead of FINN's defaults, from a Python file or module "
+                             "(my_build.py:STEPS or my_package.steps:STEPS); finn_flow's own "
+                             "steps are inserted where they belong")
     parser.add_argument("--overwrite", action="store_true", help="build into a non-empty --out")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument("--verbose", action="store_true", help="show FINN's step output")
     parser.set_defaults(func=run)
 
 
+def _input_shape(model) -> tuple[int, ...]:
+    graph = model.graph
+    if len(graph.input) != 1:
+        raise A2QInputError(f"FINN builds need a model with one input; this one has "
+                            f"{len(graph.input)}")
+    shape = model.get_tensor_shape(graph.input[0].name)
+    if not shape or any(not isinstance(d, int) or d < 1 for d in shape):
+        raise A2QInputError(f"the model's input {graph.input[0].name!r} has no fixed shape "
+                            f"({shape}); export it with a concrete example input")
+    return tuple(shape)
+
+
+def load_verify_inputs(path: Path, shape: tuple[int, ...]):
+    """The --verify-inputs array, checked against the model's input ``shape`` (any count)."""
+    import numpy as np
+
+    from brevitas_a2q.io import check_input_file
+
+    check_input_file(path, "--verify-inputs")
+    try:
+        inputs = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as err:
+        raise A2QInputError(f"--verify-inputs {path} is not a .npy array ({err})") from None
+    if not isinstance(inputs, np.ndarray) or not np.issubdtype(inputs.dtype, np.number):
+        raise A2QInputError(f"--verify-inputs {path} must hold one numeric array")
+    per_input = shape[1:] if shape[0] == 1 else shape
+    # like finn_flow, each input may come flattened: its size must match
+    if inputs.ndim < 1 or len(inputs) == 0 or \
+            int(np.prod(inputs.shape[1:])) != int(np.prod(per_input)):
+        raise A2QInputError(
+            f"--verify-inputs {path} has shape {tuple(inputs.shape)}, but the model takes inputs "
+            f"of shape {shape}: give an array of shape (count, {', '.join(map(str, per_input))})")
+    return inputs
+
+
+def load_steps(spec: str) -> list:
+    """The step list ``NAME`` of a Python file (``path.py:NAME``) or module (``pkg.mod:NAME``)."""
+    import importlib
+    import importlib.util
+
+    source, sep, name = spec.rpartition(":")
+    if not sep or not source or not name:
+        raise A2QInputError(f"--steps {spec!r}: give FILE.py:NAME or MODULE:NAME")
+    try:
+        if source.endswith(".py"):
+            from brevitas_a2q.io import check_input_file
+
+            check_input_file(Path(source), "--steps")
+            loader = importlib.util.spec_from_file_location(Path(source).stem, source)
+            module = importlib.util.module_from_spec(loader)
+            loader.loader.exec_module(module)
+        else:
+            module = importlib.import_module(source)
+    except A2QInputError:
+        raise
+    except Exception as err:  # the user's file failed to import: say which and why
+        raise A2QInputError(f"--steps {spec!r}: importing {source} failed: "
+                            f"{type(err).__name__}: {err}") from None
+    steps = getattr(module, name, None)
+    if not isinstance(steps, (list, tuple)) or not steps or not all(
+            isinstance(s, str) or callable(s) for s in steps):
+        raise A2QInputError(f"--steps {spec!r}: {name} must be a non-empty list of FINN step names "
+                            "and step(model, cfg) functions")
+    return list(steps)
+
+
+def _check(args: argparse.Namespace):
+    """Everything that can be checked without FINN; returns the --verify-inputs array."""
+    from brevitas_a2q.cli.report import load_qonnx
+    from brevitas_a2q.io import check_input_file, check_output_dir
+
+    if "bitfile" in args.outputs and args.board is None:
+        raise A2QInputError("--outputs bitfile needs --board (e.g. Pynq-Z1)")
+    if args.verify_inputs is not None and not args.verify:
+        raise A2QInputError("--verify-inputs needs --verify cppsim or --verify hls-arith")
+    if args.folding_config is not None:
+        check_input_file(args.folding_config, "--folding-config")
+    check_output_dir(args.out)
+    if args.out.is_dir() and any(args.out.iterdir()) and not args.overwrite:
+        raise A2QInputError(f"--out {args.out} is not empty; pass --overwrite to build into it")
+    shape = _input_shape(load_qonnx(args.model))
+    if args.verify_inputs is not None:
+        return load_verify_inputs(args.verify_inputs, shape)
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
+    """Check, build, print the summary; exit 1 if verification failed."""
+    inputs = _check(args)
+    steps = load_steps(args.steps) if args.steps else None
     from finn_flow import build
 
-    inputs = None
-    if args.verify_inputs:
-        try:
-            inputs = np.load(args.verify_inputs)
-        except (OSError, ValueError) as err:
-            raise A2QInputError(f"cannot read --verify-inputs {args.verify_inputs}: {err}") from err
     result = build(
         args.model, args.out, board=args.board, fpga_part=args.fpga_part, clk_ns=args.clk_ns,
-        target_fps=args.target_fps, folding_config=args.folding_config, outputs=args.outputs,
-        verify=args.verify, verify_inputs=inputs, random_count=args.random_inputs,
-        force_accumulator_bits=args.force_accumulator_bits, overwrite=args.overwrite,
-        verbose=args.verbose)
+        target_fps=args.target_fps,
+        folding_config=str(args.folding_config) if args.folding_config else None,
+        outputs=args.outputs, verify=args.verify, verify_inputs=inputs,
+        random_count=args.random_inputs, force_accumulator_bits=args.force_accumulator_bits,
+        steps=steps, overwrite=args.overwrite, verbose=args.verbose)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:

@@ -6,42 +6,49 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
-import torch
-
-from brevitas_a2q.audit import accumulator_report
-from brevitas_a2q.checkpoint import save_checkpoint
-from brevitas_a2q.cli.report import format_report
-from brevitas_a2q.data import load_digits
+from brevitas_a2q.cli.options import (
+    ACC_BITS,
+    ACT_BITS,
+    WEIGHT_BITS,
+    HelpFormatter,
+    bits_type,
+    paragraphs,
+    positive_int,
+)
+from brevitas_a2q.cli.train import QUANTS
 from brevitas_a2q.errors import A2QInputError
-from brevitas_a2q.export import export_qonnx
-from brevitas_a2q.io import atomic_output
-from brevitas_a2q.models import WEIGHT_QUANTIZERS, build_cnn
-from brevitas_a2q.training import accuracy, train_epochs
 
 
 def add_parser(subparsers) -> None:
+    """Register ``a2q demo``."""
     parser = subparsers.add_parser(
         "demo",
         help="train a small accumulator-aware CNN on the bundled digits and audit it (offline)",
-        description="Train a W4A4 CNN with A2Q+ weights at a 12-bit accumulator target on "
-                    "scikit-learn's bundled 8x8 digits, print test accuracy and the accumulator "
-                    "report of every layer, export it to QONNX with its accumulator widths "
-                    "(--out/model.onnx), report the exported file, and save a checkpoint "
-                    "(--out/model.pt) for `a2q evaluate`. Where FINN is importable, also build "
-                    "the FINN estimate reports with proven accumulator widths and check the "
-                    "accelerator bit-exactly in C++ simulation (--out/finn); otherwise say so.",
+        description=paragraphs(
+            "Train a W4A4 CNN with A2Q+ weights at a 12-bit accumulator target on scikit-learn's "
+            "bundled 8x8 digits, print test accuracy and the accumulator report of every layer, "
+            "export it to QONNX with its accumulator widths (OUT/model.onnx), report the "
+            "exported file, and save a checkpoint (OUT/model.pt) for a2q evaluate. Where FINN "
+            "is importable, also build the FINN estimate reports with proven accumulator widths "
+            "and check the accelerator bit-exactly in C++ simulation (OUT/finn); otherwise say "
+            "so.",
+            "exit status: 0 every target holds (and the FINN check passed), 1 a check failed, "
+            "2 bad input, 3 internal error, 130 interrupted"),
+        formatter_class=HelpFormatter,
     )
-    parser.add_argument("--quant", default="a2q+", choices=list(WEIGHT_QUANTIZERS),
+    parser.add_argument("--quant", default="a2q+", choices=QUANTS,
                         help="weight quantizer (default: %(default)s)")
-    parser.add_argument("--acc-bits", type=int, default=12,
+    parser.add_argument("--acc-bits", type=bits_type(ACC_BITS), default=12, metavar="P",
                         help="target accumulator bits P of every layer (default: %(default)s)")
-    parser.add_argument("--weight-bits", type=int, default=4, help="M (default: %(default)s)")
-    parser.add_argument("--act-bits", type=int, default=4,
+    parser.add_argument("--weight-bits", type=bits_type(WEIGHT_BITS), default=4, metavar="M",
+                        help="weight bits M (default: %(default)s)")
+    parser.add_argument("--act-bits", type=bits_type(ACT_BITS), default=4, metavar="N",
                         help="hidden activation bits (default: %(default)s)")
-    parser.add_argument("--epochs", type=int, default=8, help="(default: %(default)s)")
+    parser.add_argument("--epochs", type=positive_int, default=8, help="(default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     parser.add_argument("--out", type=Path, default=Path("a2q-demo"),
                         help="output directory (default: %(default)s)")
@@ -55,14 +62,34 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.epochs < 1:
-        raise A2QInputError(f"--epochs must be at least 1, got {args.epochs}")
+    """Train, audit, export, report (and build with FINN where it is importable)."""
+    from brevitas_a2q.io import check_output_dir
+
+    check_output_dir(args.out)
     paths = {name: args.out / name for name in ("model.pt", "model.onnx", "results.json", "finn")}
-    args.out.mkdir(parents=True, exist_ok=True)
     for path in paths.values():  # refuse before spending time on training
         if path.exists() and not args.overwrite:
             raise A2QInputError(f"{path} exists from an earlier run; pass --overwrite to replace "
                                 "it or choose another --out")
+        if path.name != "finn" and path.is_dir():
+            raise A2QInputError(f"{path} is a directory; choose another --out")
+    args.out.mkdir(parents=True, exist_ok=True)
+    return _run(args, paths)
+
+
+def _run(args: argparse.Namespace, paths: dict[str, Path]) -> int:
+    import torch
+
+    from brevitas_a2q.audit import accumulator_report
+    from brevitas_a2q.checkpoint import save_checkpoint
+    from brevitas_a2q.cli.report import format_report
+    from brevitas_a2q.cli.train import report_warnings
+    from brevitas_a2q.data import load_digits
+    from brevitas_a2q.export import export_qonnx
+    from brevitas_a2q.io import atomic_output
+    from brevitas_a2q.models import build_cnn
+    from brevitas_a2q.training import accuracy, train_epochs
+
     torch.manual_seed(args.seed)
     train_set, test_set = load_digits(seed=args.seed)
     kwargs = dict(quant=args.quant, weight_bits=args.weight_bits, act_bits=args.act_bits,
@@ -81,7 +108,8 @@ def run(args: argparse.Namespace) -> int:
     results = {
         **kwargs, "epochs": args.epochs, "train_seconds": round(seconds, 2),
         "test_accuracy": test_accuracy, "layers": report.to_dicts(),
-        "all_targets_hold": report.all_hold, "finn": {"ok": finn_ok, "summary": finn_text},
+        "all_targets_hold": report.all_hold, "warnings": report_warnings(report),
+        "finn": {"ok": finn_ok, "summary": finn_text},
         "files": {k: str(v) for k, v in paths.items()},
     }
     ok = report.all_hold and finn_ok
@@ -89,6 +117,8 @@ def run(args: argparse.Namespace) -> int:
         tmp.write_text(json.dumps(results, indent=2))
     if args.json:
         print(json.dumps(results, indent=2))
+        for warning in results["warnings"]:  # the table that shows them is not printed
+            print(f"a2q demo: warning: {warning}", file=sys.stderr)
         return 0 if ok else 1
     print(f"trained {args.quant} CNN (W{args.weight_bits}A{args.act_bits}, P={args.acc_bits}) "
           f"on digits for {args.epochs} epochs in {seconds:.1f} s")
@@ -103,8 +133,7 @@ def run(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-def _finn(args: argparse.Namespace, onnx_path: Path, out_dir: Path,
-          inputs: torch.Tensor) -> tuple[str, bool]:
+def _finn(args: argparse.Namespace, onnx_path: Path, out_dir: Path, inputs) -> tuple[str, bool]:
     """FINN estimate build + C++ simulation of the exported model, or a plain note of the skip."""
     if args.no_finn:
         return "FINN build SKIPPED (--no-finn)", True

@@ -13,13 +13,28 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
-
+from brevitas_a2q.cli.options import (
+    ACC_BITS,
+    ACT_BITS,
+    WEIGHT_BITS,
+    HelpFormatter,
+    bits_type,
+    layer_bits,
+    non_negative_float,
+    paragraphs,
+    positive_float,
+    positive_int,
+)
 from brevitas_a2q.errors import A2QInputError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 ARCHS = ("cnn", "mlp")
 QUANTS = ("a2q", "a2q+", "brevitas-a2q", "brevitas-a2q+", "none")
@@ -30,71 +45,85 @@ CONFIG_KEYS = ("dataset", "arch", "model", "epochs", "lr", "batch_size", "seed",
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``a2q train``."""
     p = subparsers.add_parser(
         "train",
         help="train a quantized CNN/MLP at a chosen accumulator width (checkpoints, resume, "
              "QONNX export, accumulator report)",
-        description=(
+        description=paragraphs(
             "Train a small quantized CNN or MLP with accumulator-aware weights on digits "
             "(bundled), Fashion-MNIST or MNIST (IDX files, plain or .gz). Every epoch is saved "
-            "to OUT/model.pt (brevitas_a2q.checkpoint/1 with optimizer state; --resume "
-            "continues). At the end: test accuracy, the accumulator report of every layer, "
-            "OUT/model.onnx (QONNX with accumulator records) and OUT/results.json."),
-        epilog="example: a2q train --dataset fashion-mnist --quant a2q+ --acc-bits 12 "
-               "--layer-acc-bits conv1=32 fc=32 --ep-init --pretrain-epochs 1 --epochs 2 "
-               "--out runs/fmnist-a2q+-12",
+            "to OUT/model.pt (brevitas_a2q.checkpoint/1 with optimizer state); --resume "
+            "continues bit-identically, also after Ctrl-C. At the end: test accuracy, the "
+            "accumulator report of every layer, OUT/model.onnx (QONNX with accumulator "
+            "records) and OUT/results.json. Every option is checked before training starts."),
+        epilog="example:\n  a2q train --dataset fashion-mnist --quant a2q+ --acc-bits 12 \\\n"
+               "      --layer-acc-bits conv1=32 fc=32 --ep-init --pretrain-epochs 1 \\\n"
+               "      --epochs 2 --out runs/fmnist-a2q+-12\n\n" + paragraphs(
+                   "exit status: 0 every target holds, 1 a target is violated, 2 bad input, "
+                   "3 internal error, 130 interrupted (Ctrl-C; resume with --resume)"),
+        formatter_class=HelpFormatter,
     )
     data = p.add_argument_group("data")
     data.add_argument("--dataset", default="digits", choices=["digits", "fashion-mnist", "mnist"],
                       help="(default: %(default)s)")
     data.add_argument("--data-dir", type=Path, default=None,
-                      help="directory with the IDX files (train-images-idx3-ubyte[.gz], ...); "
-                           "default for fashion-mnist: /usr/share/datasets/fashion-mnist "
-                           "(Debian package dataset-fashion-mnist)")
-    data.add_argument("--train-limit", type=int, default=None,
-                      help="train on the first N training samples only")
+                      help="directory with the IDX files (train-images-idx3-ubyte[.gz], ...) "
+                           "(default: for fashion-mnist /usr/share/datasets/fashion-mnist, "
+                           "Debian package dataset-fashion-mnist)")
+    data.add_argument("--train-limit", type=positive_int, default=None, metavar="N",
+                      help="train on the first N training samples only (default: all)")
     model = p.add_argument_group("model and quantization")
     model.add_argument("--arch", default="cnn", choices=ARCHS, help="(default: %(default)s)")
-    model.add_argument("--hidden", type=int, nargs="+", default=[64],
-                       help="MLP hidden widths (default: %(default)s)")
+    model.add_argument("--hidden", type=positive_int, nargs="+", default=[64], metavar="WIDTH",
+                       help="MLP hidden widths (default: 64)")
     model.add_argument("--quant", default="a2q+", choices=QUANTS,
                        help="weight quantizer: ours (a2q, a2q+), Brevitas's built-in "
-                            "(brevitas-a2q, brevitas-a2q+) or plain per-channel QAT (none); "
+                            "(brevitas-a2q, brevitas-a2q+) or plain per-channel QAT (none) "
                             "(default: %(default)s)")
-    model.add_argument("--weight-bits", type=int, default=4, help="M (default: %(default)s)")
-    model.add_argument("--act-bits", type=int, default=4,
-                       help="hidden activation bits (default: %(default)s)")
-    model.add_argument("--acc-bits", type=int, default=16,
-                       help="target accumulator bits P of every layer (default: %(default)s)")
-    model.add_argument("--layer-acc-bits", nargs="+", default=[], metavar="LAYER=P",
+    model.add_argument("--weight-bits", type=bits_type(WEIGHT_BITS), default=4, metavar="M",
+                       help=f"weight bits M, {WEIGHT_BITS[0]} to {WEIGHT_BITS[1]} "
+                            "(default: %(default)s)")
+    model.add_argument("--act-bits", type=bits_type(ACT_BITS), default=4, metavar="N",
+                       help=f"hidden activation bits, {ACT_BITS[0]} to {ACT_BITS[1]} "
+                            "(default: %(default)s)")
+    model.add_argument("--acc-bits", type=bits_type(ACC_BITS), default=16, metavar="P",
+                       help=f"target accumulator bits P of every layer, {ACC_BITS[0]} to "
+                            f"{ACC_BITS[1]} (default: %(default)s)")
+    model.add_argument("--layer-acc-bits", type=layer_bits, nargs="+", default=[],
+                       metavar="LAYER=P",
                        help="per-layer targets, e.g. conv1=32 fc=32 (CNN layers: conv1 conv2 "
                             "fc; MLP: fc0 fc1 ...)")
     train = p.add_argument_group("training")
-    train.add_argument("--epochs", type=int, default=4, help="(default: %(default)s)")
-    train.add_argument("--lr", type=float, default=1e-3, help="Adam (default: %(default)s)")
-    train.add_argument("--batch-size", type=int, default=64, help="(default: %(default)s)")
+    train.add_argument("--epochs", type=positive_int, default=4, help="(default: %(default)s)")
+    train.add_argument("--lr", type=positive_float, default=1e-3,
+                       help="Adam learning rate (default: %(default)s)")
+    train.add_argument("--batch-size", type=positive_int, default=64,
+                       help="(default: %(default)s)")
     train.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     train.add_argument("--ep-init", action="store_true",
                        help="Euclidean-projection init (A2Q+) from a pretraining phase; "
                             "ours (a2q, a2q+) only")
     train.add_argument("--pretrain", default="float", choices=["float", "qat"],
-                       help="pretraining model for --ep-init: the float twin or plain QAT "
-                            "(default: %(default)s)")
-    train.add_argument("--pretrain-epochs", type=int, default=2,
-                       help="pretraining epochs for --ep-init (default: %(default)s)")
-    train.add_argument("--penalty", type=float, default=0.0,
-                       help="weight of the A2Q penalty sum relu(g - s*T) (ours only; the "
-                            "papers use ~1e-3; default: %(default)s)")
+                       help="what the pretraining phase of --ep-init trains: the float twin or "
+                            "plain QAT (default: %(default)s)")
+    train.add_argument("--pretrain-epochs", type=positive_int, default=2,
+                       help="epochs of the pretraining phase of --ep-init (default: %(default)s)")
+    train.add_argument("--penalty", type=non_negative_float, default=0.0,
+                       help="weight of the A2Q penalty sum relu(g - s*T), ours only; the papers "
+                            "use about 1e-3 (default: %(default)s)")
     ft = p.add_argument_group("fine-tuning under a simulated accumulator (optional)")
     ft.add_argument("--finetune-accumulator", default=None, metavar="SPEC",
                     help="after training, fine-tune with every layer accumulating in SPEC "
-                         "(e.g. int12-sat, fp12-e4m7; see `a2q evaluate --help`) and report "
-                         "the accuracy under it")
+                         "(e.g. int12-sat, fp12-e4m7; see a2q evaluate --help) and report "
+                         "the accuracy under it (default: no fine-tuning)")
     ft.add_argument("--finetune-layer", action="append", default=[], metavar="NAME=SPEC",
                     help="per-layer accumulator for fine-tuning, e.g. conv1=int16-sat, or "
                          "NAME=exact (repeatable)")
-    ft.add_argument("--finetune-epochs", type=int, default=1, help="(default: %(default)s)")
-    ft.add_argument("--finetune-lr", type=float, default=1e-4, help="(default: %(default)s)")
+    ft.add_argument("--finetune-epochs", type=positive_int, default=1,
+                    help="(default: %(default)s)")
+    ft.add_argument("--finetune-lr", type=positive_float, default=1e-4,
+                    help="(default: %(default)s)")
     out = p.add_argument_group("output")
     out.add_argument("--out", type=Path, default=Path("a2q-train"),
                      help="output directory (default: %(default)s)")
@@ -102,7 +131,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                      help="continue from OUT/model.pt (same configuration required)")
     out.add_argument("--overwrite", action="store_true",
                      help="start afresh, replacing the files of an earlier run in OUT")
-    out.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    out.add_argument("--threads", type=positive_int, default=1,
+                     help="torch threads (default: %(default)s)")
     out.add_argument("--json", action="store_true", help="print the results as JSON")
     out.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=run)
@@ -113,33 +143,27 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 # configuration
 
 
-def _layer_acc_bits(items: list[str]) -> dict[str, int]:
-    out = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        try:
-            out[name] = int(value)
-        except ValueError:
-            sep = ""
-        if not sep or not name:
-            raise A2QInputError(f"--layer-acc-bits {item!r}: expected LAYER=P with an integer P "
-                                "(e.g. conv1=16)")
-    return out
+def _layer_acc_bits(items: list[tuple[str, int]]) -> dict[str, int]:
+    """``[("conv1", 16)]`` (parsed by :func:`~brevitas_a2q.cli.options.layer_bits`) -> dict."""
+    return dict(items)
+
+
+def layer_names(args: argparse.Namespace) -> tuple[str, ...]:
+    """The accumulating layers of the model ``args`` describe (see ``build_cnn``/``build_mlp``)."""
+    if args.arch == "cnn":
+        return ("conv1", "conv2", "fc")
+    return tuple(f"fc{i}" for i in range(len(args.hidden) + 1))
+
+
+def _check_names(option: str, names, known: tuple[str, ...]) -> None:
+    unknown = sorted(set(names) - set(known))
+    if unknown:
+        raise A2QInputError(f"{option} names unknown layer(s) {unknown}; the {len(known)} "
+                            f"layers of this model are {', '.join(known)}")
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    for flag, value, low in (("--epochs", args.epochs, 1), ("--batch-size", args.batch_size, 1),
-                             ("--pretrain-epochs", args.pretrain_epochs, 1),
-                             ("--finetune-epochs", args.finetune_epochs, 1),
-                             ("--threads", args.threads, 1)):
-        if value < low:
-            raise A2QInputError(f"{flag} must be at least {low}, got {value}")
-    if args.lr <= 0 or args.finetune_lr <= 0:
-        raise A2QInputError("learning rates must be positive")
-    if args.train_limit is not None and args.train_limit < 1:
-        raise A2QInputError(f"--train-limit must be at least 1, got {args.train_limit}")
-    if args.penalty < 0:
-        raise A2QInputError(f"--penalty must be >= 0, got {args.penalty}")
+    """Every check that needs no data and no model: run before anything slow."""
     if args.quant not in OURS:
         if args.ep_init:
             raise A2QInputError(f"--ep-init needs this package's quantizers (--quant a2q or "
@@ -154,6 +178,22 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.data_dir is not None and args.dataset == "digits":
         raise A2QInputError("--data-dir is for IDX data sets (fashion-mnist, mnist); digits "
                             "ships with scikit-learn")
+    _check_names("--layer-acc-bits", _layer_acc_bits(args.layer_acc_bits), layer_names(args))
+    if args.finetune_accumulator is None:
+        if args.finetune_layer:
+            raise A2QInputError("--finetune-layer needs --finetune-accumulator")
+        return
+    overrides = _finetune_overrides(args)
+    _check_names("--finetune-layer", overrides, layer_names(args))
+    from brevitas_a2q.accumulator_sim import parse_accumulator
+
+    for option, spec in (("--finetune-accumulator", args.finetune_accumulator),
+                         *((f"--finetune-layer {k}", v) for k, v in overrides.items())):
+        if spec is not None:
+            try:
+                parse_accumulator(spec)
+            except A2QInputError as err:
+                raise A2QInputError(f"{option}: {err}") from None
 
 
 def _model_kwargs(args: argparse.Namespace, image_shape: tuple[int, ...]) -> dict:
@@ -188,6 +228,8 @@ def _build(arch: str, kwargs: dict) -> nn.Module:
 
 
 def _load_data(args: argparse.Namespace):
+    import torch
+
     from brevitas_a2q.data import load_dataset
 
     train, test = load_dataset(args.dataset, args.data_dir, seed=args.seed)
@@ -230,6 +272,10 @@ def _config_differences(saved: dict, current: dict) -> list[str]:
 
 
 def _loader(dataset, batch_size: int, seed: int, epoch: int) -> torch.utils.data.DataLoader:
+    """The shuffled loader of one epoch: its order depends on (seed, epoch) only, so a resumed
+    run sees the same batches as an uninterrupted one."""
+    import torch
+
     gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True,
                                        generator=gen)
@@ -237,6 +283,8 @@ def _loader(dataset, batch_size: int, seed: int, epoch: int) -> torch.utils.data
 
 def _pretrain_and_project(args, config, model, train, example) -> dict:
     """The EP-init phase: pretrain the float twin (or plain QAT), copy its weights, project."""
+    import torch
+
     from brevitas_a2q.models import build_float_cnn, build_float_mlp, copy_float_weights
     from brevitas_a2q.training import euclidean_projection_init, train_epochs
 
@@ -251,34 +299,70 @@ def _pretrain_and_project(args, config, model, train, example) -> dict:
         source = build_float_mlp(kwargs["in_features"], tuple(kwargs["hidden"]))
     start = time.perf_counter()
     train_epochs(source, train, args.pretrain_epochs, lr=args.lr, batch_size=args.batch_size,
-                 seed=args.seed, progress=not args.no_progress)
+                 seed=args.seed, progress=not args.no_progress and not args.json,
+                 desc=f"pretraining ({'float twin' if args.pretrain == 'float' else 'plain QAT'})")
     copy_float_weights(source, model)
     projected = euclidean_projection_init(model, example)
     return {"pretrain_seconds": round(time.perf_counter() - start, 2),
             "projected_channels": projected}
 
 
-def run(args: argparse.Namespace) -> int:
-    from brevitas_a2q.training import accuracy, train_one_epoch
+def _output_paths(args: argparse.Namespace) -> dict[str, Path]:
+    """OUT's files, after checking that OUT can be written and holds no earlier run (unless
+    --resume or --overwrite)."""
+    from brevitas_a2q.io import check_output_dir
 
-    _check_args(args)
-    torch.set_num_threads(args.threads)
+    check_output_dir(args.out)
     paths = {name: args.out / name for name in ("model.pt", "model.onnx", "results.json")}
+    for path in paths.values():
+        if path.is_dir():
+            raise A2QInputError(f"{path} is a directory; choose another --out")
     if not args.resume and not args.overwrite:
-        for path in paths.values():  # refuse before spending time on training
+        for path in paths.values():
             if path.exists():
                 raise A2QInputError(f"{path} exists from an earlier run; pass --resume to "
                                     "continue it, --overwrite to start afresh, or choose "
                                     "another --out")
-    if args.finetune_accumulator is not None:
-        from brevitas_a2q.accumulator_sim import parse_accumulator
+    return paths
 
-        parse_accumulator(args.finetune_accumulator)
-        for spec in _finetune_overrides(args).values():
-            if spec is not None:
-                parse_accumulator(spec)
-    elif args.finetune_layer:
-        raise A2QInputError("--finetune-layer needs --finetune-accumulator")
+
+def run(args: argparse.Namespace) -> int:
+    """``a2q train``: check everything, train (or resume), finish; Ctrl-C exits 130 with a note
+    of the epoch saved."""
+    _check_args(args)
+    paths = _output_paths(args)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    progress = {"phase": "loading data", "saved": 0}
+    try:
+        return _train(args, paths, progress)
+    except KeyboardInterrupt:
+        return _interrupted(args, paths, progress)
+
+
+def _interrupted(args: argparse.Namespace, paths: dict[str, Path], progress: dict) -> int:
+    """The one-line message after Ctrl-C; exit status 130."""
+    saved, phase = progress["saved"], progress["phase"]
+    if saved:
+        what = (f"{paths['model.pt']} holds epoch {saved}/{args.epochs}; continue with the same "
+                "command plus --resume")
+    elif args.resume:
+        what = f"{paths['model.pt']} is unchanged; continue with the same command"
+    else:
+        what = ("nothing was saved (the first checkpoint is written after epoch 1); rerun the "
+                "command to start again")
+    print(f"a2q train: interrupted during {phase}: {what}", file=sys.stderr)
+    return 130
+
+
+def _train(args: argparse.Namespace, paths: dict[str, Path], progress: dict) -> int:
+    """Load data, build (or resume) the model, train the remaining epochs saving each, finish.
+    ``progress`` tells :func:`_interrupted` what was running and which epoch is saved."""
+    import torch
+
+    from brevitas_a2q.training import accuracy, train_one_epoch
+
     train, test = _load_data(args)
     example = torch.stack([train[i][0] for i in range(min(256, len(train)))])
     kwargs = _model_kwargs(args, tuple(example.shape[1:]))
@@ -288,16 +372,13 @@ def run(args: argparse.Namespace) -> int:
     state = {"epoch": 0, "history": [], "init": {}, "train_seconds": 0.0, "finetuned": None}
     payload = None
     if args.resume:
-        payload = _read_checkpoint(paths["model.pt"])
-        diffs = _config_differences(payload["extra"]["config"], config)
-        if diffs:
-            raise A2QInputError(f"--resume: {paths['model.pt']} comes from another "
-                                f"configuration ({'; '.join(diffs)}); rerun with the same "
-                                "settings, or use --overwrite / another --out")
-        _restore(paths["model.pt"], model.load_state_dict, payload["state_dict"])
+        progress["phase"] = "loading the checkpoint"
+        payload = _load_for_resume(paths["model.pt"], model, config)
+        progress["saved"] = payload["extra"]["epoch"]
     else:
         args.out.mkdir(parents=True, exist_ok=True)
         if args.ep_init:
+            progress["phase"] = "pretraining (EP-init)"
             state["init"] = _pretrain_and_project(args, config, model, train, example)
         # the first checkpoint comes after epoch 1: Brevitas initializes activation scales from
         # the statistics of the first training steps, and a checkpoint needs them
@@ -311,24 +392,48 @@ def run(args: argparse.Namespace) -> int:
         _restore(paths["model.pt"], schedule.load_state_dict, payload["extra"]["scheduler"])
         for key in state:
             state[key] = payload["extra"].get(key, state[key])
-    progress = not args.no_progress and not args.json
+
+    def save() -> None:
+        _save(paths["model.pt"], model, config, _extra(model, optimizer, schedule, state))
+
+    show = not args.no_progress and not args.json
     first = state["epoch"]
     for epoch in range(first, args.epochs):
+        progress["phase"] = f"epoch {epoch + 1}/{args.epochs}"
         start = time.perf_counter()
         loss = train_one_epoch(model, _loader(train, args.batch_size, args.seed, epoch),
                                optimizer, schedule, args.penalty,
-                               f"epoch {epoch + 1}/{args.epochs}", progress)
+                               f"epoch {epoch + 1}/{args.epochs}", show)
         state["train_seconds"] += time.perf_counter() - start
         acc = accuracy(model, test)
         state["epoch"] = epoch + 1
         state["history"].append({"epoch": epoch + 1, "loss": loss, "test_accuracy": acc})
-        _save(paths["model.pt"], model, config, _extra(optimizer, schedule, state))
+        save()
+        progress["saved"] = epoch + 1
         if not args.json:
             print(f"epoch {epoch + 1}/{args.epochs}: loss {loss:.4f}, test accuracy "
                   f"{100 * acc:.2f}%", flush=True)
+    progress["phase"] = "fine-tuning and export (training is complete)"
     return _finish(args, model, config, state, train, test, example, paths, resumed_at=first,
-                   save=lambda: _save(paths["model.pt"], model, config,
-                                      _extra(optimizer, schedule, state)))
+                   save=save)
+
+
+def _load_for_resume(path: Path, model, config: dict) -> dict:
+    """Read ``path``, check it comes from the same configuration, load the model's state and the
+    runtime state a state dict lacks (see :func:`brevitas_a2q.checkpoint.runtime_state`)."""
+    from brevitas_a2q.checkpoint import restore_runtime_state
+
+    payload = _read_checkpoint(path)
+    diffs = _config_differences(payload["extra"]["config"], config)
+    if diffs:
+        raise A2QInputError(f"--resume: {path} comes from another configuration "
+                            f"({'; '.join(diffs)}); rerun with the same settings, or use "
+                            "--overwrite / another --out")
+    _restore(path, model.load_state_dict, payload["state_dict"])
+    if "runtime" in payload["extra"]:  # checkpoints written before it was saved lack it
+        _restore(path, lambda saved: restore_runtime_state(model, saved),
+                 payload["extra"]["runtime"])
+    return payload
 
 
 def _restore(path: Path, load, state) -> None:
@@ -339,9 +444,14 @@ def _restore(path: Path, load, state) -> None:
                             f"({' '.join(str(err).split())[:300]})") from err
 
 
-def _extra(optimizer, schedule, state: dict) -> dict:
+def _extra(model, optimizer, schedule, state: dict) -> dict:
+    """What a checkpoint of ``a2q train`` holds beside the state dict, for a bit-identical
+    resume: optimizer, scheduler, the statistics Brevitas collects in its first training steps
+    and the random number generators, and the run's progress."""
+    from brevitas_a2q.checkpoint import runtime_state
+
     return {"optimizer": optimizer.state_dict(), "scheduler": schedule.state_dict(),
-            **{k: v for k, v in state.items()}}
+            "runtime": runtime_state(model), **{k: v for k, v in state.items()}}
 
 
 def _finish(args, model, config, state, train, test, example, paths, resumed_at: int,
@@ -366,12 +476,14 @@ def _finish(args, model, config, state, train, test, example, paths, resumed_at:
                "train_seconds": round(state["train_seconds"], 2), "init": state["init"],
                "history": state["history"], "test_accuracy": test_accuracy,
                "finetune": finetuned, "layers": report.to_dicts(),
-               "all_targets_hold": report.all_hold,
+               "all_targets_hold": report.all_hold, "warnings": report_warnings(report),
                "files": {k: str(v) for k, v in paths.items()}}
     with atomic_output(paths["results.json"], overwrite=True) as tmp:
         tmp.write_text(json.dumps(results, indent=2))
     if args.json:
         print(json.dumps(results, indent=2))
+        for warning in results["warnings"]:  # the table that shows them is not printed
+            print(f"a2q train: warning: {warning}", file=sys.stderr)
         return 0 if report.all_hold else 1
     m = config["model"]
     targets = f"P={m['acc_bits']}" + "".join(f", {k}={v}" for k, v in
@@ -389,6 +501,11 @@ def _finish(args, model, config, state, train, test, example, paths, resumed_at:
     print(exported)
     print(f"\ncheckpoint {paths['model.pt']}, results {paths['results.json']}")
     return 0 if report.all_hold else 1
+
+
+def report_warnings(report) -> list[str]:
+    """The audit's warnings (e.g. layers whose integer weights are all zero), if it has any."""
+    return [str(w) for w in (getattr(report, "warnings", None) or [])]
 
 
 def _finetune(args, model, train, test) -> dict:

@@ -1,0 +1,233 @@
+"""Every measured figure the README quotes comes from a committed results file a benchmark
+wrote (``benchmarks/results/*.json``), and agrees with it.
+
+The figures are registered below, one entry per figure or table:
+
+- :class:`Figure`: a regular expression over the README whose groups are the numbers as printed,
+  the results file, and a function of the parsed JSON returning the expected strings (one per
+  group), formatted the way the README prints them. The regular expression must match exactly
+  once, so a figure cannot silently disappear or be quoted twice with different values.
+- :class:`Table`: a Markdown table, found by the heading it follows, whose rows are keyed by their
+  first ``key_columns`` cells; a function of the JSON returns the expected cells of each row key.
+  Every README row must be among them and equal cell by cell.
+
+To register another section's figures (quantizer_overhead, export_speed, finn_luts, ...): commit
+the benchmark's JSON under benchmarks/results, then append ``Figure(...)``/``Table(...)`` entries
+to ``FIGURES`` with the README text as a regex and a lambda reading the JSON (``fmt`` helpers
+below). An entry whose results file does not exist fails, it is not skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+README = (ROOT / "README.md").read_text()
+
+
+@dataclass(frozen=True)
+class Figure:
+    """Numbers in the README prose (regex groups) and the JSON values they must equal."""
+
+    name: str
+    pattern: str
+    results: str
+    expected: Callable[[dict], tuple[str, ...] | str]
+
+
+@dataclass(frozen=True)
+class Table:
+    """A README Markdown table and the cells it must hold, by row key."""
+
+    name: str
+    heading: str
+    results: str
+    rows: Callable[[dict], dict[tuple[str, ...], list[str]]]
+    key_columns: int = 1
+
+
+def f2(x: float) -> str:
+    return f"{x:.2f}"
+
+
+def pct(x: float, digits: int = 2) -> str:
+    """A fraction as a percentage with ``digits`` decimals."""
+    return f"{100 * x:.{digits}f}"
+
+
+def thousands(n: int) -> str:
+    return f"{n:,}"
+
+
+def minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f}"
+
+
+# ----------------------------------------------------------------------------------------------
+# accumulator_simulation.json (benchmarks/accumulator_simulation.py)
+
+
+def _simulation_rows(d: dict) -> dict[tuple[str, ...], list[str]]:
+    rows = {}
+    for r in d["accuracy"]:
+        p = "–" if r["P"] is None else str(r["P"])
+        events = "–" if "overflow_events" not in r else thousands(r["overflow_events"])
+        rows[(r["method"], p, r["accumulator"])] = [pct(r["accuracy"]), events]
+    return rows
+
+
+def _acc(d: dict, method: str, accumulator: str) -> float:
+    (row,) = [r for r in d["accuracy"] if r["method"] == method and r["accumulator"] == accumulator]
+    return row["accuracy"]
+
+
+def _cost(d: dict, mode: str, digits: int = 2) -> str:
+    return f"{d['cost']['modes'][mode]['ratio']:.{digits}f}"
+
+
+# ----------------------------------------------------------------------------------------------
+# accuracy_vs_accumulator*.json (benchmarks/accuracy_vs_accumulator.py)
+
+FLOAT_LABEL = {"float": "float (no quantization)"}
+
+
+def _mean_std(cell: dict) -> str:
+    return f"{cell['mean']:.2f} ± {cell['std']:.2f}"
+
+
+def _accuracy_rows(d: dict) -> dict[tuple[str, ...], list[str]]:
+    bits = [str(b) for b in d["settings"]["bits"]]
+    rows = {}
+    for method, cells in d["summary"].items():
+        if method == "float":
+            rows[(FLOAT_LABEL[method],)] = [_mean_std(cells["float"])] + ["″"] * (len(bits) - 1)
+        else:
+            rows[(method,)] = [_mean_std(cells[b]) for b in bits]
+    return rows
+
+
+def _of_float(d: dict, method: str, p: str) -> str:
+    return f"{100 * d['summary'][method][p]['mean'] / d['summary']['float']['float']['mean']:.1f}"
+
+
+def _overflow(d: dict, methods: tuple[str, ...], p: int) -> list[float]:
+    return [r["conv2_overflow_rate"] for r in d["rows"]
+            if r["method"] in methods and r.get("P") == p]
+
+
+def _range(values: list[float], digits: int = 0) -> tuple[str, str]:
+    return f"{min(values):.{digits}f}", f"{max(values):.{digits}f}"
+
+
+PLAIN = ("plain QAT", "plain QAT (float init)")
+EP = ("ours A2Q, EP-init", "ours A2Q+, EP-init")
+
+FIGURES: list[Figure | Table] = [
+    Table("accuracy at P on Fashion-MNIST", "### Accuracy at P bits on Fashion-MNIST",
+          "accumulator_simulation.json", _simulation_rows, key_columns=3),
+    Figure("benchmarks row: simulation cost",
+           r"\| int16-wrap ([\d.]+)x, int12-wrap ([\d.]+)x, int12-sat ([\d.]+)x, "
+           r"fp12-e4m7 ([\d.]+)x, fp12-e4m7-c16 ([\d.]+)x",
+           "accumulator_simulation.json",
+           lambda d: tuple(_cost(d, m) for m in ("int16-wrap", "int12-wrap", "int12-sat",
+                                                  "fp12-e4m7", "fp12-e4m7-c16"))),
+    Figure("plain QAT with a wrapping 12-bit accumulator",
+           r"collapses with a wrapping P-bit accumulator\s+\((\d+)% at 12 bits",
+           "accumulator_simulation.json",
+           lambda d: pct(_acc(d, "plain QAT", "int12-wrap"), 0)),
+    Table("accuracy vs accumulator width", "## Accuracy vs accumulator width",
+          "accuracy_vs_accumulator.json", _accuracy_rows),
+    Figure("accuracy benchmark settings",
+           r"Quantized models: (\d+) steps of batch (\d+) \(about a\s+third of an epoch\); "
+           r"float: (\d+) epochs; EP-init rows start from the float model of the same seed, with\s+"
+           r"the A2Q penalty ([\de.-]+)\.",
+           "accuracy_vs_accumulator.json",
+           lambda d: (str(d["settings"]["steps"]), str(d["settings"]["batch_size"]),
+                      str(d["settings"]["float_epochs"]), f"{d['penalty_weight_ep_rows']:.0e}"
+                      .replace("e-03", "e-3"))),
+    Figure("accuracy benchmark seeds", r"mean ± std over (\d+) seeds\. Results in",
+           "accuracy_vs_accumulator.json", lambda d: str(d["settings"]["seeds"])),
+    Figure("accuracy benchmark wall time", r"\(([\d.]+) min on 2 cores, 2 processes",
+           "accuracy_vs_accumulator.json", lambda d: minutes(d["wall_seconds"])),
+    Figure("benchmarks row: accuracy benchmark wall time", r"see above \(([\d.]+) min, 2 processes",
+           "accuracy_vs_accumulator.json", lambda d: minutes(d["wall_seconds"])),
+    Figure("A2Q+/A2Q EP-init at P = 12 vs float",
+           r"A2Q\+ EP-init at P = 12 reaches ([\d.]+)% of float \(A2Q: ([\d.]+)%\)",
+           "accuracy_vs_accumulator.json",
+           lambda d: (_of_float(d, "ours A2Q+, EP-init", "12"),
+                      _of_float(d, "ours A2Q, EP-init", "12"))),
+    Figure("EP-init and plain QAT at P = 8",
+           r"EP-init keeps\s+(\d+)–(\d+)% at P = 8, where unconstrained QAT on an 8-bit wrapping "
+           r"accumulator gets (\d+)–(\d+)%",
+           "accuracy_vs_accumulator.json",
+           lambda d: (*_range([d["summary"][m]["8"]["mean"] for m in EP]),
+                      *_range([d["summary"][m]["8"]["mean"] for m in PLAIN]))),
+    Figure("conv2 overflow rates without the constraint",
+           r"rarely overflows at 10 bits \(at most ([\d.]+)% of outputs in any run\); it falls\s+"
+           r"apart at 8 bits \((\d+)–(\d+)% of outputs overflow\)",
+           "accuracy_vs_accumulator.json",
+           lambda d: (f"{100 * max(_overflow(d, PLAIN, 10)):.2f}",
+                      *_range([100 * v for v in _overflow(d, PLAIN, 8)]))),
+    Figure("longer EP-init run", r"\(`--bits 32 12 --steps 480 .*?--tag ep_long`, ([\d.]+) min\) "
+           r"A2Q\+ EP-init at P = 12 reaches ([\d.]+ ± [\d.]+)% = ([\d.]+)% of float",
+           "accuracy_vs_accumulator_ep_long.json",
+           lambda d: (minutes(d["wall_seconds"]), _mean_std(d["summary"]["ours A2Q+, EP-init"]["12"]),
+                      f"{100 * d['summary']['ours A2Q+, EP-init']['12']['mean'] / _float_mean():.1f}")),
+]
+
+
+def _float_mean() -> float:
+    """The float reference of the main accuracy run (the ep_long run reuses it)."""
+    return json.loads((RESULTS / "accuracy_vs_accumulator.json").read_text()
+                      )["summary"]["float"]["float"]["mean"]
+
+
+def markdown_table(text: str, heading: str) -> list[list[str]]:
+    """The cells of the first Markdown table after ``heading`` (header and rule dropped)."""
+    start = text.index(heading)
+    lines = text[start:].splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    rows = []
+    for line in lines[first + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip().strip("|").split("|")])
+    return rows
+
+
+def _load(entry) -> dict:
+    path = RESULTS / entry.results
+    assert path.is_file(), f"{entry.name}: results file {path} is not committed"
+    return json.loads(path.read_text())
+
+
+@pytest.mark.parametrize("entry", FIGURES, ids=lambda e: e.name)
+def test_readme_figures_match_their_results_file(entry):
+    data = _load(entry)
+    if isinstance(entry, Table):
+        expected = entry.rows(data)
+        rows = markdown_table(README, entry.heading)
+        assert rows, f"{entry.name}: no table after {entry.heading!r}"
+        for row in rows:
+            key, cells = tuple(row[:entry.key_columns]), row[entry.key_columns:]
+            assert key in expected, f"{entry.name}: README row {key} is not in {entry.results}"
+            assert cells == expected[key], f"{entry.name}, row {key}"
+        return
+    matches = list(re.finditer(entry.pattern, README, flags=re.S))
+    assert len(matches) == 1, f"{entry.name}: {len(matches)} matches of {entry.pattern!r}"
+    want = entry.expected(data)
+    want = (want,) if isinstance(want, str) else tuple(want)
+    assert matches[0].groups() == want, entry.name
+
+
+def test_every_committed_plot_has_its_results_file():
+    for png in RESULTS.glob("*.png"):
+        assert png.with_suffix(".json").is_file(), png
+        assert f"benchmarks/results/{png.name}" in README or png.stem.endswith("_ep_long"), png
