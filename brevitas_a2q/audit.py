@@ -12,6 +12,12 @@ layers), the largest per-channel ``||q||_1``, and the accumulator width needed b
 
 The target holds when the exact range fits ``P`` signed bits. Bias is added after accumulation
 and is not part of these widths.
+
+``N`` and the sign are those of the tensor the layer multiplies: the output of its own
+``input_quant=`` when it has one (whatever it receives), else its incoming quant tensor. Channels
+are *output* channels (a transposed conv's weight ``(in, out/groups, k...)`` is regrouped, ``K =
+in/groups * prod(k)``). Layers or channels whose integer weights are all zero are listed in
+``AccumulatorReport.warnings``.
 """
 
 from __future__ import annotations
@@ -25,12 +31,21 @@ from brevitas.core.scaling.pre_scaling import (
     AccumulatorAwareParameterPreScaling,
     AccumulatorAwareZeroCenterParameterPreScaling,
 )
-from brevitas.nn import QuantConv1d, QuantConv2d, QuantConv3d, QuantLinear
+from brevitas.nn import (
+    QuantConv1d,
+    QuantConv2d,
+    QuantConv3d,
+    QuantConvTranspose1d,
+    QuantConvTranspose2d,
+    QuantConvTranspose3d,
+    QuantLinear,
+)
 from brevitas.quant_tensor import IntQuantTensor
 from torch import Tensor, nn
 
 from brevitas_a2q import bounds
 from brevitas_a2q.errors import A2QInputError
+from brevitas_a2q.pre_scaling import OutputChannelView
 from brevitas_a2q.quantizers import is_a2q_proxy
 from brevitas_a2q.table import cell, text_table
 
@@ -44,9 +59,20 @@ __all__ = [
     "capture_layers",
     "iter_accumulating_layers",
     "layer_variant",
+    "output_channel_rows",
+    "zero_weight_warning",
 ]
 
-ACCUMULATING_LAYERS = (QuantLinear, QuantConv1d, QuantConv2d, QuantConv3d)
+ACCUMULATING_LAYERS = (QuantLinear, QuantConv1d, QuantConv2d, QuantConv3d, QuantConvTranspose1d,
+                       QuantConvTranspose2d, QuantConvTranspose3d)
+
+
+def output_channel_rows(layer: nn.Module, weights: Tensor) -> Tensor:
+    """``weights`` (the layer's weight shape) as ``(out_channels, K)`` rows, one per output
+    channel (:class:`brevitas_a2q.pre_scaling.OutputChannelView`)."""
+    view = OutputChannelView(int(getattr(layer, "groups", 1)),
+                             bool(getattr(layer, "transposed", False)))
+    return view(weights)
 
 
 def iter_accumulating_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
@@ -91,28 +117,49 @@ class LayerCapture:
     target_bits: int | None  # P
     dot_length: int  # K
     out_channels: int
+    rows: Tensor | None = None  # integer weights by output channel, (out_channels, K)
+    weight_value: Tensor | None = None  # the quantized weight q * s, the layer's weight shape
+
+    def __post_init__(self) -> None:
+        if self.rows is None:
+            self.rows = output_channel_rows(self.module, self.int_weight)
+        if self.weight_value is None:
+            self.weight_value = self.int_weight * self.weight_scale
 
 
-def _first_input_hooks(layers: list[tuple[str, nn.Module]], seen: dict[str, object]) -> list:
-    def hook_for(name: str):
-        def hook(module, args):
-            seen.setdefault(name, args[0] if args else None)
+def capture_hooks(layers: list[tuple[str, nn.Module]], seen: dict[str, tuple]) -> list:
+    """Hooks recording, on each layer's first call, what it multiplies: the output of its
+    ``input_quant`` (its own quantizer's, or the incoming tensor passed through) and the output of
+    its weight quantizer. ``seen[name] = (input, quantized weight)``; remove the handles after."""
+    handles = []
+    for name, layer in layers:
+        record = seen.setdefault(name, [None, None, False])
 
-        return hook
+        def on_input(module, args, out, record=record):
+            if not record[2]:
+                record[0] = out
 
-    return [layer.register_forward_pre_hook(hook_for(name)) for name, layer in layers]
+        def on_weight(module, args, out, record=record):
+            if not record[2] and record[1] is None:
+                record[1] = out
+                record[2] = True  # the first call is the one Brevitas's exporter does not trace
+
+        handles.append(layer.input_quant.register_forward_hook(on_input))
+        handles.append(layer.weight_quant.register_forward_hook(on_weight))
+    return handles
 
 
 @torch.no_grad()
 def capture_layers(model: nn.Module, example_input: Tensor) -> list[LayerCapture]:
     """Run ``model`` once in eval mode on ``example_input`` and capture every accumulating layer:
-    its quantized input and its integer weights (as the layer computes them for that input)."""
+    the quantized input it multiplies and its integer weights, as computed in that forward pass
+    (each weight quantizer runs once)."""
     layers = list(iter_accumulating_layers(model))
     if not layers:
         raise A2QInputError("the model has no quantized Linear/Conv layer (brevitas.nn.QuantLinear, "
-                            "QuantConv1d/2d/3d) to audit")
-    seen: dict[str, object] = {}
-    handles = _first_input_hooks(layers, seen)
+                            "QuantConv1d/2d/3d, QuantConvTranspose1d/2d/3d) to audit")
+    seen: dict[str, list] = {}
+    handles = capture_hooks(layers, seen)
     was_training = model.training
     try:
         model.eval()
@@ -121,34 +168,68 @@ def capture_layers(model: nn.Module, example_input: Tensor) -> list[LayerCapture
         model.train(was_training)
         for handle in handles:
             handle.remove()
-    return [capture_layer(name, layer, seen.get(name)) for name, layer in layers if name in seen]
+    return [capture_layer(name, layer, *seen[name][:2]) for name, layer in layers
+            if seen[name][2]]
 
 
-def capture_layer(name: str, layer: nn.Module, inp: object) -> LayerCapture:
-    """Capture ``layer`` given the input ``inp`` it received (an ``IntQuantTensor`` or not)."""
+def capture_layer(name: str, layer: nn.Module, inp: object, weight: object = None
+                  ) -> LayerCapture:
+    """Capture ``layer`` given the (quantized or float) tensor ``inp`` it multiplies, i.e. the
+    output of its ``input_quant``, and optionally its already computed quantized ``weight``."""
     quant_input = inp if isinstance(inp, IntQuantTensor) else None
-    if layer.weight_quant.requires_quant_input:
-        weight = layer.quant_weight(quant_input)
-    else:
-        weight = layer.quant_weight()
+    if weight is None:
+        if layer.weight_quant.requires_quant_input:
+            weight = layer.quant_weight(quant_input)
+        else:
+            weight = layer.quant_weight()
     if not isinstance(weight, IntQuantTensor):
         raise A2QInputError(f"layer {name!r}: its weights are not integer-quantized "
                             f"({type(layer.weight_quant).__name__}); cannot audit its accumulator")
     variant, target = layer_variant(layer)
+    int_weight = weight.int().detach()
+    rows = output_channel_rows(layer, int_weight)
     return LayerCapture(
         name=name,
         module=layer,
         quant_input=quant_input,
-        int_weight=weight.int().detach(),
+        int_weight=int_weight,
         weight_scale=weight.scale.detach(),
         weight_bits=int(weight.bit_width.item()),
         input_bits=None if quant_input is None else int(quant_input.bit_width.item()),
         input_signed=None if quant_input is None else bool(quant_input.signed),
         variant=variant,
         target_bits=target,
-        dot_length=int(layer.weight[0].numel()),
-        out_channels=int(layer.weight.shape[0]),
+        dot_length=int(rows.shape[1]),
+        out_channels=int(rows.shape[0]),
+        rows=rows,
+        weight_value=weight.value.detach(),
     )
+
+
+def zero_weight_warning(layer: str, zero_channels: int, out_channels: int, variant: str,
+                        target_bits: int | None, input_bits: int | None,
+                        input_signed: bool | None) -> str | None:
+    """Why a layer has all-zero integer channels and what helps, or None if it has none.
+
+    With A2Q/A2Q+, ``q = round_to_zero(min(g/s, T) * v / ||v||_1)``: a channel is all zero when no
+    single weight's share of the L1 budget ``min(g/s, T)`` reaches 1.
+    """
+    if zero_channels == 0:
+        return None
+    what = ("all its integer weights are zero" if zero_channels == out_channels else
+            f"{zero_channels} of its {out_channels} output channels have all-zero integer weights")
+    text = f"layer {layer!r}: {what} (the layer outputs a constant there)"
+    if variant in ("a2q", "a2q+") and target_bits is not None and input_bits is not None:
+        budget = bounds.l1_norm_bound(target_bits, input_bits, bool(input_signed),
+                                      variant == "a2q+")
+        sign = "signed" if input_signed else "unsigned"
+        text += (f". The L1 budget T = {float(budget):.4g} (P = {target_bits}, {input_bits}-bit "
+                 f"{sign} input, {variant}) is below what round-to-zero can use: no single weight's "
+                 "share of it reaches 1. What helps: Euclidean-projection init "
+                 "(brevitas_a2q.training.euclidean_projection_init), a wider P for this layer, "
+                 "per-layer targets (set_accumulator_bit_width overrides, a2q train "
+                 "--layer-acc-bits)")
+    return text
 
 
 @dataclass
@@ -168,11 +249,14 @@ class LayerAccumulator:
     bits_exact_range: int | None
     bits_datatype: int | None
     target_holds: bool | None  # None: no target, or input not quantized
+    out_channels: int = 0
+    zero_channels: int = 0  # output channels whose integer weights are all zero
 
     @classmethod
     def from_capture(cls, cap: LayerCapture) -> LayerAccumulator:
-        q = cap.int_weight.to(torch.int64).reshape(cap.out_channels, -1).numpy()
-        l1_max = int(abs(q).sum(axis=1).max())
+        q = cap.rows.to(torch.int64).cpu().numpy()
+        l1 = abs(q).sum(axis=1)
+        l1_max = int(l1.max()) if l1.size else 0
         bits_l1 = bits_exact = bits_dt = holds = None
         if cap.input_bits is not None:
             n, signed = cap.input_bits, cap.input_signed
@@ -198,7 +282,15 @@ class LayerAccumulator:
             bits_exact_range=bits_exact,
             bits_datatype=bits_dt,
             target_holds=holds,
+            out_channels=cap.out_channels,
+            zero_channels=int((l1 == 0).sum()),
         )
+
+    @property
+    def warning(self) -> str | None:
+        return zero_weight_warning(self.layer, self.zero_channels, self.out_channels,
+                                   self.variant, self.target_bits, self.input_bits,
+                                   self.input_signed)
 
 
 _COLUMNS = (
@@ -210,7 +302,15 @@ _COLUMNS = (
 
 
 class AccumulatorReport(list):
-    """A list of :class:`LayerAccumulator` that prints as a table and serializes to JSON."""
+    """A list of :class:`LayerAccumulator` that prints as a table and serializes to JSON.
+
+    ``warnings``: one line per layer with all-zero integer channels (why, and what helps), also
+    printed under the table and included in :meth:`to_dict`.
+    """
+
+    @property
+    def warnings(self) -> list[str]:
+        return [r.warning for r in self if r.warning is not None]
 
     @property
     def all_hold(self) -> bool:
@@ -220,13 +320,18 @@ class AccumulatorReport(list):
     def to_dicts(self) -> list[dict]:
         return [asdict(r) for r in self]
 
+    def to_dict(self) -> dict:
+        return {"layers": self.to_dicts(), "warnings": self.warnings, "all_hold": self.all_hold}
+
     def to_json(self, **kwargs) -> str:
-        return json.dumps(self.to_dicts(), **kwargs)
+        return json.dumps(self.to_dict(), **kwargs)
 
     def table(self) -> str:
         rows = [[cell(getattr(r, key), verdict=key == "target_holds") for key, _ in _COLUMNS]
                 for r in self]
-        return text_table([title for _, title in _COLUMNS], rows)
+        lines = [text_table([title for _, title in _COLUMNS], rows)]
+        lines += [f"warning: {w}" for w in self.warnings]
+        return "\n".join(lines)
 
     def __str__(self) -> str:
         return self.table()

@@ -127,11 +127,14 @@ def _channel_sums(int_weights: np.ndarray | Sequence) -> tuple[list[int], list[i
     if q.ndim < 1:
         raise ValueError("integer weights need at least one dimension (output channels first)")
     q = q.reshape(q.shape[0], -1)
-    if not np.all(np.isfinite(q)) or not np.array_equal(q, np.round(q)):
-        raise ValueError("weights are not integers: pass the quantized integer weights")
-    q = q.astype(np.int64)
-    pos = np.where(q > 0, q, 0).sum(axis=1)
-    neg = np.where(q < 0, q, 0).sum(axis=1)
+    if q.dtype.kind not in "iu":  # floats must hold whole numbers
+        if not np.all(np.isfinite(q)) or not np.array_equal(q, np.round(q)):
+            raise ValueError("weights are not integers: pass the quantized integer weights")
+    q = q.astype(np.int64, copy=False)
+    total = q.sum(axis=1)
+    magnitude = np.abs(q).sum(axis=1)
+    pos = (magnitude + total) // 2  # sum of the positive weights
+    neg = (total - magnitude) // 2  # sum of the negative weights
     return [int(v) for v in pos], [int(v) for v in neg]
 
 

@@ -12,6 +12,14 @@ and no accumulator width is written at all. :func:`export_qonnx`:
 3. runs qonnx's cleanup and records, for every accumulating node, the Brevitas layer, variant,
    target ``P``, ``N``, sign, ``M`` and a fingerprint of ``q`` (:mod:`brevitas_a2q.records`);
 4. writes the file atomically.
+
+Each layer's weights are quantized once per export: the quantized input and weight of every
+accumulating layer are taken from the exporter's own first (untraced) forward pass.
+
+:mod:`brevitas_a2q.quantizers` also registers this package's weight proxy with Brevitas's own
+exporters (``brevitas.export.export_qonnx`` and ``export_torch_qcdq``), which pick handlers by exact
+proxy class: there, too, the exported weights are the exact quantized ``q * s`` (QONNX) or the
+integers ``q`` (QCDQ). Brevitas's exporters write no accumulator records; :func:`export_qonnx` does.
 """
 
 from __future__ import annotations
@@ -21,31 +29,29 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from brevitas.export.onnx.qonnx.handler import BrevitasDecoupledWeightQuantWithInputProxyHandler
 from brevitas.export.onnx.qonnx.manager import QONNXManager
 from qonnx.core.modelwrapper import ModelWrapper
-from qonnx.custom_op.general.quant import quant as qonnx_quant
 from qonnx.util.cleanup import cleanup_model
 from torch import Tensor, nn
 
-from brevitas_a2q.audit import LayerCapture, capture_layer, iter_accumulating_layers
+from brevitas_a2q.audit import (
+    LayerCapture,
+    capture_hooks,
+    capture_layer,
+    iter_accumulating_layers,
+)
 from brevitas_a2q.errors import A2QInputError
 from brevitas_a2q.io import atomic_output, check_writable
 from brevitas_a2q.qonnx_analysis import accumulating_nodes
-from brevitas_a2q.quantizers import A2QWeightQuantProxy
+from brevitas_a2q.quantizers import A2QQONNXWeightHandler, A2QWeightExportHandler
 from brevitas_a2q.records import AccumulatorRecord, weight_fingerprint, write_records
 
 __all__ = ["export_qonnx", "export_qonnx_model"]
 
 
-class _A2QProxyHandler(BrevitasDecoupledWeightQuantWithInputProxyHandler):
-    """Brevitas matches proxies to handlers by exact class: register ours like Brevitas's A2Q."""
-
-    handled_layer = A2QWeightQuantProxy
-
-
 class _Manager(QONNXManager):
-    handlers = [*QONNXManager.handlers, _A2QProxyHandler]
+    handlers = [A2QWeightExportHandler,
+                *[h for h in QONNXManager.handlers if h is not A2QQONNXWeightHandler]]
 
 
 def _brevitas_export(model: nn.Module, example_input: Tensor
@@ -55,15 +61,17 @@ def _brevitas_export(model: nn.Module, example_input: Tensor
     layers = list(iter_accumulating_layers(model))
     if not layers:
         raise A2QInputError("the model has no quantized Linear/Conv layer (brevitas.nn."
-                            "QuantLinear, QuantConv1d/2d/3d) to export accumulator records for")
-    seen: dict[str, object] = {}
+                            "QuantLinear, QuantConv1d/2d/3d, QuantConvTranspose1d/2d/3d) to "
+                            "export accumulator records for")
+    seen: dict[str, list] = {}
+    handles = capture_hooks(layers, seen)  # the exporter's first forward pass is not traced
 
-    def hook_for(name: str):
-        def hook(module, args):
-            seen.setdefault(name, args[0] if args else None)  # the first call is not traced
-        return hook
+    def keep_weight(proxy, args, out):  # reused by the export handler: quantized once
+        proxy.__dict__.setdefault("_a2q_export_weight", out)
 
-    handles = [layer.register_forward_pre_hook(hook_for(name)) for name, layer in layers]
+    proxies = [layer.weight_quant for _, layer in layers]
+    handles += [proxy.register_forward_hook(keep_weight) for proxy in proxies]
+    _clear_export_handlers(model)  # Brevitas keeps a module's handler from an earlier export
     try:
         proto = _Manager.export(model, args=example_input, export_path=None, dynamo=False)
     except A2QInputError:
@@ -74,9 +82,21 @@ def _brevitas_export(model: nn.Module, example_input: Tensor
     finally:
         for handle in handles:
             handle.remove()
+        for proxy in proxies:
+            proxy.__dict__.pop("_a2q_export_weight", None)
+        _clear_export_handlers(model)  # ours are not Brevitas's exporters' handlers
     with torch.no_grad():
-        captures = [capture_layer(name, layer, seen[name]) for name, layer in layers if name in seen]
+        captures = [capture_layer(name, layer, *seen[name][:2]) for name, layer in layers
+                    if seen[name][2]]
     return ModelWrapper(proto), captures
+
+
+def _clear_export_handlers(model: nn.Module) -> None:
+    """Forget the export handlers Brevitas attached to the model's modules (it only assigns one
+    where none is set, so handlers of one exporter would otherwise be reused by another)."""
+    for module in model.modules():
+        if getattr(module, "export_handler", None) is not None:
+            module.export_handler = None
 
 
 def _weight_quant_nodes(model: ModelWrapper) -> dict[str, object]:
@@ -131,51 +151,27 @@ def _place_quantized_weights(model: ModelWrapper, captures: list[LayerCapture]) 
         if zero_point is None or np.any(zero_point != 0):
             raise A2QInputError(f"layer {cap.name!r}: weights with a non-zero zero point are "
                                 "not supported")
-        q = cap.int_weight.cpu().numpy().astype(np.float32)
         scale = cap.weight_scale.detach().cpu().numpy().astype(np.float32)
-        # q * s: the weight Quant node (round(w / s)) gives back exactly q
-        model.set_initializer(name, (q * scale).astype(np.float32))
+        # q * s (the layer's quantized weight): the weight Quant node, round(w / s), gives back q
+        model.set_initializer(name, cap.weight_value.cpu().numpy().astype(np.float32))
         _set_param(model, node, 1, scale)
         _set_param(model, node, 3, np.asarray(cap.weight_bits, dtype=np.float32))
-        _check_exact(model, node, cap)
-
-
-def _check_exact(model: ModelWrapper, node, cap: LayerCapture) -> None:
-    """The weight Quant node, executed as qonnx does, must give back the layer's integers."""
-    attrs = {a.name: (a.s.decode() if a.type == a.STRING else a.i) for a in node.attribute}
-    scale = model.get_initializer(node.input[1])
-    out = qonnx_quant(model.get_initializer(node.input[0]), scale,
-                      model.get_initializer(node.input[2]), model.get_initializer(node.input[3]),
-                      attrs.get("signed", 1), attrs.get("narrow", 0),
-                      attrs.get("rounding_mode", "ROUND"))
-    got = np.rint(np.asarray(out, dtype=np.float64) / scale).astype(np.int64)
-    want = cap.int_weight.to(torch.int64).cpu().numpy()
-    if got.shape != want.shape or not np.array_equal(got, want):
-        bad = int(np.sum(got != want)) if got.shape == want.shape else "shape"
-        raise A2QInputError(f"layer {cap.name!r}: the exported weight Quant node does not "
-                            f"reproduce the layer's integer weights ({bad} differ)")
-
-
-def _channel_key(q: np.ndarray) -> bytes:
-    """Cheap signature of integer weights ``(out, K)``, invariant to reordering within a channel
-    (like the fingerprint): shape and per-channel sum, sum of magnitudes, sum of squares."""
-    q = q.astype(np.int64)
-    stats = np.stack([q.sum(axis=1), np.abs(q).sum(axis=1), (q * q).sum(axis=1)])
-    return str(q.shape).encode() + stats.tobytes()
 
 
 def _records(model: ModelWrapper, captures: list[LayerCapture]) -> list[AccumulatorRecord]:
-    by_key: dict[bytes, list[LayerCapture]] = {}
-    for cap in captures:
-        q = cap.int_weight.to(torch.int64).reshape(cap.out_channels, -1).cpu().numpy()
-        by_key.setdefault(_channel_key(q), []).append(cap)
+    pending = [(cap, cap.rows.to(torch.int64).cpu().numpy()) for cap in captures]
     records = []
+    # each node's integer weights are read back by executing its weight Quant node as qonnx does
+    # and must equal, in full, those of one Brevitas layer: the file reproduces the integers
     for node, weights in accumulating_nodes(model):
-        key = _channel_key(weights.int_weights)
-        if not by_key.get(key):
+        found = weights.int_weights
+        match = next((i for i, (_, q) in enumerate(pending)
+                      if q.shape == found.shape and np.array_equal(q, found)), None)
+        if match is None:
             raise A2QInputError(f"exported node {node.name!r} ({node.op_type}) has quantized "
-                                "weights that match no Brevitas layer")
-        cap = by_key[key].pop(0)
+                                "weights that match no Brevitas layer's integer weights (the "
+                                "exported weight Quant node does not reproduce them)")
+        cap, _ = pending.pop(match)
         if cap.input_bits is None:
             raise A2QInputError(f"layer {cap.name!r}: its input is not quantized, so its "
                                 "accumulator is not integer; quantize its input (input_quant=...)")
@@ -186,7 +182,7 @@ def _records(model: ModelWrapper, captures: list[LayerCapture]) -> list[Accumula
             weight_bits=cap.weight_bits, out_channels=cap.out_channels,
             dot_length=cap.dot_length, fingerprint=weight_fingerprint(weights.int_weights),
             extra={"layer_type": type(cap.module).__name__}))
-    missing = [c.name for group in by_key.values() for c in group]
+    missing = [cap.name for cap, _ in pending]
     if missing:
         raise A2QInputError(f"layers {missing} were not found as accumulating nodes in the "
                             "exported graph (is their output used by the model?)")

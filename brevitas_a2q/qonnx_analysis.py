@@ -1,8 +1,8 @@
 """Accumulator analysis of any QONNX model: what each MatMul/Conv/Gemm accumulator needs.
 
 Works on files we did not export (Brevitas's own export, hand-built qonnx graphs, graphs after
-qonnx/FINN transformations). For every *accumulating node* (``MatMul``, ``Conv`` or ``Gemm`` whose
-weight input is quantized) it reads, from the graph alone:
+qonnx/FINN transformations). For every *accumulating node* (``MatMul``, ``Conv``, ``ConvTranspose``
+or ``Gemm`` whose weight input is quantized) it reads, from the graph alone:
 
 * the integer weights ``q``: the weight ``Quant`` node executed on its initializer
   (``q = Quant(w) / scale``, checked to be integral), or an initializer annotated with an integer
@@ -35,6 +35,7 @@ from qonnx.transformation.base import Transformation
 from qonnx.util.basic import get_by_name
 
 from brevitas_a2q import bounds
+from brevitas_a2q.audit import zero_weight_warning
 from brevitas_a2q.errors import A2QInputError
 from brevitas_a2q.records import AccumulatorRecord, read_records, weight_fingerprint
 from brevitas_a2q.table import cell, text_table
@@ -52,12 +53,12 @@ __all__ = [
     "node_integer_weights",
 ]
 
-ACCUMULATING_OPS = ("MatMul", "Conv", "Gemm")
+ACCUMULATING_OPS = ("MatMul", "Conv", "ConvTranspose", "Gemm")
 # ops that move or select integer values without changing them (the input range passes through)
 _LAYOUT_OPS = ("Identity", "MaxPool", "MaxPoolNHWC", "Transpose", "Reshape", "Flatten", "Im2Col",
                "Squeeze", "Unsqueeze", "Slice", "Pad")
 # weight-consuming ops that accumulate but this analysis does not model
-_UNSUPPORTED_WEIGHT_CONSUMERS = ("ConvTranspose", "ConvInteger", "MatMulInteger", "QLinearConv",
+_UNSUPPORTED_WEIGHT_CONSUMERS = ("ConvInteger", "MatMulInteger", "QLinearConv",
                                  "QLinearMatMul", "Einsum", "LSTM", "GRU", "RNN")
 _INTEGRALITY_TOL = 1e-3
 
@@ -115,17 +116,21 @@ def _attr(node, name: str, default):
 
 def _execute_weight_quant(model: ModelWrapper, node) -> tuple[np.ndarray, int, bool]:
     """Integer weights produced by a weight ``Quant`` node: ``Quant(w) / scale``, checked
-    integral (the node rounds, so this is what the exported model really multiplies by)."""
+    integral (the node rounds, so this is what the exported model really multiplies by).
+
+    For ``M <= 16`` bits the integers are recovered in float32 (exact: ``|q| < 2^16``, and the
+    quotient is within an ulp of an integer), else in float64."""
     w = _initializer(model, node.input[0], "weight", node).astype(np.float32)
     scale, zero_point, bits = _quant_params(model, node)
     out = qonnx_quant(w, scale.astype(np.float32), zero_point.astype(np.float32),
                       np.asarray(bits, dtype=np.float32),
                       _attr(node, "signed", 1), _attr(node, "narrow", 0),
                       _attr(node, "rounding_mode", "ROUND"))
-    q = np.asarray(out, dtype=np.float64) / scale
+    dtype = np.float32 if bits <= 16 else np.float64
+    q = np.asarray(out, dtype=dtype) / scale.astype(dtype)
     rounded = np.rint(q)
-    if not np.all(np.abs(q - rounded) <= _INTEGRALITY_TOL):
-        worst = float(np.max(np.abs(q - rounded)))
+    worst = float(np.max(np.abs(q - rounded))) if q.size else 0.0
+    if not worst <= _INTEGRALITY_TOL:
         raise A2QInputError(f"weight Quant node {node.name!r}: Quant(w) / scale is not integral "
                             f"(off by up to {worst:.3g}); the scale cannot be factored out")
     return rounded.astype(np.int64), bits, bool(np.all(scale == 1))
@@ -169,9 +174,20 @@ def _weight_source(model: ModelWrapper, tensor: str, consumer):
 
 
 def _canonical_rows(model: ModelWrapper, node, q: np.ndarray, tensor: str) -> np.ndarray:
-    """Weights as ``(out_channels, K)`` for a Conv, MatMul or Gemm node."""
+    """Weights as ``(out_channels, K)`` for a Conv, ConvTranspose, MatMul or Gemm node.
+
+    ConvTranspose weights are ``(C_in, C_out/group, k...)``: output channel ``g * C_out/group + j``
+    uses ``q[g*C_in/group:(g+1)*C_in/group, j]``, so ``K = C_in/group * prod(k)``. Each output
+    element of a transposed conv sums over at most those products, so the channel's range over all
+    of them is a safe (for stride > 1, conservative) bound.
+    """
     if node.op_type == "Conv":
         return q.reshape(q.shape[0], -1)
+    if node.op_type == "ConvTranspose":
+        group = int(_attr(node, "group", 1))
+        cin, per_group = q.shape[0], q.shape[1]
+        grouped = q.reshape(group, cin // group, per_group, -1)
+        return grouped.transpose(0, 2, 1, 3).reshape(group * per_group, -1)
     if node.op_type == "Gemm":
         rows = q if _attr(node, "transB", 0) else q.T
         return rows.reshape(rows.shape[0], -1)
@@ -283,6 +299,7 @@ class AccumulatorAnalysis:
     bound_holds: bool | None = None  # the variant's L1 bound admits the weights at the target
     integer_domain: bool = False  # input and weights carry no scale
     sources: dict = field(default_factory=dict)
+    zero_channels: int = 0  # output channels whose integer weights are all zero
 
     @property
     def proven_datatype(self) -> str:
@@ -315,6 +332,7 @@ def _analyze_node(model: ModelWrapper, node, weights: NodeWeights) -> Accumulato
         fingerprint=weight_fingerprint(q),
         integer_domain=inp.scale_is_one and weights.scale_is_one,
         sources={"input": inp.source, "weights": weights.source},
+        zero_channels=int((np.abs(q).sum(axis=1) == 0).sum()) if q.size else out_channels,
     )
 
 
@@ -331,11 +349,26 @@ def _apply_record(result: AccumulatorAnalysis, record: AccumulatorRecord) -> Non
 
 
 class AccumulatorReport(list):
-    """A list of :class:`AccumulatorAnalysis` (graph order) plus the records no node matched."""
+    """A list of :class:`AccumulatorAnalysis` (graph order) plus the records no node matched.
+
+    ``warnings``: one line per node with all-zero integer channels (why, and what helps), printed
+    under the table and included in :meth:`to_dict`.
+    """
 
     def __init__(self, results=(), unmatched_records=()) -> None:
         super().__init__(results)
         self.unmatched_records: list[AccumulatorRecord] = list(unmatched_records)
+
+    @property
+    def warnings(self) -> list[str]:
+        found = []
+        for r in self:
+            text = zero_weight_warning(r.layer or r.node, r.zero_channels, r.out_channels,
+                                       r.variant or "none", r.target_bits, r.input_bits,
+                                       r.input_signed)
+            if text is not None:
+                found.append(text)
+        return found
 
     @property
     def all_hold(self) -> bool:
@@ -346,6 +379,7 @@ class AccumulatorReport(list):
     def to_dict(self) -> dict:
         return {"layers": [asdict(r) | {"proven_datatype": r.proven_datatype} for r in self],
                 "unmatched_records": [r.layer for r in self.unmatched_records],
+                "warnings": self.warnings,
                 "all_hold": self.all_hold}
 
     def to_json(self, **kwargs) -> str:
@@ -370,6 +404,7 @@ class AccumulatorReport(list):
         for rec in self.unmatched_records:
             lines.append(f"record {rec.layer!r} (target {rec.target_bits}) matches no node's "
                          "integer weights: the file's weights differ from what was exported")
+        lines += [f"warning: {w}" for w in self.warnings]
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -385,7 +420,7 @@ def accumulating_nodes(model: ModelWrapper) -> list[tuple[object, NodeWeights]]:
             producer = model.find_producer(node.input[1])
             if producer is not None and producer.op_type == "Quant":
                 raise A2QInputError(f"node {node.name!r}: op {node.op_type} with quantized "
-                                    "weights is not supported (supported: MatMul, Conv, Gemm)")
+                                    "weights is not supported (supported: MatMul, Conv, ConvTranspose, Gemm)")
         weights = node_integer_weights(model, node)
         if weights is not None:
             found.append((node, weights))

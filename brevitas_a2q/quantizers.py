@@ -8,7 +8,11 @@ Usage, as with any Brevitas weight quantizer::
 
 ``weight_bit_width`` is ``M`` and ``weight_accumulator_bit_width`` the target ``P``. The input bit
 width ``N`` and its sign are read at run time from the layer's quantized input, so the layer needs
-``input_quant=`` or a preceding layer with ``return_quant_tensor=True``.
+``input_quant=`` (whose output then gives ``N``, whatever the layer receives) or a preceding layer
+with ``return_quant_tensor=True``. Layers: Linear, Conv1d/2d/3d
+(grouped, depthwise), ConvTranspose1d/2d/3d (channels are always *output* channels), the
+projections of QuantMultiheadAttention; post-scales per channel or, with
+``scaling_per_output_type = ScalingPerOutputType.TENSOR``, per tensor.
 
 The quantizers compose Brevitas's weight-normalization quantizer
 (``WeightNormPerChannelFloatDecoupled``: learned per-channel ``s`` and ``g`` in the log2 domain,
@@ -20,8 +24,16 @@ from __future__ import annotations
 
 from brevitas.core.bit_width import BitWidthStatefulConst
 from brevitas.core.function_wrapper import RoundToZeroSte
-from brevitas.core.zero_point import PreZeroCenterZeroPoint
+from brevitas.core.scaling import SCALING_STATS_REDUCE_DIM
+from brevitas.export.onnx.qonnx.function import BrevitasBinaryQuantOp, BrevitasQuantOp
+from brevitas.export.onnx.qonnx.handler import BrevitasDecoupledWeightQuantWithInputProxyHandler
+from brevitas.export.onnx.qonnx.manager import QONNXManager
+from brevitas.export.torch.qcdq.handler import (
+    TorchQCDQCastDecoupledWeightQuantWithInputProxyHandler,
+)
+from brevitas.export.torch.qcdq.manager import TorchQCDQManager
 from brevitas.inject import ExtendedInjector, this, value
+from brevitas.inject.enum import ScalingPerOutputType
 from brevitas.proxy.parameter_quant import DecoupledWeightQuantWithInputProxyFromInjector
 from brevitas.quant.base import (
     PerChannelL1Norm,
@@ -29,12 +41,27 @@ from brevitas.quant.base import (
     WeightNormPerChannelFloatDecoupled,
 )
 from brevitas.quant_tensor import IntQuantTensor
+from torch import Tensor
 
 from brevitas_a2q.bounds import check_bits
 from brevitas_a2q.errors import A2QInputError
-from brevitas_a2q.pre_scaling import AccumulatorAwarePreScaling, AccumulatorGuardedIntQuant
+from brevitas_a2q.pre_scaling import (
+    AccumulatorAwarePreScaling,
+    AccumulatorAwareZeroCenterPreScaling,
+    AccumulatorGuardedIntQuant,
+    OutputChannelView,
+    OutputChannelZeroCenter,
+)
 
-__all__ = ["A2QPlusWeightQuant", "A2QWeightQuant", "A2QWeightQuantProxy", "is_a2q_proxy"]
+__all__ = [
+    "A2QPlusWeightQuant",
+    "A2QQONNXWeightHandler",
+    "A2QTorchQCDQWeightHandler",
+    "A2QWeightExportHandler",
+    "A2QWeightQuant",
+    "A2QWeightQuantProxy",
+    "is_a2q_proxy",
+]
 
 DEFAULT_ACCUMULATOR_BIT_WIDTH = 32
 
@@ -44,6 +71,7 @@ class A2QWeightQuantProxy(DecoupledWeightQuantWithInputProxyFromInjector):
     clearly what to do when there is none."""
 
     def __init__(self, quant_layer, quant_injector) -> None:
+        _check_grouped_transposed(quant_layer, quant_injector)
         super().__init__(quant_layer, quant_injector)
         self._a2q_layer_type = type(quant_layer).__name__
         self._a2q_layer_name: str | None = None  # set by model-level helpers
@@ -75,6 +103,22 @@ class A2QWeightQuantProxy(DecoupledWeightQuantWithInputProxyFromInjector):
             raise A2QInputError(f"{layer}: {err}") from err
 
 
+def _check_grouped_transposed(layer, injector) -> None:
+    """A per-output-channel post-scale has no broadcastable shape on a grouped transposed conv
+    weight ``(in, out/groups, k...)`` (Brevitas's built-in A2Q fails there with a shape error):
+    say so, and what works, before Brevitas builds it."""
+    groups = int(getattr(layer, "groups", 1))
+    if not getattr(layer, "transposed", False) or groups == 1:
+        return
+    if getattr(injector, "scaling_per_output_type", None) != ScalingPerOutputType.TENSOR:
+        raise A2QInputError(
+            f"{type(layer).__name__} with groups={groups}: a per-output-channel weight scale "
+            "cannot be laid out on a grouped transposed-convolution weight (in, out/groups, "
+            "k...) (Brevitas's built-in A2Q fails here too). Use a per-tensor post-scale: "
+            "subclass the quantizer with scaling_per_output_type = ScalingPerOutputType.TENSOR "
+            "(the A2Q norm stays per output channel)")
+
+
 def _describe(proxy: A2QWeightQuantProxy) -> str:
     """``layer 'features.3' (QuantConv2d, weight 32x16x3x3)``, the name when a model-level helper
     has recorded it (see :func:`brevitas_a2q.training.name_a2q_layers`)."""
@@ -89,12 +133,29 @@ def is_a2q_proxy(proxy) -> bool:
 
 
 class A2QPerChannelPreNorm(PerChannelPreNorm):
-    """Wires :class:`AccumulatorAwarePreScaling` into the weight-norm quantizer."""
+    """Wires :class:`AccumulatorAwarePreScaling` into the weight-norm quantizer, over *output*
+    channels (:class:`~brevitas_a2q.pre_scaling.OutputChannelView`), whatever the post-scale
+    granularity."""
 
     pre_scaling_impl = AccumulatorAwarePreScaling
+    scaling_stats_input_view_shape_impl = (this << 1).output_channel_view_impl
     accumulator_bit_width_impl = (this << 1).accumulator_bit_width_impl
     restrict_pre_scaling_impl = (this << 1).restrict_pre_scaling_impl
-    pre_zero_point_impl = (this << 1).pre_zero_point_impl
+
+
+class A2QPlusPerChannelPreNorm(A2QPerChannelPreNorm):
+    """A2Q+: zero-centring ``v - mean(v)`` per output channel, wired (as in Brevitas's own A2Q+)
+    inside the per-channel pre-norm, so it stays per channel when the post-scale is per tensor."""
+
+    pre_scaling_impl = AccumulatorAwareZeroCenterPreScaling
+    pre_zero_point_impl = OutputChannelZeroCenter
+    pre_zero_point_shape = this.pre_scaling_shape
+    pre_zero_point_stats_input_view_shape_impl = this.scaling_stats_input_view_shape_impl
+    stats_reduce_dim = SCALING_STATS_REDUCE_DIM
+
+
+def _layer(module):
+    return module[0] if isinstance(module, tuple) else module
 
 
 class A2QWeightQuant(WeightNormPerChannelFloatDecoupled):
@@ -124,14 +185,23 @@ class A2QWeightQuant(WeightNormPerChannelFloatDecoupled):
     def pre_scaling_impl():
         return this.per_channel_pre_norm.pre_scaling_impl
 
+    @value
+    def output_channel_view_impl(module):
+        """Output channels of the layer's weight; transposed convs have them on dim 1."""
+        layer = _layer(module)
+        return OutputChannelView(int(getattr(layer, "groups", 1)),
+                                 bool(getattr(layer, "transposed", False)))
+
 
 class _ZeroCentered(ExtendedInjector):
-    """A2Q+ zero-centring: ``v - mean(v)`` per output channel, before rounding (Brevitas's
-    ``PreZeroCenterZeroPoint``, wired as in Brevitas's own A2Q+)."""
+    """A2Q+ zero-centring: ``v - mean(v)`` per output channel, before rounding, computed inside
+    the per-channel pre-norm (:class:`A2QPlusPerChannelPreNorm`)."""
 
-    pre_zero_point_impl = PreZeroCenterZeroPoint
-    pre_zero_point_shape = this.pre_scaling_shape
-    pre_zero_point_stats_input_view_shape_impl = this.scaling_stats_input_view_shape_impl
+    per_channel_pre_norm = A2QPlusPerChannelPreNorm
+
+    @value
+    def pre_zero_point_impl():
+        return this.per_channel_pre_norm.pre_zero_point_impl
 
 
 class A2QPlusWeightQuant(_ZeroCentered, A2QWeightQuant):
@@ -139,3 +209,66 @@ class A2QPlusWeightQuant(_ZeroCentered, A2QWeightQuant):
 
     Zero-centred channels with the bound ``T = (2^P - 2) / (2^N - 1)``, whatever the input sign.
     """
+
+
+# Export: Brevitas's exporters pick a proxy's handler by exact class, so ours must be registered
+# (else ``brevitas.export.export_qonnx`` fails with "'NoneType' object is not callable").
+
+
+class A2QWeightExportHandler(BrevitasDecoupledWeightQuantWithInputProxyHandler):
+    """QONNX export handler of :func:`brevitas_a2q.export_qonnx` for our proxy and Brevitas's A2Q
+    proxy (Brevitas matches proxies to handlers by exact class): raw float weights behind the Quant
+    node, as Brevitas's own handler; :func:`brevitas_a2q.export_qonnx` then places the exact ones.
+
+    The Quant node's parameters come from the weight the layer computed on the exporter's first
+    (untraced) forward pass when :func:`export_qonnx` captured it (``proxy._a2q_export_weight``),
+    else from one ``quant_weight()`` call (Brevitas's handler makes two): each layer's weights are
+    quantized once or twice per export instead of three times.
+    """
+
+    handled_layer = (A2QWeightQuantProxy, DecoupledWeightQuantWithInputProxyFromInjector)
+
+    def prepare_for_export(self, module) -> None:
+        self.exact_weights = None
+        if not module.is_quant_enabled:
+            return
+        weight = getattr(module, "_a2q_export_weight", None)
+        if weight is None:
+            weight = module.tracked_module_list[0].quant_weight()
+        self.validate(weight.bit_width, weight.zero_point)
+        self.symbolic_kwargs = {
+            "scale": weight.scale, "zero_point": weight.zero_point,
+            "bit_width": weight.bit_width, "narrow_range": module.is_narrow_range,
+            "signed": weight.signed, "rounding_mode": "ROUND"}
+        self.quant_op = BrevitasBinaryQuantOp if weight.bit_width == 1 else BrevitasQuantOp
+        self.exact_weights = weight.value.detach()
+
+
+class A2QQONNXWeightHandler(A2QWeightExportHandler):
+    """Handler registered with Brevitas's ``QONNXManager`` for this package's proxy: the weight
+    ``Quant`` node quantizes the layer's exact quantized weights ``q * s`` (from the cached
+    quantized input), so ``Quant(q * s) = q * s`` and the file computes what Brevitas computes
+    (Brevitas's handler feeds the raw float weights, which ``Quant`` rounds to other integers)."""
+
+    handled_layer = A2QWeightQuantProxy
+
+    def symbolic_execution(self, x: Tensor, *args):
+        if self.exact_weights is not None:
+            x = self.exact_weights
+        return super().symbolic_execution(x, *args)
+
+
+class A2QTorchQCDQWeightHandler(TorchQCDQCastDecoupledWeightQuantWithInputProxyHandler):
+    """Handler registered with Brevitas's ``TorchQCDQManager`` (``export_torch_qcdq``): as for
+    Brevitas's A2Q, the integer weights ``q`` are exported, which are exact."""
+
+    handled_layer = A2QWeightQuantProxy
+
+
+def _register(manager, handler) -> None:
+    if handler not in manager.handlers:
+        manager.handlers = [handler, *manager.handlers]
+
+
+_register(QONNXManager, A2QQONNXWeightHandler)
+_register(TorchQCDQManager, A2QTorchQCDQWeightHandler)

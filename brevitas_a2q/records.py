@@ -41,7 +41,14 @@ def weight_fingerprint(int_weights: np.ndarray) -> str:
     sensitive to anything that changes a channel's multiset of integers.
     """
     q = np.asarray(int_weights)
-    q = np.sort(np.rint(q.reshape(q.shape[0], -1)).astype(np.int64), axis=1)
+    q = q.reshape(q.shape[0], -1)
+    if q.dtype.kind not in "iu":
+        q = np.rint(q)
+    q = q.astype(np.int64, copy=False)
+    if q.size and -(2**15) <= q.min() and q.max() < 2**15:  # same order, 16-bit radix sort
+        q = np.sort(q.astype(np.int16), axis=1, kind="stable").astype(np.int64)
+    else:
+        q = np.sort(q, axis=1)
     digest = hashlib.sha1(str(q.shape).encode())
     digest.update(np.ascontiguousarray(q).tobytes())
     return digest.hexdigest()
@@ -49,11 +56,12 @@ def weight_fingerprint(int_weights: np.ndarray) -> str:
 
 @dataclass
 class AccumulatorRecord:
-    """One accumulating layer (MatMul/Gemm/Conv fed by a quantized weight) of an exported model."""
+    """One accumulating layer (MatMul/Gemm/Conv/ConvTranspose fed by a quantized weight) of an
+    exported model."""
 
     layer: str  # Brevitas module name, e.g. "features.3"
     node: str  # ONNX node name at export time
-    op_type: str  # MatMul, Gemm or Conv at export time
+    op_type: str  # MatMul, Gemm, Conv or ConvTranspose at export time
     weight: str  # weight tensor name at export time (the initializer behind the weight Quant node)
     output: str  # accumulator output tensor name at export time
     variant: str  # "a2q", "a2q+" or "none"

@@ -111,17 +111,20 @@ def euclidean_projection_init(model: nn.Module, example_input: Tensor) -> dict[s
             raise A2QInputError(f"layer {name!r} saw no quantized input on the example forward pass")
         pre = _pre_scaling(layer)
         weight = layer.weight.detach()
-        view = weight.reshape(weight.shape[0], -1)
+        channels = pre.output_channel_view  # output channels (transposed convs: dim 1, grouped)
+        view = channels(weight)
         if pre.zero_centered:
             view = view - view.mean(dim=1, keepdim=True)
         scale = view.abs().amax(dim=1) / (2 ** (cap.weight_bits - 1) - 1)
         scale = scale.clamp(min=1e-10)
+        if _per_tensor_scale(layer):  # one post-scale for the layer: the largest
+            scale = scale.amax().expand_as(scale)
         _set_scales(layer, scale)
         bound = float(pre.bound.exact(cap.target_bits, cap.input_bits, cap.input_signed))
         radius = scale * bound
         new = project_onto_l1_ball(view, radius)
         projected[name] = float((view.abs().sum(1) > radius).float().mean())
-        layer.weight.copy_(new.reshape(weight.shape))
+        layer.weight.copy_(channels.unview(new, weight))
         g = new.abs().sum(dim=1).clamp(min=1e-10)
         restrict = pre.restrict_clamp_scaling.restrict_value_impl
         pre.value.copy_(restrict.restrict_init_tensor(g).reshape(pre.value.shape))
@@ -135,7 +138,13 @@ def _set_scales(layer: nn.Module, scale: Tensor) -> None:
     tensor_quant = layer.weight_quant.tensor_quant
     for scaling in (tensor_quant.scaling_impl, tensor_quant.pre_scaling_impl.scaling_impl):
         restrict = scaling.restrict_clamp_scaling.restrict_value_impl
-        scaling.value.copy_(restrict.restrict_init_tensor(scale).reshape(scaling.value.shape))
+        value = scale[:1] if scaling.value.numel() == 1 else scale
+        scaling.value.copy_(restrict.restrict_init_tensor(value).reshape(scaling.value.shape))
+
+
+def _per_tensor_scale(layer: nn.Module) -> bool:
+    """True if the layer's post-scale ``s`` is one value (``ScalingPerOutputType.TENSOR``)."""
+    return layer.weight_quant.tensor_quant.scaling_impl.value.numel() == 1
 
 
 def a2q_penalty(model: nn.Module) -> Tensor:

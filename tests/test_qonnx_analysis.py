@@ -137,3 +137,43 @@ def test_untraceable_input_is_a_clear_error(model):
     del wrapper.graph.node[0].input[1:]
     with pytest.raises(A2QInputError, match="Sigmoid"):
         analyze_accumulators(wrapper)
+
+
+@pytest.mark.parametrize("group", [1, 2])
+def test_conv_transpose_rows_are_output_channels_and_bound_every_output(group):
+    """ConvTranspose weights (C_in, C_out/group, k): output channel g*C_out/group + j uses
+    W[g*C_in/group:(g+1)*C_in/group, j]. The range per output channel must bound every output
+    element qonnx computes, also for inputs at the extremes."""
+    rng = np.random.default_rng(group)
+    cin, per_group, k = 4, 3, 3
+    q = rng.integers(-8, 8, size=(cin, per_group, k))
+    qin, pin = _quant("qin", "x", "xq", 3, False, 1.0)
+    qw, pw = _quant("qw", "w", "wq", 4, True, 1.0)
+    conv = helper.make_node("ConvTranspose", ["xq", "wq"], ["y"], name="ct", group=group,
+                            kernel_shape=[k], strides=[2])
+    out_channels = per_group * group
+    graph = helper.make_graph(
+        [qin, qw, conv], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, cin, 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, out_channels, 11])])
+    wrapper = ModelWrapper(qonnx_make_model(graph))
+    wrapper.set_initializer("w", q.astype(np.float32))
+    for name, value in {**pin, **pw}.items():
+        wrapper.set_initializer(name, value)
+    wrapper = wrapper.transform(InferShapes())
+    rows = node_integer_weights(wrapper, conv).int_weights
+    for o in range(out_channels):
+        g, j = divmod(o, per_group)
+        expected = np.concatenate([q[i, j] for i in range(g * cin // group,
+                                                          (g + 1) * cin // group)])
+        np.testing.assert_array_equal(rows[o], expected)
+    (result,) = analyze_accumulators(wrapper)
+    assert (result.op_type, result.dot_length, result.out_channels) == (
+        "ConvTranspose", cin // group * k, out_channels)
+    for trial in range(20):
+        x = rng.choice([0.0, 7.0], size=(1, cin, 5)).astype(np.float32)
+        if trial < out_channels:  # drive one channel to its maximum
+            g, j = divmod(trial, per_group)
+            sign = np.sign(q[:, j].sum(axis=1))
+            x[0, :, :] = np.where(sign[:, None] > 0, 7.0, 0.0)
+        y = execute_onnx(wrapper, {"x": x})["y"]
+        assert result.exact_min <= y.min() and y.max() <= result.exact_max

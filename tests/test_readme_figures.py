@@ -180,6 +180,20 @@ FIGURES: list[Figure | Table] = [
            "accuracy_vs_accumulator_ep_long.json",
            lambda d: (minutes(d["wall_seconds"]), _mean_std(d["summary"]["ours A2Q+, EP-init"]["12"]),
                       f"{100 * d['summary']['ours A2Q+, EP-init']['12']['mean'] / _float_mean():.1f}")),
+    Figure("benchmarks row: quantizer overhead",
+           r"ours / built-in: CNN A2Q ([\d.]+), A2Q\+ ([\d.]+); QuantLinear K = 256: A2Q ([\d.]+), "
+           r"A2Q\+ ([\d.]+); K = 1024: A2Q ([\d.]+), A2Q\+ ([\d.]+); K = 4096: A2Q ([\d.]+), "
+           r"A2Q\+ ([\d.]+) \|",
+           "quantizer_overhead.json",
+           lambda d: tuple(f2(part["ratio_ours_vs_builtin"][q])
+                           for part in (d["cnn"], d["sweep"]["256"], d["sweep"]["1024"],
+                                        d["sweep"]["4096"]) for q in ("a2q", "a2q+"))),
+    Figure("benchmarks row: export speed",
+           r"export \+ report ([\d.]+)x Brevitas's export \(of which qonnx cleanup ([\d.]+)x\); our "
+           r"export of Brevitas's own model ([\d.]+)x",
+           "export_speed.json",
+           lambda d: tuple(f2(d["ratio_vs_brevitas_export"][k])
+                           for k in ("export_and_report", "qonnx_cleanup", "export_same_model"))),
 ]
 
 

@@ -5,14 +5,30 @@ import json
 import numpy as np
 import pytest
 import torch
+from brevitas.core.scaling.pre_scaling import AccumulatorAwareParameterPreScaling
+from brevitas.inject.enum import ScalingPerOutputType
+from brevitas.nn import (
+    QuantConvTranspose2d,
+    QuantIdentity,
+    QuantLinear,
+    QuantMultiheadAttention,
+    QuantReLU,
+)
+from brevitas.quant import (
+    Int8AccumulatorAwareZeroCenterWeightQuant,
+    Int8ActPerTensorFloat,
+    Uint8ActPerTensorFloat,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import nn
 
-from brevitas_a2q import bounds
+from brevitas_a2q import A2QPlusWeightQuant, A2QWeightQuant, bounds, export_qonnx
 from brevitas_a2q.audit import accumulator_report
 from brevitas_a2q.data import load_digits
 from brevitas_a2q.errors import A2QInputError
 from brevitas_a2q.models import build_cnn
+from brevitas_a2q.qonnx_analysis import analyze_accumulators
 from brevitas_a2q.training import (
     a2q_penalty,
     accumulator_targets,
@@ -123,7 +139,7 @@ def test_report_of_any_brevitas_model(quant, digits):
             assert r.target_bits is None and r.target_holds is None
         else:
             assert r.target_bits == 12 and r.target_holds
-    assert json.loads(report.to_json())[0]["layer"] == "conv1"
+    assert json.loads(report.to_json())["layers"][0]["layer"] == "conv1"
     assert "P(exact)" in report.table()
 
 
@@ -135,3 +151,129 @@ def test_report_exact_width_matches_a_direct_computation(digits):
     expected = bounds.exact_accumulator_range(q, 0, 15).signed_bits
     assert report[2].bits_exact_range == expected
     assert report[2].l1_norm_max == int(np.abs(q).sum(axis=1).max())
+
+
+def brevitas_style_penalty(model: nn.Module, input_bit_width: float, signed: bool) -> torch.Tensor:
+    """A penalty written for Brevitas's built-in A2Q, the way Brevitas's examples find A2Q layers:
+    by the pre-scaling module's type, ``relu(g - s * T)`` with ``T`` from ``calc_max_l1_norm``."""
+    total = torch.zeros(())
+    for module in model.modules():
+        if isinstance(module, AccumulatorAwareParameterPreScaling):
+            g = module.restrict_clamp_scaling(module.value)
+            s = module.scaling_impl(module.value)  # a learned ParameterScaling: input unused
+            t = module.calc_max_l1_norm(torch.tensor(input_bit_width), signed)
+            total = total + torch.relu(g - s * t).sum()
+    return total
+
+
+@pytest.mark.parametrize("quant", [A2QWeightQuant, A2QPlusWeightQuant])
+def test_code_written_for_brevitas_a2q_finds_our_layers(quant):
+    """Defect: with our quantizers a penalty found no AccumulatorAwareParameterPreScaling and
+    silently became 0."""
+    torch.manual_seed(0)
+    layer = QuantLinear(32, 4, bias=False, weight_quant=quant, weight_bit_width=4,
+                        weight_accumulator_bit_width=12, input_quant=Uint8ActPerTensorFloat,
+                        input_bit_width=4)
+    layer(torch.rand(2, 32))
+    with torch.no_grad():  # push g above s*T
+        layer.weight_quant.tensor_quant.pre_scaling_impl.value.add_(3.0)
+    penalty = brevitas_style_penalty(layer, 4, False)
+    assert penalty.item() > 1.0
+    layer.train()
+    layer(torch.rand(2, 32))
+    torch.testing.assert_close(penalty, a2q_penalty(layer))
+
+
+def test_multihead_attention_audit_and_training():
+    torch.manual_seed(0)
+    mha = QuantMultiheadAttention(16, 2, in_proj_weight_quant=A2QPlusWeightQuant,
+                                  in_proj_weight_bit_width=4,
+                                  in_proj_weight_accumulator_bit_width=13,
+                                  out_proj_weight_quant=A2QWeightQuant, out_proj_weight_bit_width=4,
+                                  out_proj_weight_accumulator_bit_width=15,
+                                  in_proj_bias_quant=None, out_proj_bias_quant=None)
+
+    class Wrapper(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mha = mha
+
+        def forward(self, x):
+            return self.mha(x, x, x)[0]
+
+    model = Wrapper()
+    x = torch.randn(5, 2, 16)
+    optimizer = torch.optim.Adam(model.parameters(), 0.05)
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(x).square().sum().backward()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+        optimizer.step()
+    report = accumulator_report(model, x)
+    assert {r.layer: (r.variant, r.target_bits, r.input_bits, r.dot_length) for r in report} == {
+        "mha.in_proj": ("a2q+", 13, 8, 16), "mha.out_proj": ("a2q", 15, 8, 16)}
+    assert report.all_hold
+
+
+PER_TENSOR_A2Q_PLUS = type("PerTensorA2QPlus", (A2QPlusWeightQuant,),
+                           {"scaling_per_output_type": ScalingPerOutputType.TENSOR})
+
+
+@pytest.mark.parametrize("quant", [A2QPlusWeightQuant, PER_TENSOR_A2Q_PLUS])
+def test_ep_init_on_transposed_convs_and_own_input_quant(quant):
+    """EP-init projects each *output* channel with the N of the layer's own input quantizer."""
+    torch.manual_seed(0)
+    layer = QuantConvTranspose2d(6, 4, 3, stride=2, groups=2 if quant is PER_TENSOR_A2Q_PLUS else 1,
+                                 weight_quant=quant, weight_bit_width=4,
+                                 weight_accumulator_bit_width=10,
+                                 input_quant=Uint8ActPerTensorFloat, input_bit_width=3)
+    model = nn.Sequential(QuantIdentity(act_quant=Int8ActPerTensorFloat, return_quant_tensor=True),
+                          layer)
+    x = torch.randn(2, 6, 4, 4)
+    with torch.no_grad():
+        layer.weight.mul_(20)
+    euclidean_projection_init(model, x)
+    report = accumulator_report(model, x)
+    assert (report[0].input_bits, report[0].dot_length) == (3, 3 * 9 * (1 if quant is
+                                                                        PER_TENSOR_A2Q_PLUS
+                                                                        else 2))
+    assert report.all_hold and report[0].zero_channels == 0
+    model.train()
+    model(x)
+    assert a2q_penalty(model).item() < 1e-3
+
+
+def test_all_zero_layers_get_a_warning_in_audit_and_analysis(tmp_path):
+    """A target whose L1 budget is below what round-to-zero can use leaves the layer all zero: the
+    audit and the QONNX report say so, why, and what helps."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        QuantIdentity(act_quant=Int8ActPerTensorFloat, return_quant_tensor=True),
+        QuantLinear(64, 4, bias=False, weight_quant=A2QWeightQuant, weight_bit_width=4,
+                    weight_accumulator_bit_width=9),  # T = 255/128 ~ 2 over 64 weights
+        QuantReLU(act_quant=Uint8ActPerTensorFloat, bit_width=4, return_quant_tensor=True),
+        QuantLinear(4, 3, bias=False, weight_quant=A2QPlusWeightQuant, weight_bit_width=4,
+                    weight_accumulator_bit_width=16)).eval()
+    with torch.no_grad():
+        model[1].weight.copy_(torch.randn(4, 64).sign() * (1 + 0.01 * torch.rand(4, 64)))
+    x = torch.randn(2, 64)
+    report = accumulator_report(model, x)
+    assert len(report.warnings) == 1
+    warning = report.warnings[0]
+    assert "'1'" in warning and "all its integer weights are zero" in warning
+    assert "T = 1.992" in warning and "euclidean_projection_init" in warning and "wider P" in warning
+    assert warning in report.table() and json.loads(report.to_json())["warnings"] == [warning]
+    analysis = analyze_accumulators(export_qonnx(model, x, tmp_path / "m.onnx"))
+    assert len(analysis.warnings) == 1 and "euclidean_projection_init" in analysis.warnings[0]
+    assert analysis.warnings[0] in analysis.table()
+    assert analysis.to_dict()["warnings"] == analysis.warnings
+
+
+def test_builtin_a2q_plus_with_own_input_quant_after_a_quantized_tensor():
+    """N comes from the layer's own input quantizer, for Brevitas's built-in A2Q+ too."""
+    model = nn.Sequential(QuantIdentity(act_quant=Int8ActPerTensorFloat, return_quant_tensor=True),
+                          QuantLinear(8, 3, weight_quant=Int8AccumulatorAwareZeroCenterWeightQuant,
+                                      weight_bit_width=4, weight_accumulator_bit_width=12,
+                                      input_quant=Uint8ActPerTensorFloat, input_bit_width=3))
+    report = accumulator_report(model, torch.randn(2, 8))
+    assert (report[0].input_bits, report[0].input_signed) == (3, False)
