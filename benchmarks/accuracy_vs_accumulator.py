@@ -28,8 +28,19 @@ Setup (one run, every method treated alike):
 
 Writes accuracy_vs_accumulator.json and .png to --out-dir and prints a markdown table.
 
+Rounding study (``--study rounding``, issue 13): this package's A2Q and A2Q+ with round-to-zero vs
+budgeted rounding (``rounding="budgeted"``), default init vs EP-init (+ penalty 1e-3), with the
+target P (a) on conv2 only (conv1, fc at 32) and (b) on every layer; P in {16, 12, 10, 8} by
+default, 3 seeds. Per model: test accuracy (exact accumulation: the audit proves every layer's
+exact worst case fits its target, so a P-bit accumulator computes the same), % of the float twin
+of the same seed, share of zero integer weights and all-zero channels per layer, training time.
+Every layer at P = 8 is infeasible for this model (conv1's 8-bit signed input: T < 1, no non-zero
+integer weight fits) and is recorded as such. Writes accuracy_vs_accumulator_rounding.json/.png
+(or --results PATH).
+
     .venv/bin/python benchmarks/accuracy_vs_accumulator.py                 # the full run
     .venv/bin/python benchmarks/accuracy_vs_accumulator.py --quick         # smoke test, ~1 min
+    .venv/bin/python benchmarks/accuracy_vs_accumulator.py --study rounding  # rounding study
 """
 
 from __future__ import annotations
@@ -61,6 +72,20 @@ WIDE = {"conv1": 32, "fc": 32}          # layers kept at wide accumulators (targ
 SIM_OVERRIDES = {"conv1": None, "fc": None}
 PENALTY = 1e-3
 _DATA: dict = {}
+
+# rounding study: (quantizer, rounding, init, placement)
+ROUNDING_QUANTS = ("a2q", "a2q+")
+ROUNDING_MODES = ("zero", "budgeted")
+ROUNDING_INITS = ("scratch", "ep")
+PLACEMENTS = ("conv2", "all")
+ROUNDING_BITS = [16, 12, 10, 8]
+
+
+def rounding_label(quant: str, rounding: str, init: str) -> str:
+    """``"A2Q+, budgeted, EP-init"``."""
+    return (f"{'A2Q+' if quant == 'a2q+' else 'A2Q'}, "
+            f"{'budgeted' if rounding == 'budgeted' else 'round-to-zero'}, "
+            f"{'EP-init' if init == 'ep' else 'default init'}")
 
 
 def _init_worker(data_dir: str | None, test_limit: int | None) -> None:
@@ -141,6 +166,254 @@ def train_quantized(label: str, quant: str, init: str, bits: list[int], seed: in
                      "conv2_target_holds": holds, "train_seconds": train_seconds,
                      "seconds": time.perf_counter() - start})
     return rows
+
+
+def train_rounding_case(quant: str, rounding: str, init: str, placement: str, p: int, seed: int,
+                        steps: int, lr: float, batch: int, float_state: dict | None,
+                        float_accuracy: float | None) -> list[dict]:
+    """One model of the rounding study: build (target P on conv2 or on every layer), optional
+    EP-init from the seed's float checkpoint, train, audit exactly, test."""
+    from brevitas_a2q.audit import accumulator_report, capture_layers
+    from brevitas_a2q.models import build_cnn, build_float_cnn, copy_float_weights
+    from brevitas_a2q.training import accuracy, euclidean_projection_init, train_epochs
+
+    start = time.perf_counter()
+    row = {"method": rounding_label(quant, rounding, init), "quant": quant, "rounding": rounding,
+           "init": init, "placement": placement, "seed": seed, "P": p}
+    torch.manual_seed(seed)
+    example = _DATA["train"].tensors[0][:256]
+    try:
+        model = build_cnn(quant, acc_bits=p, image_size=28, rounding=rounding,
+                          layer_acc_bits=WIDE if placement == "conv2" else None)
+        model(example[:2])  # the bound is checked against the layer's input on the first call
+    except ValueError as err:  # conv1 (8-bit signed input) at P = 8: T < 1
+        return [{**row, "accuracy": None, "infeasible": " ".join(str(err).split())[:200]}]
+    if init == "ep":
+        source = build_float_cnn(image_size=28)
+        source.load_state_dict(float_state)
+        copy_float_weights(source, model)
+        euclidean_projection_init(model, example)
+    train_epochs(model, _DATA["train"] if steps <= 0 else _subset(seed, steps * batch), 1,
+                 lr=lr, batch_size=batch, penalty_weight=PENALTY if init == "ep" else 0.0,
+                 seed=seed, progress=False)
+    train_seconds = time.perf_counter() - start
+    report = accumulator_report(model, example)
+    layers = {}
+    for cap in capture_layers(model, example):
+        q = cap.rows
+        layers[cap.name] = {"zero_weight_share": float((q == 0).double().mean()),
+                            "zero_channels": int((q.abs().sum(1) == 0).sum()),
+                            "out_channels": int(q.shape[0]), "target_bits": cap.target_bits}
+    acc = accuracy(model, _DATA["test"], batch_size=1000)
+    return [{**row, "accuracy": acc,
+             "percent_of_float": 100 * acc / float_accuracy if float_accuracy else None,
+             "all_targets_hold": report.all_hold, "layers": layers,
+             "train_seconds": train_seconds, "seconds": time.perf_counter() - start}]
+
+
+def _run_rounding(args: argparse.Namespace, partial: Path, start: float) -> list[dict]:
+    """The rounding study on a pool of --workers processes; rows go to ``partial`` as they
+    arrive. Default-init models start at once, EP-init ones when their seed's float is done."""
+    rows: list[dict] = []
+    partial.write_text("")
+    jobs = []
+
+    def keep(result) -> None:
+        new = [result["row"]] if isinstance(result, dict) else result
+        rows.extend(new)
+        with partial.open("a") as f:
+            for r in new:
+                f.write(json.dumps(r) + "\n")
+        print(f"  {len(rows)} rows, {time.perf_counter() - start:.0f} s", flush=True)
+
+    common = (args.steps, args.lr, args.batch_size)
+    grid = [(q, r, i, pl, b) for q in ROUNDING_QUANTS for r in ROUNDING_MODES
+            for i in ROUNDING_INITS for pl in PLACEMENTS for b in args.bits]
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(args.workers, _init_worker, (args.data_dir, args.test_limit)) as pool:
+        floats = [pool.apply_async(train_float, (s, args.float_epochs, args.lr, args.batch_size))
+                  for s in range(args.seeds)]
+        for s in range(args.seeds):
+            jobs += [pool.apply_async(train_rounding_case, (q, r, i, pl, b, s, *common, None,
+                                                            None), callback=keep)
+                     for q, r, i, pl, b in grid if i == "scratch"]
+        for s in range(args.seeds):
+            res = floats[s].get()
+            keep(res)
+            print(f"  float seed {s}: {100 * res['row']['accuracy']:.2f}%", flush=True)
+            jobs += [pool.apply_async(train_rounding_case, (q, r, i, pl, b, s, *common,
+                                                            res["state"], None), callback=keep)
+                     for q, r, i, pl, b in grid if i == "ep"]
+        for job in jobs:
+            job.get()
+    floats_by_seed = {r["seed"]: r["accuracy"] for r in rows if r["method"] == "float"}
+    for r in rows:  # % of the float twin of the same seed
+        if r["method"] != "float" and r.get("accuracy") is not None:
+            r["percent_of_float"] = 100 * r["accuracy"] / floats_by_seed[r["seed"]]
+    return rows
+
+
+def summarize_rounding(rows: list[dict]) -> dict:
+    """{placement: {label: {P: {"mean", "std", "values", "percent_of_float", "zero_share",
+    "infeasible"}}}}, accuracies in percent."""
+    cells: dict = {}
+    for r in rows:
+        if r["method"] == "float":
+            continue
+        cells.setdefault(r["placement"], {}).setdefault(r["method"], {}).setdefault(
+            r["P"], []).append(r)
+    out: dict = {}
+    for placement, labels in cells.items():
+        for label, by_p in labels.items():
+            for p, rs in by_p.items():
+                done = [r for r in rs if r.get("accuracy") is not None]
+                if not done:
+                    out.setdefault(placement, {}).setdefault(label, {})[p] = {
+                        "infeasible": rs[0].get("infeasible")}
+                    continue
+                acc = [100 * r["accuracy"] for r in done]
+                pof = [r["percent_of_float"] for r in done if r.get("percent_of_float")]
+                names = list(done[0]["layers"])
+                out.setdefault(placement, {}).setdefault(label, {})[p] = {
+                    "mean": statistics.mean(acc), "std": _spread(acc), "values": acc,
+                    "percent_of_float": statistics.mean(pof) if pof else None,
+                    "zero_share": {n: statistics.mean(r["layers"][n]["zero_weight_share"]
+                                                      for r in done) for n in names},
+                    "zero_channels": {n: statistics.mean(r["layers"][n]["zero_channels"]
+                                                         for r in done) for n in names},
+                    "all_targets_hold": all(r["all_targets_hold"] for r in done)}
+    return out
+
+
+def rounding_table(summary: dict, bits: list[int], float_mean: float | None) -> str:
+    """Markdown: one table per placement; cells ``mean ± std (% of float)``, zero shares below."""
+    lines = []
+    for placement in PLACEMENTS:
+        if placement not in summary:
+            continue
+        where = ("target P on conv2 only (conv1, fc at 32)" if placement == "conv2"
+                 else "every layer at P")
+        lines += [f"\n**{where}**" + (f" (float {float_mean:.2f}%)" if float_mean else ""), "",
+                  "| method | " + " | ".join(f"P = {p}" for p in bits) + " |",
+                  "|" + "---|" * (len(bits) + 1)]
+        for q in ROUNDING_QUANTS:
+            for i in ROUNDING_INITS:
+                for r in ROUNDING_MODES:
+                    label = rounding_label(q, r, i)
+                    if label not in summary[placement]:
+                        continue
+                    row = []
+                    for p in bits:
+                        c = summary[placement][label].get(p)
+                        if c is None:
+                            row.append("–")
+                        elif "mean" not in c:
+                            row.append("infeasible")
+                        else:
+                            pof = (f" ({c['percent_of_float']:.0f}%)"
+                                   if c["percent_of_float"] else "")
+                            zeros = "/".join(f"{100 * v:.0f}" for v in c["zero_share"].values())
+                            row.append(f"{c['mean']:.2f} ± {c['std']:.2f}{pof}<br>zeros "
+                                       f"{zeros}%")
+                    lines.append(f"| {label} | " + " | ".join(row) + " |")
+    lines.append("\nzeros: share of zero integer weights in conv1/conv2/fc.")
+    return "\n".join(lines)
+
+
+def plot_rounding(summary: dict, bits: list[int], float_mean: float | None, path: Path) -> None:
+    """Two panels (target on conv2 only; every layer at P): accuracy vs P per method; solid
+    lines budgeted rounding, dashed round-to-zero; circles default init, squares EP-init."""
+    from brevitas_a2q.plots import legend_outside, pyplot
+
+    plt = pyplot()
+    xs = sorted(bits)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.0), sharey=True)
+    for ax, placement in zip(axes, PLACEMENTS, strict=True):
+        k = 0
+        for q in ROUNDING_QUANTS:
+            for i in ROUNDING_INITS:
+                for r in ROUNDING_MODES:
+                    label = rounding_label(q, r, i)
+                    cells = summary.get(placement, {}).get(label, {})
+                    have = [p for p in xs if "mean" in cells.get(p, {})]
+                    if not have:
+                        continue
+                    ax.errorbar([xs.index(p) + 0.03 * (k - 3.5) for p in have],
+                                [cells[p]["mean"] for p in have],
+                                yerr=[cells[p]["std"] for p in have], capsize=2,
+                                color=f"C{ROUNDING_QUANTS.index(q) * 2 + ROUNDING_INITS.index(i)}",
+                                linestyle="-" if r == "budgeted" else "--",
+                                marker="o" if i == "scratch" else "s", markersize=5, label=label)
+                    k += 1
+        if float_mean:
+            ax.axhline(float_mean, color="black", linewidth=1, label=f"float {float_mean:.2f}%")
+            ax.axhline(0.85 * float_mean, color="gray", linewidth=1, linestyle=":",
+                       label="85% of float")
+        ax.set_xticks(range(len(xs)), [str(p) for p in xs])
+        ax.set_xlabel("accumulator bits P" + (" of conv2 (conv1, fc: 32)"
+                                              if placement == "conv2" else " of every layer"))
+        ax.set_ylim(0, 100)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("Fashion-MNIST test accuracy (%)")
+    legend_outside(axes[1])
+    fig.suptitle("round-to-zero vs budgeted rounding, W4A4 CNN (mean ± std over seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, format="png")
+    plt.close(fig)
+
+
+def main_rounding(args: argparse.Namespace, json_path: Path, png_path: Path) -> int:
+    """``--study rounding``: run (or summarize) the study and write its JSON, PNG and table."""
+    from brevitas_a2q.io import atomic_output
+
+    partial = json_path.with_suffix(".partial.jsonl")
+    start = time.perf_counter()
+    if args.summarize_partial:
+        rows = [json.loads(line) for line in partial.read_text().splitlines() if line]
+        print(f"summarizing {len(rows)} rows of an interrupted run from {partial}")
+    elif args.replot:
+        rows = json.loads(json_path.read_text())["rows"]
+    else:
+        print(f"rounding study: Fashion-MNIST, W4A4 CNN, P in {args.bits}, {args.seeds} seeds, "
+              f"{args.steps} steps/model, float {args.float_epochs} epochs; {args.workers} "
+              "worker processes x 1 torch thread", flush=True)
+        rows = _run_rounding(args, partial, start)
+    wall = time.perf_counter() - start
+    floats = [100 * r["accuracy"] for r in rows if r["method"] == "float"]
+    float_mean = statistics.mean(floats) if floats else None
+    summary = summarize_rounding(rows)
+    table = rounding_table(summary, args.bits, float_mean)
+    violations = [r for r in rows if r.get("all_targets_hold") is False]
+    if not args.replot:
+        result = {
+            "benchmark": "accuracy_vs_accumulator rounding study", "issue": 13,
+            "dataset": "fashion-mnist (60k/10k)" if not args.test_limit else
+                       f"fashion-mnist (60k/{args.test_limit})",
+            "model": "build_cnn(image_size=28), W4A4, 8-bit signed input",
+            "placements": {"conv2": "target P on conv2, conv1 and fc at 32",
+                           "all": "target P on conv1, conv2 and fc"},
+            "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            "penalty_weight_ep_rows": PENALTY, "workers": args.workers,
+            "torch_threads_per_worker": 1, "wall_seconds": wall,
+            "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                        "torch": torch.__version__},
+            "float": {"mean": float_mean, "values": floats},
+            "summary": {pl: {m: {str(p): c for p, c in d.items()} for m, d in ms.items()}
+                        for pl, ms in summary.items()},
+            "a2q_target_violations": len(violations), "rows": rows,
+        }
+        with atomic_output(json_path, args.overwrite) as tmp:
+            tmp.write_text(json.dumps(result, indent=2))
+    with atomic_output(png_path, True if args.replot else args.overwrite) as tmp:
+        plot_rounding(summary, args.bits, float_mean, tmp)
+    print(f"\nFashion-MNIST test accuracy (%), mean ± std over {args.seeds} seed(s), "
+          "(% of float), share of zero weights per layer:")
+    print(table)
+    print(f"\nmodels whose exact worst case exceeds a target: {len(violations)}")
+    print(f"wall time {wall / 60:.1f} min; wrote {json_path} and {png_path}")
+    if not (args.summarize_partial or args.replot):
+        partial.unlink(missing_ok=True)
+    return 0
 
 
 def _spread(values: list[float]) -> float:
@@ -317,7 +590,15 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n".join(__doc__.splitlines()[2:]))
-    p.add_argument("--bits", type=int, nargs="+", default=[32, 16, 14, 12, 10, 8])
+    p.add_argument("--study", default="methods", choices=["methods", "rounding"],
+                   help="methods: every method at P on conv2 (the README table); rounding: "
+                        "round-to-zero vs budgeted rounding")
+    p.add_argument("--bits", type=int, nargs="+", default=None,
+                   help="accumulator widths P (default: 32 16 14 12 10 8; rounding study: "
+                        "16 12 10 8)")
+    p.add_argument("--results", type=Path, default=None, metavar="PATH",
+                   help="JSON output path (the PNG and partial rows go beside it); default "
+                        "OUT_DIR/accuracy_vs_accumulator[_rounding][_TAG].json")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--steps", type=int, default=160,
                    help="training steps (batches of --batch-size) of each quantized model")
@@ -341,6 +622,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true",
                    help="smoke test: 1 seed, P in {16, 12}, 5 steps, 1k test images")
     args = p.parse_args(argv)
+    if args.bits is None:
+        args.bits = list(ROUNDING_BITS) if args.study == "rounding" else [32, 16, 14, 12, 10, 8]
     if args.quick:
         args.seeds, args.bits, args.steps, args.float_epochs = 1, [16, 12], 5, 1
         args.test_limit = args.test_limit or 1000
@@ -352,9 +635,20 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"unknown --methods {unknown}; choose from {labels}", file=sys.stderr)
         return 2
-    stem = ("accuracy_vs_accumulator" + ("_quick" if args.quick else "")
-            + (f"_{args.tag}" if args.tag else ""))
+    stem = ("accuracy_vs_accumulator" + ("_rounding" if args.study == "rounding" else "")
+            + ("_quick" if args.quick else "") + (f"_{args.tag}" if args.tag else ""))
     json_path, png_path = args.out_dir / f"{stem}.json", args.out_dir / f"{stem}.png"
+    if args.results is not None:
+        json_path = args.results.with_suffix(".json")
+        png_path = json_path.with_suffix(".png")
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+    if args.study == "rounding":
+        if not args.replot:
+            for path in (json_path, png_path):
+                if path.exists() and not args.overwrite:
+                    print(f"{path} exists; pass --overwrite", file=sys.stderr)
+                    return 2
+        return main_rounding(args, json_path, png_path)
     if args.replot:
         saved = json.loads(json_path.read_text())
         bits = saved["settings"]["bits"]
@@ -370,7 +664,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.seeds} seeds, {args.steps} steps/model, float {args.float_epochs} epochs; "
           f"{args.workers} worker processes x 1 torch thread", flush=True)
     start = time.perf_counter()
-    partial = args.out_dir / f"{stem}.partial.jsonl"
+    partial = json_path.with_suffix(".partial.jsonl")
     if args.summarize_partial:
         rows = [json.loads(line) for line in partial.read_text().splitlines() if line]
         print(f"summarizing {len(rows)} rows of an interrupted run from {partial}")

@@ -7,6 +7,9 @@ Two parts, both timed round-robin (each round times every variant once; medians)
   built-in A2Q/A2Q+ and plain per-channel QAT;
 * ``sweep``: one ``QuantLinear`` with K = OUT in ``--sizes`` (4-bit unsigned input, P = 16,
   batch 128), ours vs built-in, A2Q and A2Q+.
+* ``rounding`` (not run by default): budgeted rounding vs round-to-zero, the W4A4 CNN with every
+  layer at each P of ``--rounding-bits`` (where the budget binds, the per-channel sort runs) and
+  the ``QuantLinear`` of the largest ``--sizes``, A2Q and A2Q+.
 
 Results go to ``benchmarks/results/quantizer_overhead.json`` (``--out``); ratios are rounded to
 two decimals there and in the printout.
@@ -111,6 +114,54 @@ def sweep_part(args) -> dict:
     return out
 
 
+ROUNDING_SETUPS = (("a2q", "zero"), ("a2q", "budgeted"), ("a2q+", "zero"), ("a2q+", "budgeted"))
+
+
+def rounding_part(args) -> dict:
+    """Training-step time of budgeted rounding relative to round-to-zero (same quantizer)."""
+    from brevitas_a2q import A2QBudgetedWeightQuant, A2QPlusBudgetedWeightQuant
+
+    out = {}
+    torch.manual_seed(0)
+    x = torch.rand(args.batch, 1, 28, 28)
+    y = torch.randint(0, 10, (args.batch,))
+    print(f"\nbudgeted rounding / round-to-zero, training step, batch {args.batch}, "
+          f"{args.threads} thread(s), median of {args.rounds} interleaved rounds")
+    for p in args.rounding_bits:
+        setups = {}
+        for quant, rounding in ROUNDING_SETUPS:
+            torch.manual_seed(1)
+            model = build_cnn(quant, acc_bits=p, image_size=28, rounding=rounding)
+            setups[f"{quant} {rounding}"] = (model, torch.optim.Adam(model.parameters(), 1e-3))
+        median = interleaved(setups, x, y, args.rounds)
+        ratios = {q: round(median[f"{q} budgeted"] / median[f"{q} zero"], 2) for q in ("a2q", "a2q+")}
+        print(f"CNN, every layer at P={p}: " + ", ".join(
+            f"{n} {1000 * v:.1f} ms" for n, v in median.items())
+            + f"; ratio A2Q {ratios['a2q']:.2f}, A2Q+ {ratios['a2q+']:.2f}")
+        out[f"cnn_P{p}"] = {"ms_per_step": {n: round(1000 * v, 2) for n, v in median.items()},
+                            "ratio_budgeted_vs_zero": ratios}
+    k = max(args.sizes)
+    torch.manual_seed(0)
+    xl = torch.rand(args.batch, k)
+    yl = torch.randint(0, k, (args.batch,))
+    quants = {"a2q zero": A2QWeightQuant, "a2q budgeted": A2QBudgetedWeightQuant,
+              "a2q+ zero": A2QPlusWeightQuant, "a2q+ budgeted": A2QPlusBudgetedWeightQuant}
+    setups = {}
+    for name, quant in quants.items():
+        torch.manual_seed(1)
+        model = linear(quant, k, args.rounding_linear_bits)
+        setups[name] = (model, torch.optim.Adam(model.parameters(), 1e-3))
+    median = interleaved(setups, xl, yl, args.rounds)
+    ratios = {q: round(median[f"{q} budgeted"] / median[f"{q} zero"], 2) for q in ("a2q", "a2q+")}
+    print(f"QuantLinear K = OUT = {k}, P={args.rounding_linear_bits}: " + ", ".join(
+        f"{n} {1000 * v:.1f} ms" for n, v in median.items())
+        + f"; ratio A2Q {ratios['a2q']:.2f}, A2Q+ {ratios['a2q+']:.2f}")
+    out[f"linear_K{k}_P{args.rounding_linear_bits}"] = {
+        "ms_per_step": {n: round(1000 * v, 2) for n, v in median.items()},
+        "ratio_budgeted_vs_zero": ratios}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=15)
@@ -119,18 +170,27 @@ def main() -> None:
     parser.add_argument("--acc-bits", type=int, default=12, help="P of the CNN part")
     parser.add_argument("--sweep-acc-bits", type=int, default=16, help="P of the size sweep")
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 1024, 4096])
-    parser.add_argument("--parts", nargs="+", default=["cnn", "sweep"], choices=["cnn", "sweep"])
+    parser.add_argument("--parts", nargs="+", default=["cnn", "sweep"],
+                        choices=["cnn", "sweep", "rounding"])
+    parser.add_argument("--rounding-bits", type=int, nargs="+", default=[16, 10],
+                        help="P of every CNN layer in the rounding part")
+    parser.add_argument("--rounding-linear-bits", type=int, default=14,
+                        help="P of the QuantLinear in the rounding part (binds for K = 4096)")
     parser.add_argument("--out", type=Path, default=RESULTS,
                         help="results JSON (default: benchmarks/results/quantizer_overhead.json)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     results = {"settings": {"rounds": args.rounds, "batch": args.batch, "threads": args.threads,
                             "cnn_acc_bits": args.acc_bits, "sweep_acc_bits": args.sweep_acc_bits,
+                            "rounding_bits": args.rounding_bits,
+                            "rounding_linear_bits": args.rounding_linear_bits,
                             "torch": torch.__version__, "machine": platform.machine()}}
     if "cnn" in args.parts:
         results["cnn"] = cnn_part(args)
     if "sweep" in args.parts:
         results["sweep"] = sweep_part(args)
+    if "rounding" in args.parts:
+        results["rounding"] = rounding_part(args)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2) + "\n")

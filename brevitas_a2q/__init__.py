@@ -19,6 +19,8 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it
 _EXPORTS = {
+    "A2QBudgetedWeightQuant": "brevitas_a2q.quantizers",
+    "A2QPlusBudgetedWeightQuant": "brevitas_a2q.quantizers",
     "A2QPlusWeightQuant": "brevitas_a2q.quantizers",
     "A2QWeightQuant": "brevitas_a2q.quantizers",
     "accumulator_report": "brevitas_a2q.audit",

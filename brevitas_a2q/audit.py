@@ -226,7 +226,9 @@ def zero_weight_warning(layer: str, zero_channels: int, out_channels: int, varia
         text += (f". The L1 budget T = {float(budget):.4g} (P = {target_bits}, {input_bits}-bit "
                  f"{sign} input, {variant}) is below what round-to-zero can use: no single weight's "
                  "share of it reaches 1. What helps: Euclidean-projection init "
-                 "(brevitas_a2q.training.euclidean_projection_init), a wider P for this layer, "
+                 "(brevitas_a2q.training.euclidean_projection_init), budgeted rounding "
+                 "(weight_rounding=\"budgeted\", a2q train --rounding budgeted; this "
+                 "package's quantizers), a wider P for this layer, "
                  "per-layer targets (set_accumulator_bit_width overrides, a2q train "
                  "--layer-acc-bits)")
     return text

@@ -36,15 +36,28 @@ WEIGHT_QUANTIZERS = {
 }
 
 
-def weight_quant_kwargs(quant: str, weight_bits: int, acc_bits: int | None) -> dict:
-    """Keyword arguments of a Brevitas layer for the named weight quantizer."""
+# quantizers that offer budgeted rounding (``weight_rounding="budgeted"``)
+BUDGETED_ROUNDING = ("a2q", "a2q+")
+
+
+def weight_quant_kwargs(quant: str, weight_bits: int, acc_bits: int | None,
+                        rounding: str = "zero") -> dict:
+    """Keyword arguments of a Brevitas layer for the named weight quantizer. ``rounding``
+    "budgeted" (this package's A2Q/A2Q+ only) adds ``weight_rounding="budgeted"``."""
     if quant not in WEIGHT_QUANTIZERS:
         raise A2QInputError(f"unknown weight quantizer {quant!r}; choose one of "
                             f"{', '.join(WEIGHT_QUANTIZERS)}")
+    if rounding not in ("zero", "budgeted"):
+        raise A2QInputError(f"unknown rounding {rounding!r}; choose zero or budgeted")
+    if rounding == "budgeted" and quant not in BUDGETED_ROUNDING:
+        raise A2QInputError(f"budgeted rounding is an option of this package's quantizers "
+                            f"({', '.join(BUDGETED_ROUNDING)}), not of {quant!r}")
     injector, takes_target = WEIGHT_QUANTIZERS[quant]
     kwargs = {"weight_quant": injector, "weight_bit_width": weight_bits}
     if takes_target and acc_bits is not None:
         kwargs["weight_accumulator_bit_width"] = acc_bits
+    if rounding == "budgeted":
+        kwargs["weight_rounding"] = "budgeted"
     return kwargs
 
 
@@ -56,8 +69,10 @@ def _check_layer_names(layer_acc_bits: Mapping[str, int] | None, names: tuple[st
 
 
 def _layer_kwargs(quant: str, weight_bits: int, acc_bits: int | None,
-                  layer_acc_bits: Mapping[str, int] | None, name: str) -> dict:
-    return weight_quant_kwargs(quant, weight_bits, (layer_acc_bits or {}).get(name, acc_bits))
+                  layer_acc_bits: Mapping[str, int] | None, name: str,
+                  rounding: str = "zero") -> dict:
+    return weight_quant_kwargs(quant, weight_bits, (layer_acc_bits or {}).get(name, acc_bits),
+                               rounding)
 
 
 def _act(act_bits: int) -> QuantReLU:
@@ -74,13 +89,14 @@ def build_cnn(
     num_classes: int = 10,
     channels: tuple[int, int] = (16, 32),
     layer_acc_bits: Mapping[str, int] | None = None,
+    rounding: str = "zero",
 ) -> nn.Sequential:
     """QuantIdentity(8-bit signed) -> [QuantConv2d 3x3 -> BN -> QuantReLU -> MaxPool 2] x 2 ->
     QuantLinear. Layer names: ``conv1``, ``conv2``, ``fc``. ``layer_acc_bits`` gives some layers
     their own target P (e.g. ``{"conv1": 32, "fc": 32}``), for every accumulator-aware quantizer,
-    Brevitas's built-in ones included."""
+    Brevitas's built-in ones included. ``rounding="budgeted"``: budgeted rounding (ours only)."""
     _check_layer_names(layer_acc_bits, ("conv1", "conv2", "fc"))
-    w1, w2, w3 = (_layer_kwargs(quant, weight_bits, acc_bits, layer_acc_bits, n)
+    w1, w2, w3 = (_layer_kwargs(quant, weight_bits, acc_bits, layer_acc_bits, n, rounding)
                   for n in ("conv1", "conv2", "fc"))
     c1, c2 = channels
     side = image_size // 4
@@ -110,14 +126,16 @@ def build_mlp(
     hidden: tuple[int, ...] = (64,),
     num_classes: int = 10,
     layer_acc_bits: Mapping[str, int] | None = None,
+    rounding: str = "zero",
 ) -> nn.Sequential:
     """Flatten -> QuantIdentity(8-bit signed) -> [QuantLinear -> BN -> QuantReLU] x len(hidden) ->
-    QuantLinear. Layer names: ``fc0``, ``fc1``, ... ; ``layer_acc_bits`` as in :func:`build_cnn`."""
+    QuantLinear. Layer names: ``fc0``, ``fc1``, ... ; ``layer_acc_bits`` and ``rounding`` as in
+    :func:`build_cnn`."""
     names = tuple(f"fc{i}" for i in range(len(hidden) + 1))
     _check_layer_names(layer_acc_bits, names)
 
     def w(i: int) -> dict:
-        return _layer_kwargs(quant, weight_bits, acc_bits, layer_acc_bits, names[i])
+        return _layer_kwargs(quant, weight_bits, acc_bits, layer_acc_bits, names[i], rounding)
 
     layers = [("flatten", nn.Flatten()),
               ("input_quant", QuantIdentity(act_quant=Int8ActPerTensorFloat,

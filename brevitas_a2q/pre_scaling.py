@@ -23,6 +23,9 @@ so code that looks for those finds ours):
   arithmetic after rounding. Float error in ``||v||_1`` and in the division can leave ``sum |q|`` a
   hair above ``T`` when ``T`` is large; the guard shrinks such a channel's pre-scale until it fits.
   It changes nothing where the float computation already holds (always, in practice, for P <= 24).
+* Optional *budgeted rounding* (``rounding="budgeted"``, :func:`budgeted_take_back`): round to
+  nearest, then per output channel take back the cheapest round-up units until the exact integer
+  budget holds. The default stays Brevitas's round-to-zero.
 """
 
 from __future__ import annotations
@@ -49,7 +52,15 @@ __all__ = [
     "L1NormBound",
     "OutputChannelView",
     "OutputChannelZeroCenter",
+    "ROUNDINGS",
+    "budgeted_take_back",
+    "check_rounding",
 ]
+
+# the integer rounding of the A2Q quantizers: Brevitas's round-to-zero, or budgeted rounding
+ROUNDINGS = ("zero", "budgeted")
+# budgets above this are never binding (|q| < 2^31 per weight): keeps the sums in int64
+_BUDGET_CAP = 2**62
 
 # A channel the guard finds over its bound has its pre-scale multiplied by
 # (found / allowed) * (1 + _GUARD_MARGIN * 2^step), at most _GUARD_STEPS times.
@@ -372,6 +383,73 @@ class AccumulatorAwareZeroCenterPreScaling(AccumulatorAwarePreScaling,
     calc_max_l1_norm = AccumulatorAwarePreScaling.calc_max_l1_norm
 
 
+def check_rounding(rounding: str) -> str:
+    """``rounding`` if it is one of :data:`ROUNDINGS`, else a ``ValueError`` naming the choices."""
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"weight rounding must be one of {', '.join(map(repr, ROUNDINGS))}, "
+                         f"got {rounding!r}")
+    return rounding
+
+
+@torch.no_grad()
+def budgeted_take_back(q: Tensor, y: Tensor, budget: int, zero_centered: bool) -> Tensor | None:
+    """Per row, the units to subtract from the round-to-nearest integers ``q`` so that they fit the
+    integer budget: a tensor of ``q``'s shape in ``{-1, 0, 1}`` (``q - result`` fits), or None
+    when every row already fits.
+
+    ``q`` (``(out, K)`` rows, whole numbers, already clipped to the weight range) is the nearest
+    integer vector to the scaled weights ``y`` (same shape). The budget is
+
+    * A2Q: ``||q||_1 <= budget`` with ``budget = floor(T)``;
+    * A2Q+: ``sum q+ <= budget // 2`` and ``sum |q-| <= budget // 2``, i.e.
+      ``2 * max(sum q+, sum |q-|) <= floor(T)`` (:meth:`L1NormBound.effective_l1_norms`). A2Q+'s
+      ``||q||_1 <= (2^P - 2) / (2^N - 1)`` (A2Q+ Eq. 18) assumes ``sum q = 0``: then
+      ``q . x <= (2^N - 1) * sum q+`` for unsigned ``x`` and the signed case reduces to it. Rounded
+      integers are not exactly zero-centred, so each sign's sum must be within ``T/2``; an
+      unbalanced ``||q||_1 <= T`` would let ``q . x`` overflow.
+
+    Objective: among integer vectors in the weight range within the budget, minimize
+    ``||q - y||_2``. Taking a unit back from a weight rounded to ``k`` costs
+    ``(|y| - k + 1)^2 - (|y| - k)^2 = 2 (|y| - k) + 1``: in ``[0, 1)`` for a magnitude that was
+    rounded *up* (``k > |y|``), at least 1 for any other unit. The cost is separable and convex,
+    so taking back the cheapest units first is optimal; when round-to-zero fits the budget (the A2Q
+    construction guarantees it, up to float error) only rounded-up units are taken back, at most
+    all of them (which gives round-to-zero). If even that does not fit (float error), every
+    rounded-up unit is taken back and the caller's exact guard finishes the job.
+
+    Vectorized: one stable sort of the take-back costs per row, cumulative counts per sign group,
+    exact int64 sums. Runs on ``q``'s device.
+    """
+    budget = min(int(budget), _BUDGET_CAP)
+    qi = q.to(torch.int64)
+    if zero_centered:
+        half = budget // 2
+        excess_pos = (qi.clamp(min=0).sum(1) - half).clamp(min=0)
+        excess_neg = ((-qi).clamp(min=0).sum(1) - half).clamp(min=0)
+        if not bool(((excess_pos > 0) | (excess_neg > 0)).any()):
+            return None
+    else:
+        excess_pos = excess_neg = (qi.abs().sum(1) - budget).clamp(min=0)
+        if not bool((excess_pos > 0).any()):
+            return None
+    mag_q, mag_y = q.abs(), y.abs()
+    up = mag_q > mag_y  # rounded up: one unit of the budget that can be taken back
+    cost = torch.where(up, mag_y - mag_q, torch.full_like(mag_y, math.inf))  # in [-0.5, 0)
+    order = torch.sort(cost, dim=1, stable=True).indices
+    positive = q > 0
+    if zero_centered:
+        groups = ((up & positive, excess_pos), (up & ~positive, excess_neg))
+    else:
+        groups = ((up, excess_pos),)
+    take = torch.zeros_like(up)
+    for members, excess in groups:
+        in_order = members.gather(1, order)
+        rank = torch.cumsum(in_order.to(torch.int64), dim=1)  # 1-based rank in the group
+        take |= in_order & (rank <= excess.unsqueeze(1))
+    take = torch.zeros_like(up).scatter_(1, order, take)
+    return torch.where(take, torch.sign(q), torch.zeros_like(q))
+
+
 def _whole_bits(input_bit_width: Tensor | int | float) -> int:
     bits = float(input_bit_width)
     if bits != int(bits) or bits < 1:
@@ -388,7 +466,40 @@ class AccumulatorGuardedIntQuant(DecoupledRescalingIntQuantWithInput):
     (:meth:`L1NormBound.fits`, sums of the same integers, no second rounding). Only if float
     rounding left a channel over the bound is its pre-scale enlarged and ``q`` recomputed
     (:meth:`_guard`). The output ``(q - zero_point) * scale`` is Brevitas's.
+
+    ``rounding="budgeted"`` (the injector's ``float_to_int_impl`` is then round-to-nearest): the
+    integers are ``q - budgeted_take_back(q, ...)`` (:func:`budgeted_take_back`, budget
+    ``floor(T)``), with the straight-through gradient of the rounding (the take-back is a
+    constant); the exact check and the guard apply unchanged.
     """
+
+    def __init__(self, decoupled_int_quant: nn.Module, pre_scaling_impl: nn.Module,
+                 scaling_impl: nn.Module, int_scaling_impl: nn.Module,
+                 pre_zero_point_impl: nn.Module, zero_point_impl: nn.Module,
+                 bit_width_impl: nn.Module, rounding: str = "zero") -> None:
+        super().__init__(decoupled_int_quant, pre_scaling_impl, scaling_impl, int_scaling_impl,
+                         pre_zero_point_impl, zero_point_impl, bit_width_impl)
+        self.rounding = check_rounding(rounding)
+
+    def _to_int(self, x: Tensor, pre_scale: Tensor, pre_zero_point: Tensor,
+                bit_width: Tensor) -> Tensor:
+        """Brevitas's ``to_int`` (round-to-zero), or round-to-nearest minus the budgeted
+        take-back."""
+        int_quant = self.decoupled_int_quant
+        q = int_quant.to_int(pre_scale, pre_zero_point, bit_width, x)
+        if self.rounding != "budgeted":
+            return q
+        pre = self.pre_scaling_impl
+        bits, signed = pre.last_input
+        view = self._view()
+        with torch.no_grad():  # the same float operations as to_int, before its rounding
+            y = int_quant.input_view_impl(x) / pre_scale + pre_zero_point
+            budget = pre.bound.floor(pre.last_accumulator_bits, bits, signed)
+            take = budgeted_take_back(view(q.detach()), view(y.expand_as(q)), budget,
+                                      pre.zero_centered)
+        if take is None:
+            return q
+        return q - view.unview(take, q)
 
     def forward(self, x: Tensor, input_bit_width: Tensor, input_is_signed: bool):
         bit_width = self.msb_clamp_bit_width_impl()
@@ -396,13 +507,13 @@ class AccumulatorGuardedIntQuant(DecoupledRescalingIntQuantWithInput):
         pre_scale = self.pre_scaling_impl(x, input_bit_width, input_is_signed) / int_threshold
         pre_zero_point = self.pre_zero_point_impl(x, pre_scale, bit_width)
         int_quant = self.decoupled_int_quant
-        q = int_quant.to_int(pre_scale, pre_zero_point, bit_width, x)
+        q = self._to_int(x, pre_scale, pre_zero_point, bit_width)
         pre = self.pre_scaling_impl
         bits, signed = pre.last_input  # N and sign, as the pre-scaling just read them
         if not pre.bound.all_fit(q, pre.last_accumulator_bits, bits, signed, self._view()):
             pre_scale = self._guard(x, pre_scale, bit_width, bits, signed)
             pre_zero_point = self.pre_zero_point_impl(x, pre_scale, bit_width)
-            q = int_quant.to_int(pre_scale, pre_zero_point, bit_width, x)
+            q = self._to_int(x, pre_scale, pre_zero_point, bit_width)
         scale = self.scaling_impl(x, int_threshold)
         zero_point = self.zero_point_impl(x, scale, bit_width)
         if self.observer_only:
@@ -428,7 +539,7 @@ class AccumulatorGuardedIntQuant(DecoupledRescalingIntQuantWithInput):
             for step in range(_GUARD_STEPS):
                 scaled = pre_scale * view.expand(factor, x)
                 pre_zero_point = self.pre_zero_point_impl(x, scaled, bit_width)
-                q = self.decoupled_int_quant.to_int(scaled, pre_zero_point, bit_width, x)
+                q = self._to_int(x, scaled, pre_zero_point, bit_width)
                 ok = bound.fits(q, acc_bits, input_bits, input_is_signed, view)
                 if bool(ok.all()):
                     break

@@ -18,12 +18,19 @@ The quantizers compose Brevitas's weight-normalization quantizer
 (``WeightNormPerChannelFloatDecoupled``: learned per-channel ``s`` and ``g`` in the log2 domain,
 init ``s = max|w| / (2^(M-1) - 1)``, ``g = ||w||_1``) with this package's A2Q pre-scaling
 (:mod:`brevitas_a2q.pre_scaling`): exact bound, round-to-zero, post-rounding guard.
+
+Rounding: Brevitas's round-to-zero by default. ``rounding = "budgeted"`` (per layer:
+``weight_rounding="budgeted"``; or the ready-made :class:`A2QBudgetedWeightQuant`,
+:class:`A2QPlusBudgetedWeightQuant`) rounds to nearest and then, per output channel, takes back
+the cheapest rounded-up units until the exact integer budget holds
+(:func:`brevitas_a2q.pre_scaling.budgeted_take_back`): the integer vector closest to the scaled
+weights under the budget, so channels whose every weight is below 1 no longer all round to zero.
 """
 
 from __future__ import annotations
 
 from brevitas.core.bit_width import BitWidthStatefulConst
-from brevitas.core.function_wrapper import RoundToZeroSte
+from brevitas.core.function_wrapper import RoundSte, RoundToZeroSte
 from brevitas.core.scaling import SCALING_STATS_REDUCE_DIM
 from brevitas.export.onnx.qonnx.function import BrevitasBinaryQuantOp, BrevitasQuantOp
 from brevitas.export.onnx.qonnx.handler import BrevitasDecoupledWeightQuantWithInputProxyHandler
@@ -51,9 +58,12 @@ from brevitas_a2q.pre_scaling import (
     AccumulatorGuardedIntQuant,
     OutputChannelView,
     OutputChannelZeroCenter,
+    check_rounding,
 )
 
 __all__ = [
+    "A2QBudgetedWeightQuant",
+    "A2QPlusBudgetedWeightQuant",
     "A2QPlusWeightQuant",
     "A2QQONNXWeightHandler",
     "A2QTorchQCDQWeightHandler",
@@ -164,7 +174,8 @@ class A2QWeightQuant(WeightNormPerChannelFloatDecoupled):
     Per output channel ``q = clip(round_to_zero(min(g / s, T) * v / ||v||_1))`` with
     ``T = (2^(P-1) - 1) * 2^(1_s - N)``, so ``q . x`` never overflows a ``P``-bit signed accumulator
     for any ``N``-bit input ``x``. Defaults: ``M = 8`` (``weight_bit_width``), ``P = 32``
-    (``weight_accumulator_bit_width``).
+    (``weight_accumulator_bit_width``), ``rounding = "zero"`` (``weight_rounding``; "budgeted":
+    round to nearest within the exact budget, see :mod:`brevitas_a2q.quantizers`).
     """
 
     bit_width = 8
@@ -173,7 +184,13 @@ class A2QWeightQuant(WeightNormPerChannelFloatDecoupled):
     tensor_quant = AccumulatorGuardedIntQuant
     per_channel_pre_norm = A2QPerChannelPreNorm
     normalize_stats_impl = PerChannelL1Norm.normalize_stats_impl  # ||v||_1, as derived in the paper
-    float_to_int_impl = RoundToZeroSte  # rounding towards zero never increases a magnitude
+    rounding = "zero"  # "budgeted": round to nearest, then take back units to fit the budget
+
+    @value
+    def float_to_int_impl(rounding):
+        """Round-to-zero (never increases a magnitude), or round-to-nearest for budgeted
+        rounding, whose budget is enforced by the tensor quantizer."""
+        return RoundToZeroSte if check_rounding(rounding) == "zero" else RoundSte
 
     @value
     def accumulator_bit_width_impl(accumulator_bit_width, bit_width):
@@ -209,6 +226,22 @@ class A2QPlusWeightQuant(_ZeroCentered, A2QWeightQuant):
 
     Zero-centred channels with the bound ``T = (2^P - 2) / (2^N - 1)``, whatever the input sign.
     """
+
+
+class A2QBudgetedWeightQuant(A2QWeightQuant):
+    """A2Q with budgeted rounding: per output channel the integer vector closest (L2) to the
+    scaled weights ``y = min(g / s, T) * v / ||v||_1`` with ``||q||_1 <= T``: round to nearest,
+    then take back the rounded-up units of smallest ``|y| - |q|`` (the cheapest) until it fits."""
+
+    rounding = "budgeted"
+
+
+class A2QPlusBudgetedWeightQuant(A2QPlusWeightQuant):
+    """A2Q+ with budgeted rounding: each sign's sum ``sum q+``, ``sum |q-|`` within ``T / 2``
+    (what the exact guard checks; sufficient for signed and unsigned ``N``-bit inputs when the
+    integers are only nearly zero-centred), closest to the zero-centred scaled weights under it."""
+
+    rounding = "budgeted"
 
 
 # Export: Brevitas's exporters pick a proxy's handler by exact class, so ours must be registered

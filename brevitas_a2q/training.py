@@ -1,5 +1,10 @@
 """Training helpers for models that use this package's quantizers: per-layer accumulator targets,
-Euclidean-projection initialization (A2Q+) and the A2Q penalty."""
+Euclidean-projection initialization (A2Q+) and the A2Q penalty.
+
+EP-init and the penalty also accept Brevitas's built-in accumulator-aware quantizers
+(``Int8AccumulatorAwareWeightQuant``, ``Int8AccumulatorAwareZeroCenterWeightQuant``): they share
+the weight-normalization parametrization (``g`` in ``pre_scaling_impl.value``, the learned ``s``),
+so the same recipe applies to every accumulator-aware method."""
 
 from __future__ import annotations
 
@@ -7,11 +12,16 @@ import fnmatch
 from collections.abc import Mapping
 
 import torch
+from brevitas.core.scaling.pre_scaling import (
+    AccumulatorAwareParameterPreScaling,
+    AccumulatorAwareZeroCenterParameterPreScaling,
+)
 from torch import Tensor, nn
 
 from brevitas_a2q.audit import capture_layers, iter_accumulating_layers
-from brevitas_a2q.bounds import check_bits
+from brevitas_a2q.bounds import check_bits, l1_norm_bound
 from brevitas_a2q.errors import A2QInputError
+from brevitas_a2q.pre_scaling import OutputChannelView
 from brevitas_a2q.quantizers import is_a2q_proxy
 
 __all__ = [
@@ -21,6 +31,7 @@ __all__ = [
     "euclidean_projection_init",
     "project_onto_l1_ball",
     "set_accumulator_bit_width",
+    "track_accumulator_inputs",
     "train_epochs",
     "train_one_epoch",
 ]
@@ -29,6 +40,56 @@ __all__ = [
 def _a2q_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {name: layer for name, layer in iter_accumulating_layers(model)
             if is_a2q_proxy(layer.weight_quant)}
+
+
+def _accumulator_aware_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Layers with an A2Q/A2Q+ pre-scaling: this package's quantizers and Brevitas's built-in."""
+    return {name: layer for name, layer in iter_accumulating_layers(model)
+            if isinstance(getattr(getattr(layer.weight_quant, "tensor_quant", None),
+                                  "pre_scaling_impl", None),
+                          AccumulatorAwareParameterPreScaling)}
+
+
+def _is_zero_centered(pre: nn.Module) -> bool:
+    return isinstance(pre, AccumulatorAwareZeroCenterParameterPreScaling)
+
+
+def _target_bits(pre: nn.Module) -> int:
+    """The layer's target ``P`` (ours and Brevitas's keep it in ``accumulator_bit_width``)."""
+    return int(pre.accumulator_bit_width().item())
+
+
+def _channel_view(layer: nn.Module) -> OutputChannelView:
+    """Output channels of the layer's weight (this package's view for ours, the same layout
+    computed from the layer for Brevitas's built-in)."""
+    view = getattr(_pre_scaling(layer), "output_channel_view", None)
+    if isinstance(view, OutputChannelView):
+        return view
+    return OutputChannelView(int(getattr(layer, "groups", 1)),
+                             bool(getattr(layer, "transposed", False)))
+
+
+def _record_input(module: nn.Module, args: tuple) -> None:
+    """Forward pre-hook of a built-in pre-scaling ``forward(weights, input_bit_width, signed)``:
+    keeps ``(N, signed)`` and ``P`` as this package's pre-scaling does."""
+    module.last_input = (int(float(args[1])), bool(args[2]))
+    module.last_accumulator_bits = _target_bits(module)
+
+
+def track_accumulator_inputs(model: nn.Module) -> int:
+    """Make Brevitas's built-in A2Q/A2Q+ layers remember their latest input bit width and sign
+    (ours always do), which :func:`a2q_penalty` needs. Idempotent; returns how many layers were
+    hooked. Call before the forward pass whose penalty is wanted."""
+    hooked = 0
+    for layer in _accumulator_aware_layers(model).values():
+        pre = _pre_scaling(layer)
+        if is_a2q_proxy(layer.weight_quant) or getattr(pre, "_a2q_tracks_input", False):
+            continue
+        pre.register_forward_pre_hook(_record_input)
+        pre._a2q_tracks_input = True
+        pre.last_input = None
+        hooked += 1
+    return hooked
 
 
 def accumulator_targets(model: nn.Module) -> dict[str, int]:
@@ -91,9 +152,9 @@ def _pre_scaling(layer: nn.Module):
 
 @torch.no_grad()
 def euclidean_projection_init(model: nn.Module, example_input: Tensor) -> dict[str, float]:
-    """Initialize every A2Q/A2Q+ layer from its current (e.g. pretrained float) weights so that the
-    accumulator constraint starts satisfied without collapsing channels (A2Q+, Colbert et al. 2024,
-    Sec. 4.1):
+    """Initialize every A2Q/A2Q+ layer (this package's or Brevitas's built-in) from its current
+    (e.g. pretrained float) weights so that the accumulator constraint starts satisfied without
+    collapsing channels (A2Q+, Colbert et al. 2024, Sec. 4.1):
 
     1. ``s = max|w_c| / (2^(M-1) - 1)`` per channel (the A2Q init, from the current weights);
     2. A2Q+ zero-centres each channel (the quantizer does so anyway);
@@ -105,22 +166,28 @@ def euclidean_projection_init(model: nn.Module, example_input: Tensor) -> dict[s
     """
     captures = {c.name: c for c in capture_layers(model, example_input)}
     projected = {}
-    for name, layer in _a2q_layers(model).items():
+    layers = _accumulator_aware_layers(model)
+    if not layers:
+        raise A2QInputError("the model has no layer with an A2Q/A2Q+ weight quantizer (this "
+                            "package's or Brevitas's Int8AccumulatorAware*WeightQuant)")
+    for name, layer in layers.items():
         cap = captures.get(name)
         if cap is None or cap.input_bits is None:
             raise A2QInputError(f"layer {name!r} saw no quantized input on the example forward pass")
         pre = _pre_scaling(layer)
         weight = layer.weight.detach()
-        channels = pre.output_channel_view  # output channels (transposed convs: dim 1, grouped)
+        channels = _channel_view(layer)  # output channels (transposed convs: dim 1, grouped)
         view = channels(weight)
-        if pre.zero_centered:
+        zero_centered = _is_zero_centered(pre)
+        if zero_centered:
             view = view - view.mean(dim=1, keepdim=True)
         scale = view.abs().amax(dim=1) / (2 ** (cap.weight_bits - 1) - 1)
         scale = scale.clamp(min=1e-10)
         if _per_tensor_scale(layer):  # one post-scale for the layer: the largest
             scale = scale.amax().expand_as(scale)
         _set_scales(layer, scale)
-        bound = float(pre.bound.exact(cap.target_bits, cap.input_bits, cap.input_signed))
+        bound = float(l1_norm_bound(cap.target_bits, cap.input_bits, cap.input_signed,
+                                    zero_centered))
         radius = scale * bound
         new = project_onto_l1_ball(view, radius)
         projected[name] = float((view.abs().sum(1) > radius).float().mean())
@@ -152,15 +219,20 @@ def a2q_penalty(model: nn.Module) -> Tensor:
 
     It keeps the learned norm ``g`` from drifting above the clamp ``s * T``, where it would get no
     gradient. Uses each layer's input bit width and sign from its latest forward pass; add it to
-    the loss with a small weight (the paper uses ~1e-3).
+    the loss with a small weight (the paper uses ~1e-3). Brevitas's built-in A2Q/A2Q+ layers are
+    included once :func:`track_accumulator_inputs` has hooked them (``train_one_epoch`` does).
+    Plain QAT has no ``g`` and no bound: the penalty does not apply to it.
     """
     terms = []
-    for name, layer in _a2q_layers(model).items():
+    for name, layer in _accumulator_aware_layers(model).items():
         pre = _pre_scaling(layer)
-        if pre.last_input is None:
+        if getattr(pre, "last_input", None) is None:
+            hint = ("" if is_a2q_proxy(layer.weight_quant) else
+                    " (Brevitas's built-in A2Q layers: call brevitas_a2q.training."
+                    "track_accumulator_inputs(model) before the forward pass)")
             raise A2QInputError(f"layer {name!r} has not run a forward pass yet; compute the "
-                                "penalty after the model's forward")
-        bound = float(pre.bound.exact(pre.accumulator_bits, *pre.last_input))
+                                f"penalty after the model's forward{hint}")
+        bound = float(l1_norm_bound(_target_bits(pre), *pre.last_input, _is_zero_centered(pre)))
         weights = pre.stats_input_view_shape_impl(layer.weight)
         g = pre.restrict_clamp_scaling(pre.value)
         s = pre.scaling_impl(weights)
@@ -185,6 +257,8 @@ def train_one_epoch(
     from tqdm.auto import tqdm
 
     model.train()
+    if penalty_weight:
+        track_accumulator_inputs(model)
     total = 0.0
     bar = tqdm(loader, desc=desc, disable=None if progress else True, leave=False)
     for x, y in bar:

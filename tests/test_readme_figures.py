@@ -188,6 +188,13 @@ FIGURES: list[Figure | Table] = [
            lambda d: tuple(f2(part["ratio_ours_vs_builtin"][q])
                            for part in (d["cnn"], d["sweep"]["256"], d["sweep"]["1024"],
                                         d["sweep"]["4096"]) for q in ("a2q", "a2q+"))),
+    Figure("budgeted rounding cost",
+           r"layer at P = 16: A2Q ([\d.]+), A2Q\+ ([\d.]+); at P = 10: A2Q ([\d.]+), A2Q\+ ([\d.]+); "
+           r"`QuantLinear` K = 4096 at\s+P = 14: A2Q ([\d.]+), A2Q\+ ([\d.]+)\.",
+           "quantizer_overhead_rounding.json",
+           lambda d: tuple(f2(d["rounding"][part]["ratio_budgeted_vs_zero"][q])
+                           for part in ("cnn_P16", "cnn_P10", "linear_K4096_P14")
+                           for q in ("a2q", "a2q+"))),
     Figure("benchmarks row: export speed",
            r"export \+ report ([\d.]+)x Brevitas's export \(of which qonnx cleanup ([\d.]+)x\); our "
            r"export of Brevitas's own model ([\d.]+)x",

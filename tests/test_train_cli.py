@@ -82,7 +82,7 @@ def test_missing_data_directory_exits_2(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--quant", "brevitas-a2q", "--ep-init"], "--ep-init needs this package's quantizers"),
+    (["--quant", "none", "--penalty", "1e-3"], "--penalty does not apply to --quant none"),
     (["--layer-acc-bits", "conv9=12"], "unknown layer(s) ['conv9']"),
     (["--layer-acc-bits", "conv1:12"], "expected LAYER=P"),
     (["--finetune-accumulator", "int12-bogus"], "int12-bogus"),

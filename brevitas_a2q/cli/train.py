@@ -7,6 +7,12 @@ QAT) pretraining, Euclidean-projection init onto each channel's L1 ball (``--ep-
 quantization-aware training with Adam and a cosine schedule, plus ``--penalty`` times the A2Q
 regularizer ``sum relu(g - s*T)``. Optionally fine-tunes under a simulated accumulator
 (Blumenfeld et al., ICLR 2024; ``--finetune-accumulator``).
+
+The recipe is the same for every method: ``--ep-init`` and ``--penalty`` apply to this package's
+A2Q/A2Q+ and to Brevitas's built-in ones; for plain QAT (``--quant none``) ``--ep-init`` is the
+float init (no bound, nothing to project) and the penalty does not apply. ``--rounding budgeted``
+(ours only) rounds to nearest within the exact budget. ``--quant float`` trains the float twin and
+reports its accuracy, the reference of "% of float".
 """
 
 from __future__ import annotations
@@ -37,8 +43,10 @@ if TYPE_CHECKING:
     from torch import nn
 
 ARCHS = ("cnn", "mlp")
-QUANTS = ("a2q", "a2q+", "brevitas-a2q", "brevitas-a2q+", "none")
+QUANTS = ("a2q", "a2q+", "brevitas-a2q", "brevitas-a2q+", "none", "float")
 OURS = ("a2q", "a2q+")
+ACCUMULATOR_AWARE = ("a2q", "a2q+", "brevitas-a2q", "brevitas-a2q+")
+ROUNDINGS = ("zero", "budgeted")
 # settings that define a run: a checkpoint written with other values cannot be resumed
 CONFIG_KEYS = ("dataset", "arch", "model", "epochs", "lr", "batch_size", "seed", "ep_init",
                "pretrain", "pretrain_epochs", "penalty", "train_limit")
@@ -79,8 +87,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                        help="MLP hidden widths (default: 64)")
     model.add_argument("--quant", default="a2q+", choices=QUANTS,
                        help="weight quantizer: ours (a2q, a2q+), Brevitas's built-in "
-                            "(brevitas-a2q, brevitas-a2q+) or plain per-channel QAT (none) "
-                            "(default: %(default)s)")
+                            "(brevitas-a2q, brevitas-a2q+), plain per-channel QAT (none), or "
+                            "float: train the float twin and report its accuracy (no "
+                            "checkpoint, export or accumulator report) (default: %(default)s)")
+    model.add_argument("--rounding", default="zero", choices=ROUNDINGS,
+                       help="integer rounding of ours (a2q, a2q+): zero (round-to-zero, as "
+                            "Brevitas) or budgeted (round to nearest, then take back the "
+                            "cheapest rounded-up units per channel until the exact L1 budget "
+                            "holds) (default: %(default)s)")
     model.add_argument("--weight-bits", type=bits_type(WEIGHT_BITS), default=4, metavar="M",
                        help=f"weight bits M, {WEIGHT_BITS[0]} to {WEIGHT_BITS[1]} "
                             "(default: %(default)s)")
@@ -102,16 +116,18 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                        help="(default: %(default)s)")
     train.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     train.add_argument("--ep-init", action="store_true",
-                       help="Euclidean-projection init (A2Q+) from a pretraining phase; "
-                            "ours (a2q, a2q+) only")
+                       help="Euclidean-projection init (A2Q+) from a pretraining phase, for "
+                            "ours and Brevitas's A2Q/A2Q+; with --quant none it is the float "
+                            "init (the pretrained weights, nothing to project)")
     train.add_argument("--pretrain", default="float", choices=["float", "qat"],
                        help="what the pretraining phase of --ep-init trains: the float twin or "
                             "plain QAT (default: %(default)s)")
     train.add_argument("--pretrain-epochs", type=positive_int, default=2,
                        help="epochs of the pretraining phase of --ep-init (default: %(default)s)")
     train.add_argument("--penalty", type=non_negative_float, default=0.0,
-                       help="weight of the A2Q penalty sum relu(g - s*T), ours only; the papers "
-                            "use about 1e-3 (default: %(default)s)")
+                       help="weight of the A2Q penalty sum relu(g - s*T), for ours and "
+                            "Brevitas's A2Q/A2Q+ (plain QAT has no g and no bound: it does not "
+                            "apply); the papers use about 1e-3 (default: %(default)s)")
     ft = p.add_argument_group("fine-tuning under a simulated accumulator (optional)")
     ft.add_argument("--finetune-accumulator", default=None, metavar="SPEC",
                     help="after training, fine-tune with every layer accumulating in SPEC "
@@ -164,12 +180,25 @@ def _check_names(option: str, names, known: tuple[str, ...]) -> None:
 
 def _check_args(args: argparse.Namespace) -> None:
     """Every check that needs no data and no model: run before anything slow."""
-    if args.quant not in OURS:
-        if args.ep_init:
-            raise A2QInputError(f"--ep-init needs this package's quantizers (--quant a2q or "
-                                f"a2q+), not {args.quant!r}")
-        if args.penalty:
-            raise A2QInputError(f"--penalty needs --quant a2q or a2q+, not {args.quant!r}")
+    if args.quant == "float":
+        for given, option in ((args.ep_init, "--ep-init"), (args.penalty, "--penalty"),
+                              (args.layer_acc_bits, "--layer-acc-bits"),
+                              (args.rounding != "zero", "--rounding budgeted"),
+                              (args.resume, "--resume"),
+                              (args.finetune_accumulator is not None, "--finetune-accumulator")):
+            if given:
+                raise A2QInputError(f"{option} does not apply to --quant float (it trains the "
+                                    "float twin in one go and reports its accuracy)")
+    if args.quant not in ACCUMULATOR_AWARE and args.penalty:
+        raise A2QInputError(f"--penalty does not apply to --quant {args.quant}: plain QAT has "
+                            "no learned norm g and no accumulator bound T, so there is no "
+                            "relu(g - s*T) term")
+    if args.quant == "none" and args.ep_init and args.pretrain != "float":
+        raise A2QInputError("--ep-init with --quant none is the float init: use --pretrain "
+                            "float")
+    if args.rounding == "budgeted" and args.quant not in OURS:
+        raise A2QInputError(f"--rounding budgeted is an option of this package's quantizers "
+                            f"(--quant a2q or a2q+), not of {args.quant!r}")
     if args.quant == "none" and args.layer_acc_bits:
         raise A2QInputError("--layer-acc-bits needs an accumulator-aware --quant (plain QAT "
                             "has no accumulator target)")
@@ -199,7 +228,7 @@ def _check_args(args: argparse.Namespace) -> None:
 def _model_kwargs(args: argparse.Namespace, image_shape: tuple[int, ...]) -> dict:
     channels, side = image_shape[0], image_shape[-1]
     kwargs = dict(quant=args.quant, weight_bits=args.weight_bits, act_bits=args.act_bits,
-                  acc_bits=None if args.quant == "none" else args.acc_bits)
+                  acc_bits=None if args.quant in ("none", "float") else args.acc_bits)
     if args.arch == "cnn":
         kwargs.update(in_channels=channels, image_size=side)
     else:
@@ -207,6 +236,8 @@ def _model_kwargs(args: argparse.Namespace, image_shape: tuple[int, ...]) -> dic
     overrides = _layer_acc_bits(args.layer_acc_bits)
     if overrides:
         kwargs["layer_acc_bits"] = overrides
+    if args.rounding != "zero":  # absent by default: earlier checkpoints keep their config
+        kwargs["rounding"] = args.rounding
     return kwargs
 
 
@@ -281,30 +312,41 @@ def _loader(dataset, batch_size: int, seed: int, epoch: int) -> torch.utils.data
                                        generator=gen)
 
 
-def _pretrain_and_project(args, config, model, train, example) -> dict:
+def _pretrain_and_project(args, config, model, train, test, example) -> dict:
     """The EP-init phase: pretrain the float twin (or plain QAT), copy its weights, project."""
     import torch
 
-    from brevitas_a2q.models import build_float_cnn, build_float_mlp, copy_float_weights
-    from brevitas_a2q.training import euclidean_projection_init, train_epochs
+    from brevitas_a2q.models import copy_float_weights
+    from brevitas_a2q.training import accuracy, euclidean_projection_init, train_epochs
 
     kwargs = config["model"]
     torch.manual_seed(args.seed)
     if args.pretrain == "qat":
         source = _build(args.arch, {**kwargs, "quant": "none", "acc_bits": None,
-                                    "layer_acc_bits": None})
-    elif args.arch == "cnn":
-        source = build_float_cnn(kwargs["in_channels"], kwargs["image_size"])
+                                    "layer_acc_bits": None, "rounding": "zero"})
     else:
-        source = build_float_mlp(kwargs["in_features"], tuple(kwargs["hidden"]))
+        source = _float_twin(args.arch, kwargs)
     start = time.perf_counter()
     train_epochs(source, train, args.pretrain_epochs, lr=args.lr, batch_size=args.batch_size,
                  seed=args.seed, progress=not args.no_progress and not args.json,
                  desc=f"pretraining ({'float twin' if args.pretrain == 'float' else 'plain QAT'})")
     copy_float_weights(source, model)
-    projected = euclidean_projection_init(model, example)
-    return {"pretrain_seconds": round(time.perf_counter() - start, 2),
-            "projected_channels": projected}
+    init = {"pretrain_seconds": round(time.perf_counter() - start, 2)}
+    if args.pretrain == "float":
+        init["float_accuracy"] = accuracy(source, test)
+    # plain QAT has no bound: its "EP-init" is the float init, nothing to project
+    init["projected_channels"] = (None if args.quant == "none"
+                                  else euclidean_projection_init(model, example))
+    return init
+
+
+def _float_twin(arch: str, kwargs: dict) -> nn.Module:
+    """The float model with the quantized model's layer names and weight shapes."""
+    from brevitas_a2q.models import build_float_cnn, build_float_mlp
+
+    if arch == "cnn":
+        return build_float_cnn(kwargs["in_channels"], kwargs["image_size"])
+    return build_float_mlp(kwargs["in_features"], tuple(kwargs["hidden"]))
 
 
 def _output_paths(args: argparse.Namespace) -> dict[str, Path]:
@@ -367,6 +409,8 @@ def _train(args: argparse.Namespace, paths: dict[str, Path], progress: dict) -> 
     example = torch.stack([train[i][0] for i in range(min(256, len(train)))])
     kwargs = _model_kwargs(args, tuple(example.shape[1:]))
     config = _config(args, kwargs)
+    if args.quant == "float":
+        return _train_float(args, config, paths, progress, train, test)
     torch.manual_seed(args.seed)
     model = _build(args.arch, kwargs)
     state = {"epoch": 0, "history": [], "init": {}, "train_seconds": 0.0, "finetuned": None}
@@ -379,7 +423,7 @@ def _train(args: argparse.Namespace, paths: dict[str, Path], progress: dict) -> 
         args.out.mkdir(parents=True, exist_ok=True)
         if args.ep_init:
             progress["phase"] = "pretraining (EP-init)"
-            state["init"] = _pretrain_and_project(args, config, model, train, example)
+            state["init"] = _pretrain_and_project(args, config, model, train, test, example)
         # the first checkpoint comes after epoch 1: Brevitas initializes activation scales from
         # the statistics of the first training steps, and a checkpoint needs them
     # the optimizer is built after the model's state is loaded: Brevitas may replace parameter
@@ -475,6 +519,7 @@ def _finish(args, model, config, state, train, test, example, paths, resumed_at:
                else None, "epochs_done": state["epoch"],
                "train_seconds": round(state["train_seconds"], 2), "init": state["init"],
                "history": state["history"], "test_accuracy": test_accuracy,
+               "float_accuracy": (state["init"] or {}).get("float_accuracy"),
                "finetune": finetuned, "layers": report.to_dicts(),
                "all_targets_hold": report.all_hold, "warnings": report_warnings(report),
                "files": {k: str(v) for k, v in paths.items()}}
@@ -490,7 +535,10 @@ def _finish(args, model, config, state, train, test, example, paths, resumed_at:
                                              (m.get("layer_acc_bits") or {}).items())
     print(f"\n{args.quant} {args.arch} (W{args.weight_bits}A{args.act_bits}, {targets}) on "
           f"{args.dataset}: {state['epoch']} epochs, {state['train_seconds']:.1f} s training")
-    print(f"test accuracy: {100 * test_accuracy:.2f}%")
+    float_acc = results["float_accuracy"]
+    of_float = (f" ({100 * test_accuracy / float_acc:.1f}% of the float twin's "
+                f"{100 * float_acc:.2f}% after pretraining)") if float_acc else ""
+    print(f"test accuracy: {100 * test_accuracy:.2f}%{of_float}")
     if finetuned:
         print(f"after fine-tuning under {finetuned['accumulator']} "
               f"{finetuned['layers'] or ''}: "
@@ -501,6 +549,50 @@ def _finish(args, model, config, state, train, test, example, paths, resumed_at:
     print(exported)
     print(f"\ncheckpoint {paths['model.pt']}, results {paths['results.json']}")
     return 0 if report.all_hold else 1
+
+
+def _train_float(args, config, paths, progress, train, test) -> int:
+    """``--quant float``: the float twin, trained as the quantized models are (Adam, cosine
+    schedule, the same batches), tested, and written to OUT/results.json."""
+    import torch
+
+    from brevitas_a2q.io import atomic_output
+    from brevitas_a2q.training import accuracy, train_one_epoch
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+    model = _float_twin(args.arch, config["model"])
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    steps = args.epochs * len(_loader(train, args.batch_size, args.seed, 0))
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(steps, 1))
+    show = not args.no_progress and not args.json
+    history, seconds = [], 0.0
+    for epoch in range(args.epochs):
+        progress["phase"] = f"epoch {epoch + 1}/{args.epochs} (float)"
+        start = time.perf_counter()
+        loss = train_one_epoch(model, _loader(train, args.batch_size, args.seed, epoch),
+                               optimizer, schedule, 0.0, f"epoch {epoch + 1}/{args.epochs}", show)
+        seconds += time.perf_counter() - start
+        acc = accuracy(model, test)
+        history.append({"epoch": epoch + 1, "loss": loss, "test_accuracy": acc})
+        if not args.json:
+            print(f"epoch {epoch + 1}/{args.epochs}: loss {loss:.4f}, test accuracy "
+                  f"{100 * acc:.2f}%", flush=True)
+    results = {**config, "quant": "float", "resumed_at_epoch": None, "epochs_done": args.epochs,
+               "train_seconds": round(seconds, 2), "init": {}, "history": history,
+               "test_accuracy": acc, "float_accuracy": acc, "finetune": None, "layers": [],
+               "all_targets_hold": True, "warnings": [],
+               "files": {"results.json": str(paths["results.json"])}}
+    with atomic_output(paths["results.json"], overwrite=True) as tmp:
+        tmp.write_text(json.dumps(results, indent=2))
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        print(f"\nfloat {args.arch} on {args.dataset}: {args.epochs} epochs, {seconds:.1f} s "
+              f"training\nfloat test accuracy: {100 * acc:.2f}% (the reference of \"% of "
+              f"float\"; no checkpoint, export or accumulator report)\nresults "
+              f"{paths['results.json']}")
+    return 0
 
 
 def report_warnings(report) -> list[str]:
