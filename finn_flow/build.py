@@ -31,14 +31,26 @@ from finn_flow.finn_compat import (
     import_builder,
     run_build,
 )
+from finn_flow.hls_arith import LayerExtremes
+from finn_flow.preflight import check_activation_quantizers
 from finn_flow.report import totals
 from finn_flow.steps import insert_a2q_steps, make_accumulator_step, make_verify_step
-from finn_flow.verify import VerificationResult, extreme_inputs, random_inputs
+from finn_flow.streamline import check_residual_adds, step_a2q_check_hw_layers
+from finn_flow.ties import step_a2q_round_half_even, step_a2q_round_half_even_streamlined
+from finn_flow.verify import (
+    EXECUTORS,
+    STAGE_CPPSIM,
+    STAGE_WIDTHS,
+    VerificationResult,
+    extreme_inputs,
+    first_differences,
+    random_inputs,
+)
 
 __all__ = ["OUTPUTS", "BuildResult", "FinnBuildError", "build"]
 
 OUTPUTS = ("estimate", "stitched_ip", "bitfile")
-VERIFY = ("cppsim",)
+VERIFY = tuple(EXECUTORS)  # "cppsim", "hls-arith" (descriptions in finn_flow.verify.EXECUTORS)
 
 
 @dataclass
@@ -50,10 +62,12 @@ class BuildResult:
     reports: dict[str, Path]
     verification: list[VerificationResult] = field(default_factory=list)
     cppsim_layers: list[NodeExecution] = field(default_factory=list)
+    layer_extremes: list[LayerExtremes] = field(default_factory=list)
 
     @property
     def verified(self) -> bool | None:
-        return None if not self.verification else all(v.ok for v in self.verification)
+        checks = [v.ok for v in self.verification] + [c.ok for c in self.layer_extremes]
+        return None if not checks else all(checks)
 
     def to_dict(self) -> dict:
         return {"output_dir": str(self.output_dir), "layers": [w.to_dict() for w in self.layers],
@@ -61,21 +75,50 @@ class BuildResult:
                                                            self.reports.items()},
                 "verification": [v.to_dict() for v in self.verification],
                 "cppsim_layers": [e.to_dict() for e in self.cppsim_layers],
+                "layer_extremes": [c.to_dict() for c in self.layer_extremes],
                 "verified": self.verified}
 
     def verification_summary(self) -> str:
-        """Plain-text lines: per input set, how many accelerator outputs were bit-exact; which
-        layers were C++-simulated and which ran in Python, and why."""
-        if not self.verification:
-            return "C++ simulation: not run"
+        """Plain-text lines: per executor and input set, how many accelerator outputs were
+        bit-exact and, on a mismatch, at which stage the outputs first differ; the per-layer
+        extreme check; which layers were C++-simulated and which ran in Python, and why."""
+        if not self.verification and not self.layer_extremes:
+            return "Verification: not run"
         lines = []
+        firsts = first_differences(self.verification)
         for v in self.verification:
             status = "bit-exact" if v.ok else "MISMATCH"
             rel = "-" if v.final_max_rel_diff is None else f"{v.final_max_rel_diff:.2g}"
-            lines.append(f"cppsim {v.kind}: {v.matched}/{v.inputs} accelerator outputs bit-exact "
-                         f"({status}; model output vs QONNX rel. diff {rel})")
+            where = "; ".join(f"{stage}: {n}/{v.inputs}" for stage, n in
+                              firsts.get(v.kind, {}).items())
+            where = f"; outputs first differ at {where}" if where and not v.ok else ""
+            if v.hls_arith_agreed is not None:
+                where += f"; hls-arith agreed bit for bit on {v.hls_arith_agreed}/{v.inputs}"
+            lines.append(f"{v.executor} {v.kind}: {v.matched}/{v.inputs} accelerator outputs "
+                         f"bit-exact ({status}; model output vs QONNX rel. diff {rel}{where})")
+        if any(v.executor == "hls-arith" for v in self.verification):
+            lines.append(f"hls-arith: {EXECUTORS['hls-arith']}")
+        if self.layer_extremes:
+            bad = [c for c in self.layer_extremes if not c.ok]
+            executors = sorted({c.executor for c in self.layer_extremes})
+            single_cppsim = "" if "cppsim" in executors else "; single-node cppsim not run"
+            lines.append(f"Per-layer extremes ({len(self.layer_extremes) - len(bad)}/"
+                         f"{len(self.layer_extremes)} checks ok; each MVAU/VVAU alone under "
+                         f"{' and '.join(executors)} on inputs reaching every channel's exact "
+                         "accumulator minimum and maximum, against exact integer arithmetic"
+                         f"{single_cppsim}):")
+            names = {w.finn_node: w.layer for w in self.layers}
+            lines += [f"  {c.describe(names.get(c.node))}" for c in self.layer_extremes]
+            if bad:
+                first = [c for c in bad if c.executor == "hls-arith"]
+                stage = STAGE_WIDTHS if first else f"FINN's exact arithmetic vs {STAGE_CPPSIM}"
+                lines.append(f"Per-layer extremes first differ at {stage}: " + ", ".join(
+                    f"{c.node} ({'layer ' + names[c.node] + ', ' if names.get(c.node) else ''}"
+                    f"{c.accumulator_type}, needs {c.bits_exact} bits)"
+                    for c in (first or bad)))
         simulated = [e.node for e in self.cppsim_layers if e.mode == "cppsim"]
-        lines.append(f"C++-simulated layers ({len(simulated)}): {', '.join(simulated)}")
+        if self.cppsim_layers:
+            lines.append(f"C++-simulated layers ({len(simulated)}): {', '.join(simulated)}")
         python = [e for e in self.cppsim_layers if e.mode == "python"]
         if python:
             lines.append(f"Not C++-simulated, executed by FINN in Python ({len(python)}):")
@@ -138,6 +181,8 @@ def _check_model(model: ModelWrapper, path: Path) -> list:
             f"{path} has no quantization (no QONNX Quant nodes, no accumulator records): FINN "
             "would leave its layers outside the accelerator and no accumulator width could be "
             "proven. Export a quantized Brevitas model with brevitas_a2q.export_qonnx")
+    check_residual_adds(model)  # an add FINN has no layer for, named before any FINN step
+    check_activation_quantizers(model, str(path))  # quantizers FINN rejects or rounds otherwise
     return records
 
 
@@ -219,9 +264,14 @@ def build(
     ``board`` (FINN board name, default Pynq-Z1 when no ``fpga_part`` is given) or ``fpga_part``;
     ``clk_ns`` target clock; ``target_fps`` or a FINN ``folding_config`` JSON for parallelism (default:
     fully folded); ``outputs`` among :data:`OUTPUTS` (``bitfile`` and ``stitched_ip`` need Vivado);
-    ``verify=("cppsim",)`` compares C++ simulation with the QONNX model on ``random_count`` random
-    inputs, on ``verify_inputs`` ("real") and on extreme inputs
-    (:func:`finn_flow.verify.extreme_inputs`). ``steps``: a FINN step list (names and callables)
+    ``verify`` among :data:`VERIFY`: ``"cppsim"`` (C++ simulation of the HLS code) and/or
+    ``"hls-arith"`` (FINN's dataflow graph with every MVAU/VVAU accumulator and threshold
+    comparison at its accDataType in two's complement, a model of finn-hlslib's arithmetic that
+    needs no finn-hlslib; cppsim stays the authority where it runs), each compared bit-exactly with
+    FINN's exact execution of the graph and with the QONNX model on ``random_count`` random inputs,
+    on ``verify_inputs`` ("real") and on extreme inputs (:func:`finn_flow.verify.extreme_inputs`);
+    with either, every MVAU/VVAU is also checked alone at each channel's accumulator extremes
+    (:func:`finn_flow.verify.verify_layer_extremes`). ``steps``: a FINN step list (names and callables)
     to use instead of FINN's defaults; ours are inserted where they belong
     (:func:`finn_flow.steps.insert_a2q_steps`). ``force_accumulator_bits`` imposes a width on every
     layer without proof (to show that the check catches an overflowing model). Raises
@@ -241,7 +291,7 @@ def build(
         raise A2QInputError(f"output directory {out} is not empty; pass overwrite=True "
                             "(CLI: --overwrite) to build into it")
     verify_sets = _verify_sets(qonnx_model, path, random_count, verify_inputs) \
-        if "cppsim" in verify else {}
+        if verify else {}
     build_dataflow = import_builder()
     from finn.builder import build_dataflow_config as bdc
 
@@ -250,16 +300,20 @@ def build(
         force_accumulator_bits, lut_estimates,
         on_result=lambda layers, reports: state.update(layers=layers, reports=reports)), state)
     verify_step = _recording_errors(make_verify_step(
-        verify_sets, qonnx_model,
-        on_result=lambda results, plan: state.update(verification=results, plan=plan)), state) \
-        if "cppsim" in verify else None
+        verify_sets, qonnx_model, executors=verify,
+        on_result=lambda results, plan, extremes: state.update(
+            verification=results, plan=plan, extremes=extremes)), state) if verify else None
     if steps is None:
         steps = (bdc.estimate_only_dataflow_steps if set(outputs) == {"estimate"}
                  else bdc.default_build_dataflow_steps)
-    step_list = insert_a2q_steps(steps, accumulators=accumulators, verify=verify_step)
+    step_list = insert_a2q_steps(steps, accumulators=accumulators, verify=verify_step,
+                                 check=_recording_errors(step_a2q_check_hw_layers, state),
+                                 ties=_recording_errors(step_a2q_round_half_even, state),
+                                 ties_streamlined=_recording_errors(
+                                     step_a2q_round_half_even_streamlined, state))
     out.mkdir(parents=True, exist_ok=True)
     with build_session(out / "finn_build"):
-        if verify_step is not None:
+        if "cppsim" in verify:
             prepare_cppsim(out / "finn_build")
         cfg = bdc.DataflowBuildConfig(
             output_dir=str(out), synth_clk_period_ns=clk_ns,
@@ -279,4 +333,5 @@ def build(
     return BuildResult(output_dir=out, layers=state.get("layers", []),
                        reports={**state.get("reports", {}), **_finn_reports(out)},
                        verification=state.get("verification", []),
-                       cppsim_layers=state.get("plan", []))
+                       cppsim_layers=state.get("plan", []),
+                       layer_extremes=state.get("extremes", []))

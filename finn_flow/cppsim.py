@@ -63,9 +63,10 @@ class TemplateUse:
         return f"{self.name}<{targs}>{call}"
 
 
-# What FINN emits, per HLS layer and node attribute "Function" (finn/custom_op/fpgadataflow/hls/
-# pool_hls.py, docompute(), in upstream FINN dev at finn_flow.FINN_COMMIT and in FINN+ 1.6.1; FINN+
-# names the quantized average pool "AvgPool" and adds "AccPool").
+# What FINN emits, per HLS layer and node attribute "Function" (None: the layer has none), from
+# finn/custom_op/fpgadataflow/hls/{pool,duplicatestreams}_hls.py in upstream FINN dev at
+# finn_flow.FINN_COMMIT and in FINN+ 1.6.1 (FINN+ names the quantized average pool "AvgPool" and
+# adds "AccPool").
 _POOL_BATCH = TemplateUse("pool.hpp", "function", "Pool_batch", 2, 3)
 HLSLIB_API: dict[str, dict[str | None, tuple[TemplateUse, ...]]] = {
     "Pool_hls": {
@@ -74,6 +75,8 @@ HLSLIB_API: dict[str, dict[str | None, tuple[TemplateUse, ...]]] = {
         "AvgPool": (TemplateUse("pool.hpp", "class", "AvgPoolFunction", 3), _POOL_BATCH),
         "AccPool": (TemplateUse("pool.hpp", "class", "AccPoolFunction", 1), _POOL_BATCH),
     },
+    # residual forks: StreamingDup(in, out0, out1) from dup.hpp (finn-hlslib 2025 on)
+    "DuplicateStreams_hls": {None: (TemplateUse("dup.hpp", "function", "StreamingDup", 0, 3),)},
 }
 
 

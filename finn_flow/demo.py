@@ -20,9 +20,11 @@ def demo_build(onnx_path: str | os.PathLike, out_dir: str | os.PathLike,
                verify_inputs: np.ndarray | None = None, *, random_count: int = 10,
                overwrite: bool = False) -> tuple[str, bool]:
     """Build ``onnx_path`` (written by ``brevitas_a2q.export.export_qonnx``) with FINN into
-    ``out_dir`` (estimate reports, ``accumulators.json/.md/.png``) and verify it with C++
-    simulation on ``random_count`` random inputs, ``verify_inputs`` (real inputs, shaped like the
-    model input with a leading batch axis) and extreme inputs.
+    ``out_dir`` (estimate reports, ``accumulators.json/.md/.png``) and verify it on
+    ``random_count`` random inputs, ``verify_inputs`` (real inputs, shaped like the model input with
+    a leading batch axis) and extreme inputs, and every MVAU/VVAU alone at its accumulators'
+    extremes: always with the ``hls-arith`` model of finn-hlslib's arithmetic, and with C++
+    simulation where it can run.
 
     Returns ``(summary_text, ok)``. ``ok`` is False only when a check failed: a layer's exact
     accumulator range exceeds its target P, an accelerator output differs from the QONNX model,
@@ -36,17 +38,16 @@ def demo_build(onnx_path: str | os.PathLike, out_dir: str | os.PathLike,
         return f"FINN build SKIPPED (FINN is not importable here): {reason}", True
     cpp_ok, cpp_reason = cppsim_available()
     try:
-        result = build(onnx_path, out_dir, verify=("cppsim",) if cpp_ok else (),
+        result = build(onnx_path, out_dir, verify=("hls-arith", "cppsim") if cpp_ok else
+                       ("hls-arith",),
                        verify_inputs=verify_inputs, random_count=random_count,
                        overwrite=overwrite)
     except AccumulatorOverflowError as err:
         return f"FINN build STOPPED, accumulator check failed: {err}", False
     except FinnBuildError as err:
         return f"FINN build FAILED: {err}", False
-    lines = [result.reports["summary"].read_text().rstrip(), ""]
-    if cpp_ok:
-        lines.append(result.verification_summary())
-    else:
+    lines = [result.reports["summary"].read_text().rstrip(), "", result.verification_summary()]
+    if not cpp_ok:
         lines.append(f"C++ simulation SKIPPED: {cpp_reason}")
     lines.append("Bitstream SKIPPED: synthesis needs Vivado; build it in the Docker image with the "
                  "Xilinx tools mounted (README, section \"FINN builds\"): `a2q build MODEL.onnx "

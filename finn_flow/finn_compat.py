@@ -42,10 +42,13 @@ __all__ = [
     "execute_parent",
     "hlslib_dir",
     "hlslib_gaps",
+    "high_bit_quant_rounds_half_up",
     "import_builder",
+    "infer_thresholding_layer",
     "lut_estimation",
     "run_build",
     "set_cppsim_tools",
+    "unsigned_identity_quant_supported",
     "xilinx_tools_configured",
 ]
 
@@ -364,6 +367,38 @@ def hlslib_gaps(hlslib: Path) -> list[str]:
         text = path.read_text(errors="replace") if path.exists() else ""
         gaps += [f"{name} ({header})" for name in names if f" {name}(" not in text]
     return gaps
+
+
+def infer_thresholding_layer():
+    """FINN's ``InferThresholdingLayer`` class (MultiThreshold -> Thresholding): FINN+ moved it to
+    ``convert_to_hw.thresholding``; upstream keeps it in ``convert_to_hw_layers``."""
+    try:
+        from finn.transformation.fpgadataflow.convert_to_hw.thresholding import (
+            InferThresholdingLayer,
+        )
+    except ImportError:
+        from finn.transformation.fpgadataflow.convert_to_hw_layers import InferThresholdingLayer
+    return InferThresholdingLayer
+
+
+def high_bit_quant_rounds_half_up() -> bool:
+    """Whether FINN turns activation ``Quant`` nodes wider than its MultiThreshold limit (8 bits)
+    into hardware that rounds half up: FINN+ 1.6.1's ``InferRequantLayer`` does (``floor(x + 0.5)``);
+    upstream dev leaves them unconverted. Without FINN: False."""
+    try:
+        return detect_finn().flavour == PLUS
+    except FinnUnavailableError:
+        return False
+
+
+def unsigned_identity_quant_supported() -> bool:
+    """Whether FINN converts an unsigned identity ``Quant`` (not after a ReLU) into thresholds:
+    FINN+ 1.6.1's ``QuantIdentityHandler`` does (level offset 0); upstream FINN dev's raises "FINN
+    only supports signed Quant nodes for identity activations". Without FINN: False (the stricter)."""
+    try:
+        return detect_finn().flavour == PLUS
+    except FinnUnavailableError:
+        return False
 
 
 def xilinx_tools_configured() -> bool:

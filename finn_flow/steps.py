@@ -9,7 +9,16 @@ mix with FINN's step names. Ours:
   set to its tightest width proven from the A2Q bound and checked against the target P recorded at
   export (:class:`~finn_flow.accumulators.SetProvenAccumulatorWidths`, records read from the
   model's metadata), then ``accumulators.json`` / ``.md`` / ``.png`` in ``cfg.output_dir``;
-* a C++-simulation check (:func:`make_verify_step`, after ``step_generate_estimate_reports``).
+* a verification step (:func:`make_verify_step`, after ``step_generate_estimate_reports``):
+  hls-arith (a model of finn-hlslib's arithmetic, runs wherever FINN does) and/or cppsim;
+* from :mod:`finn_flow.streamline`: :func:`~finn_flow.streamline.step_a2q_move_scales_past_forks`
+  (before ``step_streamline``) and :func:`~finn_flow.streamline.step_a2q_streamline_residual`
+  (after it) for residual forks/joins and transposed convolutions (no-ops for other graphs), and
+  :func:`~finn_flow.streamline.step_a2q_check_hw_layers` (before
+  ``step_create_dataflow_partition``: refuses, naming them, nodes left without a FINN layer);
+* from :mod:`finn_flow.ties`: :func:`~finn_flow.ties.step_a2q_round_half_even` (after
+  ``step_qonnx_to_finn``) and :func:`~finn_flow.ties.step_a2q_round_half_even_streamlined` (before
+  ``step_convert_to_hw``): thresholds that round half to even as QONNX and Brevitas do.
 
 A custom build script (finn-examples style)::
 
@@ -41,6 +50,12 @@ from brevitas_a2q.errors import A2QInputError
 from brevitas_a2q.records import AccumulatorRecord, read_records
 from finn_flow.accumulators import FINN_DOMAIN, LayerWidths, SetProvenAccumulatorWidths
 from finn_flow.report import write_reports
+from finn_flow.streamline import (
+    step_a2q_check_hw_layers,
+    step_a2q_move_scales_past_forks,
+    step_a2q_streamline_residual,
+)
+from finn_flow.ties import step_a2q_round_half_even, step_a2q_round_half_even_streamlined
 
 __all__ = [
     "insert_a2q_steps",
@@ -77,6 +92,21 @@ def _records(model: ModelWrapper, cfg) -> list[AccumulatorRecord]:
     return records
 
 
+def _check_all_records_matched(records: list[AccumulatorRecord],
+                               layers: list[LayerWidths]) -> None:
+    """Every recorded layer must have become an MVAU/VVAU whose width was set (records with
+    identical integer weights are found by one node); otherwise raise naming the layers."""
+    found = {r.fingerprint for r in records if r.layer in {w.layer for w in layers}}
+    missing = [r for r in records if r.fingerprint not in found]
+    if missing:
+        names = ", ".join(f"{r.layer!r} ({r.op_type} node {r.node!r} at export)" for r in missing)
+        raise A2QInputError(
+            f"no FINN MVAU/VVAU was found for the recorded layer(s) {names}: FINN left them "
+            "outside the accelerator or changed their integer weights, so their accumulator width "
+            "was not set or checked. See intermediate_models/ for where they went (a layer "
+            "without a quantized input, or a graph FINN could not streamline)")
+
+
 def make_accumulator_step(force_bits: int | None = None, lut_estimates: bool = True,
                           on_result: Callable[[list[LayerWidths], dict], None] | None = None
                           ) -> Step:
@@ -96,6 +126,7 @@ def make_accumulator_step(force_bits: int | None = None, lut_estimates: bool = T
         transform = SetProvenAccumulatorWidths(records, force_bits=force_bits,
                                                lut_estimator=estimator)
         model = model.transform(transform).transform(InferDataTypes())
+        _check_all_records_matched(records, transform.layers)
         if lut_estimates:
             nodes = {n.name: n for n in model.graph.node}
             for w in transform.layers:
@@ -115,21 +146,51 @@ step_a2q_accumulators.__doc__ = ("Proven accumulator widths for every MVAU/VVAU,
 
 
 def make_verify_step(verify_sets: dict, qonnx_model: ModelWrapper,
-                     on_result: Callable | None = None) -> Step:
-    """``step_a2q_verify_cppsim``: C++ simulation of the dataflow graph compared bit-exactly with
-    FINN's exact execution and the QONNX model on each input set of ``verify_sets``
-    (:func:`finn_flow.verify.verify_cppsim`); ``on_result(results, plan)`` receives the outcome.
-    Place it after ``step_generate_estimate_reports``."""
+                     on_result: Callable | None = None,
+                     executors: Sequence[str] = ("cppsim",)) -> Step:
+    """``step_a2q_verify_<executors>``: the dataflow graph executed by each of ``executors``
+    (``"hls-arith"``: :func:`finn_flow.verify.verify_hls_arith`, a model of finn-hlslib's
+    arithmetic that runs wherever FINN does; ``"cppsim"``: :func:`finn_flow.verify.verify_cppsim`,
+    the compiled HLS code) compared bit-exactly with FINN's exact execution and the QONNX model on
+    each input set of ``verify_sets``, plus every MVAU/VVAU alone at its accumulators' extremes
+    (:func:`finn_flow.verify.verify_layer_extremes` under hls-arith, and
+    :func:`finn_flow.verify.cppsim_layer_extremes` with cppsim). ``on_result(results, plan,
+    layer_extremes)`` receives the outcome (``plan``: cppsim's per-layer plan, empty without
+    cppsim). Place it after ``step_generate_estimate_reports``."""
+    executors = tuple(executors)
+    unknown = [e for e in executors if e not in ("cppsim", "hls-arith")]
+    if unknown or not executors:
+        raise A2QInputError(f"unknown verification executor(s) {unknown or executors}; choose "
+                            "from cppsim, hls-arith")
 
-    def step_a2q_verify_cppsim(model: ModelWrapper, cfg) -> ModelWrapper:
-        from finn_flow.verify import verify_cppsim
+    def step_a2q_verify(model: ModelWrapper, cfg) -> ModelWrapper:
+        from finn_flow.verify import (
+            cppsim_layer_extremes,
+            reference_outputs,
+            verify_cppsim,
+            verify_hls_arith,
+            verify_layer_extremes,
+        )
 
-        results, plan = verify_cppsim(model, Path(cfg.output_dir), verify_sets, qonnx_model)
+        out = Path(cfg.output_dir)
+        reference = reference_outputs(out, verify_sets, qonnx_model)
+        extremes = verify_layer_extremes(model, out)
+        results, plan, hls_outputs = [], [], {}
+        if "hls-arith" in executors:  # cheap, and the model of what cppsim then compiles
+            results += verify_hls_arith(model, out, verify_sets, qonnx_model, reference,
+                                        extremes, hls_outputs)[0]
+        if "cppsim" in executors:
+            cpp_results, plan = verify_cppsim(model, out, verify_sets, qonnx_model, reference,
+                                              hls_outputs or None)
+            results += cpp_results
+            extremes += cppsim_layer_extremes(model, out)
         if on_result is not None:
-            on_result(results, plan)
+            on_result(results, plan, extremes)
         return model
 
-    return step_a2q_verify_cppsim
+    step_a2q_verify.__name__ = "step_a2q_verify_" + "_".join(
+        e.replace("-", "_") for e in sorted(executors, key=("hls-arith", "cppsim").index))
+    return step_a2q_verify
 
 
 def _name(step) -> str:
@@ -138,13 +199,34 @@ def _name(step) -> str:
 
 def insert_a2q_steps(steps: Sequence, *, accumulators: Step = step_a2q_accumulators,
                      prefer_hls: Step | None = step_a2q_prefer_hls,
-                     verify: Step | None = None) -> list:
+                     verify: Step | None = None,
+                     streamline_forks: Step | None = step_a2q_move_scales_past_forks,
+                     streamline: Step | None = step_a2q_streamline_residual,
+                     check: Step | None = step_a2q_check_hw_layers,
+                     ties: Step | None = step_a2q_round_half_even,
+                     ties_streamlined: Step | None = step_a2q_round_half_even_streamlined) -> list:
     """A FINN step list with ours inserted: ``prefer_hls`` before ``step_specialize_layers``,
     ``accumulators`` after the last ``step_minimize_bit_width``, ``verify`` after
-    ``step_generate_estimate_reports``. Steps of ours already in ``steps`` are not added twice.
+    ``step_generate_estimate_reports``; where the list has FINN's ``step_streamline``, the
+    residual/deconvolution streamlining ``streamline_forks`` before it and ``streamline`` after it
+    (both no-ops for a graph without forks, joins and transposed convolutions; a list with its own
+    streamlining gets neither), and where it has ``step_create_dataflow_partition``, ``check``
+    before it; where it has
+    ``step_qonnx_to_finn``, ``ties`` after it, and where it has
+    ``step_convert_to_hw``, ``ties_streamlined`` before it (round half to even,
+    :mod:`finn_flow.ties`). Steps of ours already in ``steps`` are not added twice.
     Raises :class:`~brevitas_a2q.errors.A2QInputError` if an anchor step is missing."""
     out = list(steps)
     names = [_name(s) for s in out]
+    for step, anchor, after in ((streamline_forks, "step_streamline", False),
+                                (streamline, "step_streamline", True),
+                                (check, "step_create_dataflow_partition", False),
+                                (ties, "step_qonnx_to_finn", True),
+                                (ties_streamlined, "step_convert_to_hw", False)):
+        if step is None or _name(step) in names or anchor not in names:
+            continue
+        out.insert(names.index(anchor) + after, step)
+        names = [_name(s) for s in out]
     if prefer_hls is not None and _name(prefer_hls) not in names:
         if "step_specialize_layers" not in names:
             raise A2QInputError("the step list has no step_specialize_layers to put "

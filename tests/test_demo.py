@@ -1,6 +1,7 @@
 """`a2q demo`, the README's main job, end to end."""
 
 import json
+import re
 
 import pytest
 
@@ -30,6 +31,10 @@ def test_demo_trains_exports_and_every_target_holds(tmp_path, capsys):
             in finn["summary"]
         assert "Total LUTs of the accumulating layers" in finn["summary"]
         assert "Bitstream SKIPPED: synthesis needs Vivado" in finn["summary"]
+        for kind in ("random", "real", "extreme"):  # the CI executor always runs
+            assert re.search(rf"hls-arith {kind}: (\d+)/\1 accelerator outputs bit-exact",
+                             finn["summary"]), finn["summary"]
+        assert "Per-layer extremes (3/3 checks ok" in finn["summary"]
         if not cppsim_available():
             assert f"C++ simulation SKIPPED: {cppsim_available().reason}" in finn["summary"]
         assert (out / "finn" / "report" / "estimate_layer_resources.json").is_file()
