@@ -34,7 +34,9 @@ def test_demo_trains_exports_and_every_target_holds(tmp_path, capsys):
         for kind in ("random", "real", "extreme"):  # the CI executor always runs
             assert re.search(rf"hls-arith {kind}: (\d+)/\1 accelerator outputs bit-exact",
                              finn["summary"]), finn["summary"]
-        assert "Per-layer extremes (3/3 checks ok" in finn["summary"]
+        # 3 layers, each checked under hls-arith (and under cppsim where it runs)
+        assert re.search(r"Per-layer extremes \(([36])/\1 checks ok", finn["summary"]), \
+            finn["summary"]
         if not cppsim_available():
             assert f"C++ simulation SKIPPED: {cppsim_available().reason}" in finn["summary"]
         assert (out / "finn" / "report" / "estimate_layer_resources.json").is_file()
