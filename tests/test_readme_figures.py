@@ -252,3 +252,27 @@ def test_every_committed_plot_has_its_results_file():
     for png in RESULTS.glob("*.png"):
         assert png.with_suffix(".json").is_file(), png
         assert f"benchmarks/results/{png.name}" in README or png.stem.endswith("_ep_long"), png
+
+
+def test_readme_rounding_tables_are_the_committed_results():
+    """The README's round-to-zero vs budgeted-rounding tables are exactly what the benchmark's own
+    table function makes of the committed results (benchmarks/accuracy_vs_accumulator.py
+    --study rounding), and the prose figures quoted below them are cells of those tables."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "accuracy_vs_accumulator", ROOT / "benchmarks" / "accuracy_vs_accumulator.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    data = json.loads((RESULTS / "accuracy_vs_accumulator_rounding.json").read_text())
+    rows = data["rows"]
+    floats = [100 * r["accuracy"] for r in rows if r["method"] == "float"]
+    table = bench.rounding_table(bench.summarize_rounding(rows), data["settings"]["bits"],
+                                 sum(floats) / len(floats))
+    assert table.strip() in README
+    assert f"({data['wall_seconds'] / 60:.1f} min wall on 2 cores" in README
+    section = README.split("### Round-to-zero vs budgeted rounding")[1].split("\n## ")[0]
+    prose = section.split("What it shows:")[1]
+    cells = set(re.findall(r"(\d+\.\d\d) ± \d+\.\d\d", table))
+    for figure in re.findall(r"(?<![\d.])(?<!± )(\d+\.\d\d)%", prose):
+        assert figure in cells, figure
