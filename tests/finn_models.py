@@ -175,6 +175,27 @@ def trained(model: nn.Module, steps: int = 60, regression: bool = False,
     return model.eval()
 
 
+def trained_on_digits(model: nn.Module, a2q: bool, steps: int = 60) -> nn.Module:
+    """``steps`` Adam steps (batch 64, shuffled with seed 0) of digits classification; A2Q layers
+    start from the Euclidean-projection init (without it, narrow targets can round whole layers to
+    zero). The fixtures of tests/test_finn_flow_finn.py and tests/test_finn_verify.py."""
+    torch.manual_seed(0)
+    train, _ = load_digits()
+    if a2q:
+        euclidean_projection_init(model, train.tensors[0][:1])
+    opt = torch.optim.Adam(model.parameters(), 3e-3)
+    loader = torch.utils.data.DataLoader(train, batch_size=64, shuffle=True,
+                                         generator=torch.Generator().manual_seed(0))
+    model.train()
+    for step, (x, y) in enumerate(loader):
+        if step >= steps:
+            break
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model.eval()
+
+
 # name -> (builder, target P, regression)
 MODELS: dict[str, tuple[Callable[[], nn.Module], int, bool]] = {
     "resnet": (lambda: build_resnet(acc_bits=12), 12, False),

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from finn_models import trained_on_digits  # tests/ is on sys.path
 from qonnx.core.modelwrapper import ModelWrapper
 
 from brevitas_a2q.data import load_digits
 from brevitas_a2q.export import export_qonnx
 from brevitas_a2q.models import build_cnn, build_mlp
-from brevitas_a2q.training import euclidean_projection_init
 from finn_flow import build, cppsim_available, demo_build, finn_available
 from finn_flow.luts import lut_at_width
 
@@ -28,26 +28,6 @@ CPPSIM_OK, CPPSIM_REASON = cppsim_available() if FINN_OK else (False, FINN_REASO
 
 pytestmark = [pytest.mark.finn, pytest.mark.slow,
               pytest.mark.skipif(not FINN_OK, reason=f"FINN not importable: {FINN_REASON}")]
-
-
-def _trained(model: torch.nn.Module, a2q: bool, steps: int = 60) -> torch.nn.Module:
-    """Short training on digits; A2Q layers start from the Euclidean-projection init (without
-    it, narrow targets can round whole layers to zero)."""
-    torch.manual_seed(0)
-    train, _ = load_digits()
-    if a2q:
-        euclidean_projection_init(model, train.tensors[0][:1])
-    opt = torch.optim.Adam(model.parameters(), 3e-3)
-    loader = torch.utils.data.DataLoader(train, batch_size=64, shuffle=True,
-                                         generator=torch.Generator().manual_seed(0))
-    model.train()
-    for step, (x, y) in enumerate(loader):
-        if step >= steps:
-            break
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +43,7 @@ def exported(tmp_path_factory):
     for name, make in makers.items():
         torch.manual_seed(0)
         paths[name] = root / f"{name}.onnx"
-        export_qonnx(_trained(make(), a2q="a2q" in name), x, paths[name])
+        export_qonnx(trained_on_digits(make(), a2q="a2q" in name), x, paths[name])
     return paths
 
 

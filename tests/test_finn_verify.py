@@ -25,6 +25,7 @@ import pytest
 import torch
 from brevitas.nn import QuantConv2d, QuantIdentity, QuantLinear, QuantReLU
 from brevitas.quant import Int8ActPerTensorFloat, Uint8ActPerTensorFloat
+from finn_models import trained_on_digits  # tests/ is on sys.path
 from onnx import TensorProto, helper
 from qonnx.core.datatype import DataType
 from qonnx.core.modelwrapper import ModelWrapper
@@ -33,7 +34,6 @@ from qonnx.util.basic import qonnx_make_model
 from brevitas_a2q.data import load_digits
 from brevitas_a2q.export import export_qonnx
 from brevitas_a2q.models import build_cnn, build_mlp, weight_quant_kwargs
-from brevitas_a2q.training import euclidean_projection_init
 from finn_flow import build, cppsim_available, finn_available
 from finn_flow.accumulators import FINN_DOMAIN, range_datatype
 from finn_flow.hls_arith import (
@@ -278,25 +278,6 @@ def test_layer_extremes_exact_width_passes_one_bit_less_fails(activation):
 
 # ---------------------------------------------------------------- builds of trained models
 
-def _trained(model: torch.nn.Module, a2q: bool, steps: int = 60) -> torch.nn.Module:
-    """Short training on digits (as tests/test_finn_flow_finn.py); A2Q layers start from the
-    Euclidean-projection init."""
-    torch.manual_seed(0)
-    train, _ = load_digits()
-    if a2q:
-        euclidean_projection_init(model, train.tensors[0][:1])
-    opt = torch.optim.Adam(model.parameters(), 3e-3)
-    loader = torch.utils.data.DataLoader(train, batch_size=64, shuffle=True,
-                                         generator=torch.Generator().manual_seed(0))
-    model.train()
-    for step, (x, y) in enumerate(loader):
-        if step >= steps:
-            break
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-    return model.eval()
-
 
 def _depthwise_cnn(quant: str, acc_bits: int | None) -> torch.nn.Module:
     """conv 3x3 (MVAU) -> depthwise conv 3x3 (VVAU) -> max pool -> fully connected (MVAU)."""
@@ -331,7 +312,7 @@ def exported(tmp_path_factory):
     for name, make in makers.items():
         torch.manual_seed(0)
         paths[name] = root / f"{name}.onnx"
-        export_qonnx(_trained(make(), a2q="none" not in name), x, paths[name])
+        export_qonnx(trained_on_digits(make(), a2q="none" not in name), x, paths[name])
     return paths
 
 
