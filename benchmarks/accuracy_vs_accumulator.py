@@ -211,6 +211,17 @@ def train_rounding_case(quant: str, rounding: str, init: str, placement: str, p:
              "train_seconds": train_seconds, "seconds": time.perf_counter() - start}]
 
 
+def _append_rows(rows: list[dict], partial: Path, result) -> list[dict]:
+    """Add a worker's result (one float run ``{"row": ..., "state": ...}`` or a list of rows) to
+    ``rows`` and to the ``partial`` JSON-lines file; return the rows added."""
+    new = [result["row"]] if isinstance(result, dict) else result
+    rows.extend(new)
+    with partial.open("a") as f:
+        for r in new:
+            f.write(json.dumps(r) + "\n")
+    return new
+
+
 def _run_rounding(args: argparse.Namespace, partial: Path, start: float) -> list[dict]:
     """The rounding study on a pool of --workers processes; rows go to ``partial`` as they
     arrive. Default-init models start at once, EP-init ones when their seed's float is done."""
@@ -219,11 +230,7 @@ def _run_rounding(args: argparse.Namespace, partial: Path, start: float) -> list
     jobs = []
 
     def keep(result) -> None:
-        new = [result["row"]] if isinstance(result, dict) else result
-        rows.extend(new)
-        with partial.open("a") as f:
-            for r in new:
-                f.write(json.dumps(r) + "\n")
+        _append_rows(rows, partial, result)
         print(f"  {len(rows)} rows, {time.perf_counter() - start:.0f} s", flush=True)
 
     common = (args.steps, args.lr, args.batch_size)
@@ -542,11 +549,7 @@ def _run_all(args: argparse.Namespace, partial: Path, start: float) -> list[dict
     jobs = []
 
     def keep(result) -> None:
-        new = [result["row"]] if isinstance(result, dict) else result
-        rows.extend(new)
-        with partial.open("a") as f:
-            for r in new:
-                f.write(json.dumps(r) + "\n")
+        new = _append_rows(rows, partial, result)
         if len(rows) % 10 < len(new) or isinstance(result, dict):
             print(f"  {sum(j.ready() for j in jobs) + 1}/{len(jobs)} jobs done, "
                   f"{time.perf_counter() - start:.0f} s", flush=True)

@@ -20,6 +20,7 @@ two decimals there and in the printout.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import statistics
@@ -64,6 +65,17 @@ def interleaved(setups: dict, x, y, rounds: int) -> dict[str, float]:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def seeded_setups(makers: dict) -> dict:
+    """``(model, Adam(lr=1e-3))`` per name, each model built by its maker after
+    ``torch.manual_seed(1)``, so every variant starts from the same random weights."""
+    setups = {}
+    for name, make in makers.items():
+        torch.manual_seed(1)
+        model = make()
+        setups[name] = (model, torch.optim.Adam(model.parameters(), 1e-3))
+    return setups
+
+
 def cnn_part(args) -> dict:
     torch.manual_seed(0)
     x = torch.rand(args.batch, 1, 28, 28)
@@ -100,11 +112,8 @@ def sweep_part(args) -> dict:
         torch.manual_seed(0)
         x = torch.rand(args.batch, k)
         y = torch.randint(0, k, (args.batch,))
-        setups = {}
-        for name, quant in SWEEP_QUANTS.items():
-            torch.manual_seed(1)
-            model = linear(quant, k, args.sweep_acc_bits)
-            setups[name] = (model, torch.optim.Adam(model.parameters(), 1e-3))
+        setups = seeded_setups({name: functools.partial(linear, quant, k, args.sweep_acc_bits)
+                                for name, quant in SWEEP_QUANTS.items()})
         median = interleaved(setups, x, y, args.rounds)
         ratios = {ours: round(median[ours] / median[theirs], 2) for ours, theirs in PAIRS}
         print(f"{k:>6}  " + "".join(f"{1000 * median[n]:>13.1f}ms" for n in SWEEP_QUANTS)
@@ -128,11 +137,10 @@ def rounding_part(args) -> dict:
     print(f"\nbudgeted rounding / round-to-zero, training step, batch {args.batch}, "
           f"{args.threads} thread(s), median of {args.rounds} interleaved rounds")
     for p in args.rounding_bits:
-        setups = {}
-        for quant, rounding in ROUNDING_SETUPS:
-            torch.manual_seed(1)
-            model = build_cnn(quant, acc_bits=p, image_size=28, rounding=rounding)
-            setups[f"{quant} {rounding}"] = (model, torch.optim.Adam(model.parameters(), 1e-3))
+        setups = seeded_setups({
+            f"{quant} {rounding}": functools.partial(build_cnn, quant, acc_bits=p, image_size=28,
+                                                     rounding=rounding)
+            for quant, rounding in ROUNDING_SETUPS})
         median = interleaved(setups, x, y, args.rounds)
         ratios = {q: round(median[f"{q} budgeted"] / median[f"{q} zero"], 2) for q in ("a2q", "a2q+")}
         print(f"CNN, every layer at P={p}: " + ", ".join(
@@ -146,11 +154,8 @@ def rounding_part(args) -> dict:
     yl = torch.randint(0, k, (args.batch,))
     quants = {"a2q zero": A2QWeightQuant, "a2q budgeted": A2QBudgetedWeightQuant,
               "a2q+ zero": A2QPlusWeightQuant, "a2q+ budgeted": A2QPlusBudgetedWeightQuant}
-    setups = {}
-    for name, quant in quants.items():
-        torch.manual_seed(1)
-        model = linear(quant, k, args.rounding_linear_bits)
-        setups[name] = (model, torch.optim.Adam(model.parameters(), 1e-3))
+    setups = seeded_setups({name: functools.partial(linear, quant, k, args.rounding_linear_bits)
+                            for name, quant in quants.items()})
     median = interleaved(setups, xl, yl, args.rounds)
     ratios = {q: round(median[f"{q} budgeted"] / median[f"{q} zero"], 2) for q in ("a2q", "a2q+")}
     print(f"QuantLinear K = OUT = {k}, P={args.rounding_linear_bits}: " + ", ".join(

@@ -23,6 +23,7 @@ from brevitas.nn import QuantConv2d, QuantConvTranspose2d, QuantLinear
 from brevitas.quant import Int8ActPerTensorFloat, Uint8ActPerTensorFloat
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from test_properties import layer_for  # tests/ is on sys.path
 
 from brevitas_a2q import (
     A2QBudgetedWeightQuant,
@@ -65,17 +66,8 @@ def worst_case_fits(rows: np.ndarray, p: int, n: int, signed: bool) -> bool:
 
 
 def linear(variant, k, out, m, p, n, signed, seed, weight_scale, quants=BUDGETED):
-    torch.manual_seed(seed)
-    layer = QuantLinear(k, out, bias=False, weight_quant=quants[variant], weight_bit_width=m,
-                        weight_accumulator_bit_width=p, input_bit_width=n,
-                        input_quant=Int8ActPerTensorFloat if signed else Uint8ActPerTensorFloat)
-    with torch.no_grad():
-        layer.weight.mul_(weight_scale)
-        if seed % 3 == 0:  # heavy-tailed weights
-            layer.weight.pow_(3)
-        if seed % 5 == 0:  # many equal magnitudes: ties everywhere
-            layer.weight.copy_(layer.weight.sign() * weight_scale)
-    return layer
+    """The property test's layer (tests/test_properties.py) with budgeted-rounding quantizers."""
+    return layer_for(variant, k, out, m, p, n, signed, seed, weight_scale, quants=quants)
 
 
 def train_steps(layer, x, steps, lr):

@@ -22,9 +22,11 @@ def per_tensor(quant):
                 {"scaling_per_output_type": ScalingPerOutputType.TENSOR})
 
 
-def layer_for(variant, k, out, m, p, n, signed, seed, weight_scale):
+def layer_for(variant, k, out, m, p, n, signed, seed, weight_scale, quants=QUANTS):
+    """A QuantLinear with ``quants[variant]`` weights and random weights of varied shapes: scaled,
+    heavy-tailed (every third seed), or all of one magnitude (every fifth seed: rounding ties)."""
     torch.manual_seed(seed)
-    layer = QuantLinear(k, out, bias=False, weight_quant=QUANTS[variant], weight_bit_width=m,
+    layer = QuantLinear(k, out, bias=False, weight_quant=quants[variant], weight_bit_width=m,
                         weight_accumulator_bit_width=p, input_bit_width=n,
                         input_quant=Int8ActPerTensorFloat if signed else Uint8ActPerTensorFloat)
     with torch.no_grad():
