@@ -35,8 +35,7 @@ from finn_flow.hls_arith import LayerExtremes
 from finn_flow.preflight import check_activation_quantizers
 from finn_flow.report import totals
 from finn_flow.steps import insert_a2q_steps, make_accumulator_step, make_verify_step
-from finn_flow.streamline import check_residual_adds, step_a2q_check_hw_layers
-from finn_flow.ties import step_a2q_round_half_even, step_a2q_round_half_even_streamlined
+from finn_flow.streamline import check_residual_adds
 from finn_flow.verify import (
     EXECUTORS,
     STAGE_CPPSIM,
@@ -296,21 +295,19 @@ def build(
     from finn.builder import build_dataflow_config as bdc
 
     state: dict = {}
-    accumulators = _recording_errors(make_accumulator_step(
+    accumulators = make_accumulator_step(
         force_accumulator_bits, lut_estimates,
-        on_result=lambda layers, reports: state.update(layers=layers, reports=reports)), state)
-    verify_step = _recording_errors(make_verify_step(
+        on_result=lambda layers, reports: state.update(layers=layers, reports=reports))
+    verify_step = make_verify_step(
         verify_sets, qonnx_model, executors=verify,
         on_result=lambda results, plan, extremes: state.update(
-            verification=results, plan=plan, extremes=extremes)), state) if verify else None
+            verification=results, plan=plan, extremes=extremes)) if verify else None
     if steps is None:
         steps = (bdc.estimate_only_dataflow_steps if set(outputs) == {"estimate"}
                  else bdc.default_build_dataflow_steps)
-    step_list = insert_a2q_steps(steps, accumulators=accumulators, verify=verify_step,
-                                 check=_recording_errors(step_a2q_check_hw_layers, state),
-                                 ties=_recording_errors(step_a2q_round_half_even, state),
-                                 ties_streamlined=_recording_errors(
-                                     step_a2q_round_half_even_streamlined, state))
+    step_list = [_recording_errors(step, state) if callable(step) else step
+                 for step in insert_a2q_steps(steps, accumulators=accumulators,
+                                              verify=verify_step)]
     out.mkdir(parents=True, exist_ok=True)
     with build_session(out / "finn_build"):
         if "cppsim" in verify:
