@@ -381,24 +381,26 @@ def infer_thresholding_layer():
     return InferThresholdingLayer
 
 
-def high_bit_quant_rounds_half_up() -> bool:
-    """Whether FINN turns activation ``Quant`` nodes wider than its MultiThreshold limit (8 bits)
-    into hardware that rounds half up: FINN+ 1.6.1's ``InferRequantLayer`` does (``floor(x + 0.5)``);
-    upstream dev leaves them unconverted. Without FINN: False."""
+def _finn_plus_installed() -> bool:
+    """Whether the importable FINN is FINN+ (False without FINN)."""
     try:
         return detect_finn().flavour == PLUS
     except FinnUnavailableError:
         return False
+
+
+def high_bit_quant_rounds_half_up() -> bool:
+    """Whether FINN turns activation ``Quant`` nodes wider than its MultiThreshold limit (8 bits)
+    into hardware that rounds half up: FINN+ 1.6.1's ``InferRequantLayer`` does (``floor(x + 0.5)``);
+    upstream dev leaves them unconverted. Without FINN: False."""
+    return _finn_plus_installed()
 
 
 def unsigned_identity_quant_supported() -> bool:
     """Whether FINN converts an unsigned identity ``Quant`` (not after a ReLU) into thresholds:
     FINN+ 1.6.1's ``QuantIdentityHandler`` does (level offset 0); upstream FINN dev's raises "FINN
     only supports signed Quant nodes for identity activations". Without FINN: False (the stricter)."""
-    try:
-        return detect_finn().flavour == PLUS
-    except FinnUnavailableError:
-        return False
+    return _finn_plus_installed()
 
 
 def xilinx_tools_configured() -> bool:
