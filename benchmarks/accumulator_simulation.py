@@ -27,11 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Subset, TensorDataset
 
-from brevitas_a2q.accumulator_sim import evaluate_accuracy, finetune, simulate_accumulators
-from brevitas_a2q.data import load_digits, load_idx_dataset
 from brevitas_a2q.errors import A2QInputError
 from brevitas_a2q.io import atomic_output
-from brevitas_a2q.models import build_cnn
+from brevitas_a2q.sim.evaluate import evaluate_accuracy, finetune
+from brevitas_a2q.sim.layers import simulate_accumulators
+from brevitas_a2q.train.data import load_digits, load_idx_dataset
+from brevitas_a2q.train.models import build_cnn
 
 COST_MODES = ("int16-wrap", "int12-wrap", "int12-sat", "int12-sat-c32", "fp12-e4m7",
               "fp12-e4m7-c16")
@@ -77,7 +78,7 @@ def cost_ratios(batch: torch.Tensor, reps: int) -> dict:
 
 
 def _train(quant, bits, train, epochs, seed=0):
-    from brevitas_a2q.training import train_epochs
+    from brevitas_a2q.train.loop import train_epochs
 
     torch.manual_seed(seed)
     model = build_cnn(quant, acc_bits=bits if quant != "none" else None, image_size=28)
@@ -140,7 +141,7 @@ def _series(rows: list[dict]) -> dict[str, list[tuple[int, float, int]]]:
 def _plot(rows: list[dict], path, exact: float | None = None) -> None:
     """Accuracy vs P per method and accumulator; hollow markers where the accumulator
     overflowed on the test set, filled where it never did. Writes a PNG to ``path``."""
-    from brevitas_a2q.plots import legend_outside, pyplot
+    from brevitas_a2q.analysis.plots import legend_outside, pyplot
 
     plt = pyplot()
     series = _series(rows)

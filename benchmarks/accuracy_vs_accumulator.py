@@ -93,7 +93,7 @@ def _init_worker(data_dir: str | None, test_limit: int | None) -> None:
 
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
-    from brevitas_a2q.data import load_idx_dataset
+    from brevitas_a2q.train.data import load_idx_dataset
 
     train, test = load_idx_dataset("fashion-mnist", data_dir)
     if test_limit:
@@ -109,9 +109,9 @@ def _subset(seed: int, n: int) -> torch.utils.data.Dataset:
 
 def train_float(seed: int, epochs: int, lr: float, batch: int) -> dict:
     """Float baseline of one seed; returns its row and state dict."""
-    from brevitas_a2q.accumulator_sim import evaluate_accuracy
-    from brevitas_a2q.models import build_float_cnn
-    from brevitas_a2q.training import train_epochs
+    from brevitas_a2q.sim.evaluate import evaluate_accuracy
+    from brevitas_a2q.train.loop import train_epochs
+    from brevitas_a2q.train.models import build_float_cnn
 
     start = time.perf_counter()
     torch.manual_seed(seed)
@@ -127,10 +127,11 @@ def train_float(seed: int, epochs: int, lr: float, batch: int) -> dict:
 def train_quantized(label: str, quant: str, init: str, bits: list[int], seed: int, steps: int,
                     lr: float, batch: int, float_state: dict | None) -> list[dict]:
     """Train one model (one P, or all P for plain QAT) and evaluate it at P-bit accumulators."""
-    from brevitas_a2q.accumulator_sim import evaluate_accuracy
-    from brevitas_a2q.audit import accumulator_report
-    from brevitas_a2q.models import build_cnn, build_float_cnn, copy_float_weights
-    from brevitas_a2q.training import euclidean_projection_init, train_epochs
+    from brevitas_a2q.analysis.audit import accumulator_report
+    from brevitas_a2q.sim.evaluate import evaluate_accuracy
+    from brevitas_a2q.train.ep_init import euclidean_projection_init
+    from brevitas_a2q.train.loop import train_epochs
+    from brevitas_a2q.train.models import build_cnn, build_float_cnn, copy_float_weights
 
     start = time.perf_counter()
     torch.manual_seed(seed)
@@ -173,9 +174,10 @@ def train_rounding_case(quant: str, rounding: str, init: str, placement: str, p:
                         float_accuracy: float | None) -> list[dict]:
     """One model of the rounding study: build (target P on conv2 or on every layer), optional
     EP-init from the seed's float checkpoint, train, audit exactly, test."""
-    from brevitas_a2q.audit import accumulator_report, capture_layers
-    from brevitas_a2q.models import build_cnn, build_float_cnn, copy_float_weights
-    from brevitas_a2q.training import accuracy, euclidean_projection_init, train_epochs
+    from brevitas_a2q.analysis.audit import accumulator_report, capture_layers
+    from brevitas_a2q.train.ep_init import euclidean_projection_init
+    from brevitas_a2q.train.loop import accuracy, train_epochs
+    from brevitas_a2q.train.models import build_cnn, build_float_cnn, copy_float_weights
 
     start = time.perf_counter()
     row = {"method": rounding_label(quant, rounding, init), "quant": quant, "rounding": rounding,
@@ -330,7 +332,7 @@ def rounding_table(summary: dict, bits: list[int], float_mean: float | None) -> 
 def plot_rounding(summary: dict, bits: list[int], float_mean: float | None, path: Path) -> None:
     """Two panels (target on conv2 only; every layer at P): accuracy vs P per method; solid
     lines budgeted rounding, dashed round-to-zero; circles default init, squares EP-init."""
-    from brevitas_a2q.plots import legend_outside, pyplot
+    from brevitas_a2q.analysis.plots import legend_outside, pyplot
 
     plt = pyplot()
     xs = sorted(bits)
@@ -500,7 +502,7 @@ def plot(summary: dict, bits: list[int], path: Path) -> None:
     """Two panels: every method on the full 0-100% range, and a zoom on the top of the range
     where the methods differ. Curves that coincide are offset sideways and drawn with distinct
     markers; a row identical to Brevitas's says so in the legend. Writes a PNG to ``path``."""
-    from brevitas_a2q.plots import legend_outside, pyplot
+    from brevitas_a2q.analysis.plots import legend_outside, pyplot
 
     plt = pyplot()
     xs = sorted(bits)

@@ -11,7 +11,7 @@ built from brevitas.nn layers. Timed side by side in one run, alternating, media
 * ``ours (same model)``: :func:`brevitas_a2q.export_qonnx` of that same model;
 * ``ours (A2QWeightQuant)``: :func:`brevitas_a2q.export_qonnx` of the model with our quantizer
   (Brevitas's export, exact weights, qonnx cleanup, accumulator records, written to disk);
-* ``report (analyze file)``: :func:`brevitas_a2q.qonnx_analysis.analyze_accumulators` of our file
+* ``report (analyze file)``: :func:`brevitas_a2q.analysis.qonnx_analysis.analyze_accumulators` of our file
   (what ``a2q report`` computes).
 
 The headline ratio, "export + report / Brevitas export", is (ours (A2QWeightQuant) + report) /
@@ -46,7 +46,7 @@ from qonnx.util.cleanup import cleanup_model
 from torch import nn
 
 from brevitas_a2q import A2QWeightQuant, export_qonnx
-from brevitas_a2q.qonnx_analysis import analyze_accumulators
+from brevitas_a2q.analysis.qonnx_analysis import analyze_accumulators
 
 RESULTS = Path(__file__).parent / "results" / "export_speed.json"
 

@@ -42,11 +42,12 @@ import torch
 from qonnx.core.modelwrapper import ModelWrapper
 from qonnx.custom_op.registry import getCustomOp
 
-from brevitas_a2q.data import load_digits
-from brevitas_a2q.export import export_qonnx
+from brevitas_a2q.export.qonnx import export_qonnx
 from brevitas_a2q.io import atomic_output
-from brevitas_a2q.models import build_cnn, build_mlp
-from brevitas_a2q.training import accuracy, euclidean_projection_init, train_one_epoch
+from brevitas_a2q.train.data import load_digits
+from brevitas_a2q.train.ep_init import euclidean_projection_init
+from brevitas_a2q.train.loop import accuracy, train_one_epoch
+from brevitas_a2q.train.models import build_cnn, build_mlp
 from finn_flow import build, finn_available
 from finn_flow.finn_compat import detect_finn
 

@@ -36,7 +36,7 @@ from brevitas.quant import (
 )
 
 from brevitas_a2q import A2QPlusWeightQuant, A2QWeightQuant
-from brevitas_a2q.models import build_cnn
+from brevitas_a2q.train.models import build_cnn
 
 METHODS = ("a2q", "brevitas-a2q", "a2q+", "brevitas-a2q+", "none")
 SWEEP_QUANTS = {"a2q": A2QWeightQuant, "brevitas-a2q": Int8AccumulatorAwareWeightQuant,

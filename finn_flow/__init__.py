@@ -7,12 +7,12 @@ holds every difference between them. Our build steps are in :mod:`finn_flow.step
 The graph pass (:class:`SetProvenAccumulatorWidths`) and the reports need only qonnx.
 """
 
-from finn_flow.accumulators import LayerWidths, SetProvenAccumulatorWidths
 from finn_flow.build import BuildResult, build
 from finn_flow.demo import demo_build
 from finn_flow.environment import FinnStatus, cppsim_available, finn_available
 from finn_flow.errors import FinnBuildError, FinnUnavailableError
 from finn_flow.finn_compat import FINN_COMMIT, FINN_PLUS_VERSION
+from finn_flow.steps.accumulators import LayerWidths, SetProvenAccumulatorWidths
 
 __all__ = [
     "FINN_COMMIT",

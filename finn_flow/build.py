@@ -18,10 +18,8 @@ from pathlib import Path
 import numpy as np
 from qonnx.core.modelwrapper import ModelWrapper
 
+from brevitas_a2q.analysis.records import read_records
 from brevitas_a2q.errors import A2QInputError
-from brevitas_a2q.records import read_records
-from finn_flow.accumulators import LayerWidths
-from finn_flow.cppsim import NodeExecution
 from finn_flow.environment import prepare_cppsim
 from finn_flow.errors import FinnBuildError
 from finn_flow.finn_compat import (
@@ -31,20 +29,21 @@ from finn_flow.finn_compat import (
     import_builder,
     run_build,
 )
-from finn_flow.hls_arith import LayerExtremes
-from finn_flow.preflight import check_activation_quantizers
-from finn_flow.report import totals
-from finn_flow.steps import insert_a2q_steps, make_accumulator_step, make_verify_step
-from finn_flow.streamline import check_residual_adds
-from finn_flow.verify import (
+from finn_flow.steps.accumulators import LayerWidths
+from finn_flow.steps.pipeline import insert_a2q_steps, make_accumulator_step, make_verify_step
+from finn_flow.steps.preflight import check_activation_quantizers
+from finn_flow.steps.report import totals
+from finn_flow.steps.streamline import check_residual_adds
+from finn_flow.verify.compare import (
     EXECUTORS,
     STAGE_CPPSIM,
     STAGE_WIDTHS,
     VerificationResult,
-    extreme_inputs,
     first_differences,
-    random_inputs,
 )
+from finn_flow.verify.cppsim import NodeExecution
+from finn_flow.verify.hls_arith import LayerExtremes
+from finn_flow.verify.inputs import extreme_inputs, random_inputs
 
 __all__ = ["OUTPUTS", "BuildResult", "FinnBuildError", "build"]
 

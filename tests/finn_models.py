@@ -22,9 +22,9 @@ from brevitas.nn import QuantConv2d, QuantConvTranspose2d, QuantIdentity, QuantL
 from brevitas.quant import Int8ActPerTensorFloat, Uint8ActPerTensorFloat
 from torch import nn
 
-from brevitas_a2q.data import load_digits
-from brevitas_a2q.models import build_cnn, weight_quant_kwargs
-from brevitas_a2q.training import euclidean_projection_init
+from brevitas_a2q.train.data import load_digits
+from brevitas_a2q.train.ep_init import euclidean_projection_init
+from brevitas_a2q.train.models import build_cnn, weight_quant_kwargs
 
 __all__ = ["MODELS", "build_dwsep_residual", "build_espcn", "build_resnet", "build_w8a8_cnn",
            "espcn_data", "trained"]
@@ -140,7 +140,7 @@ def build_espcn(quant: str = "a2q+", acc_bits: int = 13, channels: int = 8,
 
 
 def build_w8a8_cnn(quant: str = "a2q+", acc_bits: int = 16) -> nn.Module:
-    """The package's CNN (:func:`brevitas_a2q.models.build_cnn`) with 8-bit weights and
+    """The package's CNN (:func:`brevitas_a2q.train.models.build_cnn`) with 8-bit weights and
     activations."""
     return build_cnn(quant, weight_bits=8, act_bits=8, acc_bits=acc_bits, channels=(4, 8))
 

@@ -11,16 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from brevitas_a2q.accumulator_sim import (
-    AccumulatorConfig,
-    parse_accumulator,
-    simulate_accumulators,
-    simulate_matmul,
-)
-from brevitas_a2q.audit import capture_layers
-from brevitas_a2q.data import load_digits
+from brevitas_a2q.analysis.audit import capture_layers
 from brevitas_a2q.errors import A2QInputError
-from brevitas_a2q.models import build_cnn, build_mlp
+from brevitas_a2q.sim.config import AccumulatorConfig, parse_accumulator
+from brevitas_a2q.sim.gradients import simulate_matmul
+from brevitas_a2q.sim.layers import simulate_accumulators
+from brevitas_a2q.train.data import load_digits
+from brevitas_a2q.train.models import build_cnn, build_mlp
 
 torch.set_num_threads(1)
 
@@ -385,7 +382,7 @@ def test_conv_chain_matches_wrap_when_nothing_overflows():
 
 
 def _train(quant, bits, epochs=3, seed=0):
-    from brevitas_a2q.training import train_epochs
+    from brevitas_a2q.train.loop import train_epochs
 
     torch.manual_seed(seed)
     train, test = load_digits()
@@ -397,7 +394,7 @@ def _train(quant, bits, epochs=3, seed=0):
 @pytest.mark.slow
 @pytest.mark.parametrize("quant", ["a2q", "a2q+"])
 def test_a2q_models_never_overflow_at_their_target(quant):
-    from brevitas_a2q.accumulator_sim import evaluate_accuracy
+    from brevitas_a2q.sim.evaluate import evaluate_accuracy
 
     bits = 12
     model, test = _train(quant, bits)
@@ -411,7 +408,7 @@ def test_a2q_models_never_overflow_at_their_target(quant):
 
 @pytest.mark.slow
 def test_unconstrained_model_overflows_at_same_target():
-    from brevitas_a2q.accumulator_sim import evaluate_accuracy
+    from brevitas_a2q.sim.evaluate import evaluate_accuracy
 
     model, test = _train("none", 12)
     _, stats = evaluate_accuracy(model, test, "int12-wrap")
@@ -421,7 +418,7 @@ def test_unconstrained_model_overflows_at_same_target():
 
 @pytest.mark.slow
 def test_finetune_under_simulated_accumulator_runs_and_learns():
-    from brevitas_a2q.accumulator_sim import evaluate_accuracy, finetune
+    from brevitas_a2q.sim.evaluate import evaluate_accuracy, finetune
 
     torch.manual_seed(0)
     train, test = load_digits()
@@ -440,7 +437,7 @@ def test_finetune_under_simulated_accumulator_runs_and_learns():
 @pytest.mark.parametrize("seed", range(6))
 def test_fast_path_equals_the_step_by_step_chain(spec, seed):
     # the fast path (no per-step events needed) must give the same bits and counts as the loop
-    from brevitas_a2q.accumulator_sim import _run_chain
+    from brevitas_a2q.sim.chain import _run_chain
 
     gen = torch.Generator().manual_seed(seed)
     x = torch.randint(-8, 8, (7, 37), generator=gen).double() * (0.5 if seed % 2 else 1.0)

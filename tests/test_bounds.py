@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from qonnx.core.datatype import DataType
 from qonnx.util.basic import calculate_matvec_accumulator_range
 
-from brevitas_a2q import bounds
+from brevitas_a2q.quant import bounds
 
 
 @pytest.mark.parametrize("signed", [True, False])

@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 import torch
 
-from brevitas_a2q.checkpoint import save_checkpoint
 from brevitas_a2q.cli import main
-from brevitas_a2q.export import export_qonnx
-from brevitas_a2q.models import build_cnn
+from brevitas_a2q.export.qonnx import export_qonnx
+from brevitas_a2q.train.checkpoint import save_checkpoint
+from brevitas_a2q.train.models import build_cnn
 
 A2Q = Path(sys.executable).with_name("a2q")
 KWARGS = {"quant": "a2q+", "weight_bits": 4, "act_bits": 4, "acc_bits": 12,

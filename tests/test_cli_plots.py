@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from brevitas_a2q.analysis.plots import accumulator_widths_plot
 from brevitas_a2q.cli.report import load_qonnx, report_model
-from brevitas_a2q.export import export_qonnx
-from brevitas_a2q.models import build_cnn
-from brevitas_a2q.plots import accumulator_widths_plot
+from brevitas_a2q.export.qonnx import export_qonnx
+from brevitas_a2q.train.models import build_cnn
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -17,7 +17,7 @@ import time
 import pytest
 import torch
 
-from brevitas_a2q.checkpoint import load_checkpoint
+from brevitas_a2q.train.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.slow
 

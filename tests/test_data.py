@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from brevitas_a2q.data import IDX_FILES, load_dataset, load_idx_dataset, read_idx
 from brevitas_a2q.errors import A2QInputError
+from brevitas_a2q.train.data import IDX_FILES, load_dataset, load_idx_dataset, read_idx
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 

@@ -13,10 +13,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from brevitas_a2q import bounds
-from brevitas_a2q.audit import capture_layers
-from brevitas_a2q.checkpoint import load_checkpoint, save_checkpoint
-from brevitas_a2q.models import build_mlp
+from brevitas_a2q.analysis.audit import capture_layers
+from brevitas_a2q.quant import bounds
+from brevitas_a2q.train.checkpoint import load_checkpoint, save_checkpoint
+from brevitas_a2q.train.models import build_mlp
 
 KWARGS = {"quant": "a2q+", "acc_bits": 12, "hidden": [32]}
 WORLD = 2

@@ -7,7 +7,7 @@ from brevitas.quant import Int8ActPerTensorFloat
 from torch import nn
 
 from brevitas_a2q import A2QPlusWeightQuant, A2QWeightQuant
-from brevitas_a2q.audit import accumulator_report
+from brevitas_a2q.analysis.audit import accumulator_report
 from brevitas_a2q.errors import A2QInputError
 
 

@@ -7,12 +7,12 @@ import json
 import pytest
 import torch
 
-from brevitas_a2q.accumulator_sim import evaluate_accuracy
-from brevitas_a2q.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
 from brevitas_a2q.cli import main
-from brevitas_a2q.data import load_digits
 from brevitas_a2q.errors import A2QInputError
-from brevitas_a2q.models import build_mlp
+from brevitas_a2q.sim.evaluate import evaluate_accuracy
+from brevitas_a2q.train.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
+from brevitas_a2q.train.data import load_digits
+from brevitas_a2q.train.models import build_mlp
 
 torch.set_num_threads(1)
 
@@ -21,7 +21,7 @@ KWARGS = {"quant": "none", "weight_bits": 4, "act_bits": 4, "hidden": (32,)}
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    from brevitas_a2q.training import train_epochs
+    from brevitas_a2q.train.loop import train_epochs
 
     torch.manual_seed(0)
     model = build_mlp(**KWARGS)

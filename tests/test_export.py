@@ -1,6 +1,6 @@
 """Exact QONNX export: the file computes what Brevitas computes, and its integer weights satisfy
 the recorded accumulator bounds (oracles: qonnx execute_onnx, Brevitas's own quantized weights,
-the closed-form bounds of brevitas_a2q.bounds)."""
+the closed-form bounds of brevitas_a2q.quant.bounds)."""
 
 from __future__ import annotations
 
@@ -34,13 +34,14 @@ from qonnx.transformation.lower_convs_to_matmul import LowerConvsToMatMul
 from qonnx.util.cleanup import cleanup_model
 from torch import nn
 
-from brevitas_a2q import bounds, export_qonnx
-from brevitas_a2q.audit import accumulator_report, capture_layers
+from brevitas_a2q import export_qonnx
+from brevitas_a2q.analysis.audit import accumulator_report, capture_layers
+from brevitas_a2q.analysis.qonnx_analysis import accumulating_nodes, analyze_accumulators
+from brevitas_a2q.analysis.records import read_records, weight_fingerprint
 from brevitas_a2q.errors import A2QInputError
-from brevitas_a2q.models import build_cnn, build_mlp
-from brevitas_a2q.qonnx_analysis import accumulating_nodes, analyze_accumulators
-from brevitas_a2q.quantizers import A2QPlusWeightQuant, A2QWeightQuant
-from brevitas_a2q.records import read_records, weight_fingerprint
+from brevitas_a2q.quant import bounds
+from brevitas_a2q.quant.quantizers import A2QPlusWeightQuant, A2QWeightQuant
+from brevitas_a2q.train.models import build_cnn, build_mlp
 
 torch.set_num_threads(1)
 
@@ -342,12 +343,12 @@ def test_brevitas_export_then_ours_then_brevitas_again(tmp_path):
 
 
 def test_brevitas_exporters_work_after_importing_only_the_quantizers():
-    """What a user writes: import our quantizer, export with Brevitas (no brevitas_a2q.export)."""
+    """What a user writes: import our quantizer, export with Brevitas (no brevitas_a2q.export.qonnx)."""
     import subprocess
     import sys
 
     code = ("import torch; from brevitas.export import export_qonnx; "
-            "from brevitas_a2q.quantizers import A2QWeightQuant; "
+            "from brevitas_a2q.quant.quantizers import A2QWeightQuant; "
             "from brevitas.nn import QuantLinear; from brevitas.quant import Int8ActPerTensorFloat; "
             "m = QuantLinear(8, 2, weight_quant=A2QWeightQuant, weight_accumulator_bit_width=16, "
             "input_quant=Int8ActPerTensorFloat).eval(); "

@@ -16,13 +16,13 @@ from qonnx.core.datatype import DataType
 from qonnx.core.modelwrapper import ModelWrapper
 from qonnx.util.basic import qonnx_make_model
 
-from brevitas_a2q.bounds import l1_norm_bound
+from brevitas_a2q.analysis.records import AccumulatorRecord, weight_fingerprint
 from brevitas_a2q.errors import A2QInputError, AccumulatorOverflowError
-from brevitas_a2q.records import AccumulatorRecord, weight_fingerprint
+from brevitas_a2q.quant.bounds import l1_norm_bound
 from finn_flow import FINN_COMMIT, SetProvenAccumulatorWidths, finn_available
-from finn_flow.accumulators import FINN_DOMAIN, integer_weights, range_datatype
-from finn_flow.report import summary_markdown, write_reports
-from finn_flow.verify import extreme_inputs
+from finn_flow.steps.accumulators import FINN_DOMAIN, integer_weights, range_datatype
+from finn_flow.steps.report import summary_markdown, write_reports
+from finn_flow.verify.inputs import extreme_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -294,7 +294,7 @@ def test_a_finn_that_fails_to_import_is_reported_not_raised():
     assert verdict == "False" and "does not import" in reason and "finn deps update" in reason
 
 
-# --- cppsim plan: which layers the available finn-hlslib can compile (finn_flow.cppsim) ---
+# --- cppsim plan: which layers the available finn-hlslib can compile (finn_flow.verify.cppsim) ---
 
 OLD_POOL_API = """
 /* a comment mentioning template<typename T> class MaxPoolFunction must not count */
@@ -333,7 +333,7 @@ def _dataflow_graph(*op_types):
 
 
 def test_hlslib_api_check_tells_old_from_new_pool_api(tmp_path):
-    from finn_flow.cppsim import HLSLIB_API, missing_api
+    from finn_flow.verify.cppsim import HLSLIB_API, missing_api
 
     uses = HLSLIB_API["Pool_hls"]["MaxPool"]
     (tmp_path / "old").mkdir()
@@ -347,7 +347,7 @@ def test_hlslib_api_check_tells_old_from_new_pool_api(tmp_path):
 
 
 def test_cppsim_plan_runs_only_non_accumulating_layers_in_python(tmp_path):
-    from finn_flow.cppsim import plan_cppsim
+    from finn_flow.verify.cppsim import plan_cppsim
 
     (tmp_path / "old").mkdir()
     old = _hlslib(tmp_path / "old", OLD_POOL_API)

@@ -1,5 +1,5 @@
 """finn_flow with FINN (pinned dev commit): estimate builds of A2Q models exported by
-brevitas_a2q.export, widths within target, and C++ simulation bit-exact; a model without A2Q forced
+brevitas_a2q.export.qonnx, widths within target, and C++ simulation bit-exact; a model without A2Q forced
 to the same narrow widths must be caught. Skipped, naming what is missing, where FINN is not
 importable."""
 
@@ -17,9 +17,9 @@ import torch
 from finn_models import trained_on_digits  # tests/ is on sys.path
 from qonnx.core.modelwrapper import ModelWrapper
 
-from brevitas_a2q.data import load_digits
-from brevitas_a2q.export import export_qonnx
-from brevitas_a2q.models import build_cnn, build_mlp
+from brevitas_a2q.export.qonnx import export_qonnx
+from brevitas_a2q.train.data import load_digits
+from brevitas_a2q.train.models import build_cnn, build_mlp
 from finn_flow import build, cppsim_available, demo_build, finn_available
 from finn_flow.luts import lut_at_width
 
@@ -178,7 +178,7 @@ def test_cppsim_bit_exact_for_a2q_cnn(exported, tmp_path):
     """conv, max pooling, fully connected: every MVAU and the input thresholds C++-simulated,
     bit-exact on random, real and extreme inputs; layers the available finn-hlslib cannot compile
     (FINN dev's Pool_hls on a finn-hlslib without its API) run in Python and are named."""
-    from finn_flow.cppsim import HLSLIB_API, hlslib_dir, missing_api
+    from finn_flow.verify.cppsim import HLSLIB_API, hlslib_dir, missing_api
 
     real = load_digits()[1].tensors[0][:5].numpy()
     result = build(exported["cnn_a2q"], tmp_path / "out", verify=["cppsim"], verify_inputs=real,

@@ -21,13 +21,13 @@ import torch
 from finn_models import MODELS, build_dwsep_residual, trained  # tests/ is on sys.path
 from qonnx.core.modelwrapper import ModelWrapper
 
-from brevitas_a2q.data import load_digits
+from brevitas_a2q.analysis.records import AccumulatorRecord
 from brevitas_a2q.errors import A2QInputError
-from brevitas_a2q.export import export_qonnx
-from brevitas_a2q.records import AccumulatorRecord
+from brevitas_a2q.export.qonnx import export_qonnx
+from brevitas_a2q.train.data import load_digits
 from finn_flow import build, finn_available
-from finn_flow.accumulators import LayerWidths
-from finn_flow.verify import random_inputs, run_qonnx
+from finn_flow.steps.accumulators import LayerWidths
+from finn_flow.verify.inputs import random_inputs, run_qonnx
 
 FINN_OK, FINN_REASON = finn_available()
 
@@ -236,7 +236,7 @@ def test_unquantized_residual_branch_refused_before_finn(tmp_path):
 def test_record_without_finn_layer_is_an_error_naming_it():
     """A recorded layer that no MVAU/VVAU matched (left outside the accelerator) fails the
     accumulator step, naming the layer."""
-    from finn_flow.steps import _check_all_records_matched
+    from finn_flow.steps.pipeline import _check_all_records_matched
 
     def record(layer, fp):
         return AccumulatorRecord(layer=layer, node=f"{layer}_node", op_type="Conv", weight="w",

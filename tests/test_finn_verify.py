@@ -31,25 +31,25 @@ from qonnx.core.datatype import DataType
 from qonnx.core.modelwrapper import ModelWrapper
 from qonnx.util.basic import qonnx_make_model
 
-from brevitas_a2q.data import load_digits
-from brevitas_a2q.export import export_qonnx
-from brevitas_a2q.models import build_cnn, build_mlp, weight_quant_kwargs
+from brevitas_a2q.export.qonnx import export_qonnx
+from brevitas_a2q.train.data import load_digits
+from brevitas_a2q.train.models import build_cnn, build_mlp, weight_quant_kwargs
 from finn_flow import build, cppsim_available, finn_available
-from finn_flow.accumulators import FINN_DOMAIN, range_datatype
-from finn_flow.hls_arith import (
+from finn_flow.steps.accumulators import FINN_DOMAIN, range_datatype
+from finn_flow.verify.compare import (
+    STAGE_CONVERSION,
+    STAGE_CPPSIM,
+    STAGE_WIDTHS,
+    VerificationResult,
+    first_differences,
+)
+from finn_flow.verify.hls_arith import (
     HLS_ARITH_DOMAIN,
     ToHlsArith,
     check_layer_extremes,
     extreme_vectors,
     threshold_step,
     wrap_twos_complement,
-)
-from finn_flow.verify import (
-    STAGE_CONVERSION,
-    STAGE_CPPSIM,
-    STAGE_WIDTHS,
-    VerificationResult,
-    first_differences,
 )
 
 FINN_OK, FINN_REASON = finn_available()
@@ -465,7 +465,7 @@ def test_a_difference_already_in_finns_graph_is_attributed_to_the_conversion(exp
     """A QONNX model that FINN's graph does not compute (here: its output bias changed after the
     build) is reported at the first stage, FINN's conversion, not at the widths set."""
     from finn_flow.build import BuildResult
-    from finn_flow.verify import verify_hls_arith
+    from finn_flow.verify.executors import verify_hls_arith
 
     _build(exported, tmp_path, "mlp_a2q", random_count=1)
     qonnx = ModelWrapper(str(exported["mlp_a2q"]))
@@ -510,7 +510,7 @@ def test_single_node_cppsim_agrees_with_hls_arith_at_the_extremes(case, tmp_path
     """Hand-built nodes whose accumulators wrap at every channel's extremes: the C++-simulated
     node (finn-hlslib compiled) gives exactly hls-arith's outputs."""
     from finn_flow.finn_compat import build_session
-    from finn_flow.verify import cppsim_layer_extremes
+    from finn_flow.verify.executors import cppsim_layer_extremes
 
     model = _hand_built_cases()[case]
     [hls] = check_layer_extremes(model)

@@ -11,8 +11,9 @@ from brevitas.quant import Int8ActPerTensorFloat, Uint8ActPerTensorFloat
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from brevitas_a2q import A2QPlusWeightQuant, A2QWeightQuant, bounds
+from brevitas_a2q import A2QPlusWeightQuant, A2QWeightQuant
 from brevitas_a2q.errors import A2QInputError
+from brevitas_a2q.quant import bounds
 
 QUANTS = {"a2q": A2QWeightQuant, "a2q+": A2QPlusWeightQuant}
 

@@ -14,15 +14,15 @@ from qonnx.core.onnx_exec import execute_onnx
 from qonnx.transformation.infer_shapes import InferShapes
 from qonnx.util.basic import calculate_matvec_accumulator_range, qonnx_make_model
 
-from brevitas_a2q.errors import A2QInputError
-from brevitas_a2q.qonnx_analysis import (
+from brevitas_a2q.analysis.qonnx_analysis import (
     AnnotateAccumulatorDatatypes,
     accumulator_analysis,
     analyze_accumulators,
     node_input_datatype,
     node_integer_weights,
 )
-from brevitas_a2q.records import AccumulatorRecord, weight_fingerprint, write_records
+from brevitas_a2q.analysis.records import AccumulatorRecord, weight_fingerprint, write_records
+from brevitas_a2q.errors import A2QInputError
 
 QONNX = "qonnx.custom_op.general"
 

@@ -91,10 +91,10 @@ def test_a2q_command_is_accepted_by_the_parser(command):
 
 def test_readme_evaluate_commands_run(tmp_path, monkeypatch, capsys):
     """The evaluate commands, as written, on a small stand-in for the demo checkpoint."""
-    from brevitas_a2q.checkpoint import save_checkpoint
-    from brevitas_a2q.data import load_digits
-    from brevitas_a2q.models import build_cnn
-    from brevitas_a2q.training import train_epochs
+    from brevitas_a2q.train.checkpoint import save_checkpoint
+    from brevitas_a2q.train.data import load_digits
+    from brevitas_a2q.train.loop import train_epochs
+    from brevitas_a2q.train.models import build_cnn
 
     torch.set_num_threads(1)
     torch.manual_seed(0)

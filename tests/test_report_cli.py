@@ -15,7 +15,7 @@ from qonnx.util.basic import qonnx_make_model
 
 from brevitas_a2q import export_qonnx
 from brevitas_a2q.cli import main
-from brevitas_a2q.models import build_mlp
+from brevitas_a2q.train.models import build_mlp
 
 torch.set_num_threads(1)
 

@@ -12,12 +12,12 @@ import pytest
 import torch
 from qonnx.core.modelwrapper import ModelWrapper
 
-from brevitas_a2q.checkpoint import load_checkpoint
+from brevitas_a2q.analysis.records import read_records
 from brevitas_a2q.cli import main
 from brevitas_a2q.cli import train as train_cli
-from brevitas_a2q.data import IDX_FILES, load_digits
-from brevitas_a2q.records import read_records
-from brevitas_a2q.training import accuracy
+from brevitas_a2q.train.checkpoint import load_checkpoint
+from brevitas_a2q.train.data import IDX_FILES, load_digits
+from brevitas_a2q.train.loop import accuracy
 
 FAST = ["--no-progress", "--batch-size", "128"]
 

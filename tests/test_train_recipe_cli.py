@@ -10,17 +10,15 @@ import json
 import pytest
 import torch
 
-from brevitas_a2q.audit import accumulator_report, capture_layers
-from brevitas_a2q.checkpoint import load_checkpoint
+from brevitas_a2q.analysis.audit import accumulator_report, capture_layers
 from brevitas_a2q.cli import main
-from brevitas_a2q.data import load_digits
-from brevitas_a2q.models import build_cnn, build_float_cnn, copy_float_weights
-from brevitas_a2q.training import (
-    a2q_penalty,
-    accuracy,
-    euclidean_projection_init,
-    track_accumulator_inputs,
-)
+from brevitas_a2q.train.checkpoint import load_checkpoint
+from brevitas_a2q.train.data import load_digits
+from brevitas_a2q.train.ep_init import euclidean_projection_init
+from brevitas_a2q.train.loop import accuracy
+from brevitas_a2q.train.models import build_cnn, build_float_cnn, copy_float_weights
+from brevitas_a2q.train.penalty import a2q_penalty
+from brevitas_a2q.train.targets import track_accumulator_inputs
 
 FAST = ["--no-progress", "--batch-size", "128", "--epochs", "1", "--lr", "1e-2"]
 

@@ -23,21 +23,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from brevitas_a2q import A2QPlusWeightQuant, A2QWeightQuant, bounds, export_qonnx
-from brevitas_a2q.audit import accumulator_report
-from brevitas_a2q.data import load_digits
+from brevitas_a2q import A2QPlusWeightQuant, A2QWeightQuant, export_qonnx
+from brevitas_a2q.analysis.audit import accumulator_report
+from brevitas_a2q.analysis.qonnx_analysis import analyze_accumulators
 from brevitas_a2q.errors import A2QInputError
-from brevitas_a2q.models import build_cnn
-from brevitas_a2q.qonnx_analysis import analyze_accumulators
-from brevitas_a2q.training import (
-    a2q_penalty,
-    accumulator_targets,
-    accuracy,
-    euclidean_projection_init,
-    project_onto_l1_ball,
-    set_accumulator_bit_width,
-    train_epochs,
-)
+from brevitas_a2q.quant import bounds
+from brevitas_a2q.train.data import load_digits
+from brevitas_a2q.train.ep_init import euclidean_projection_init, project_onto_l1_ball
+from brevitas_a2q.train.loop import accuracy, train_epochs
+from brevitas_a2q.train.models import build_cnn
+from brevitas_a2q.train.penalty import a2q_penalty
+from brevitas_a2q.train.targets import accumulator_targets, set_accumulator_bit_width
 
 
 @pytest.fixture(scope="module")

@@ -80,15 +80,15 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace, paths: dict[str, Path]) -> int:
     import torch
 
-    from brevitas_a2q.audit import accumulator_report
-    from brevitas_a2q.checkpoint import save_checkpoint
+    from brevitas_a2q.analysis.audit import accumulator_report
     from brevitas_a2q.cli.report import format_report
     from brevitas_a2q.cli.train import report_warnings
-    from brevitas_a2q.data import load_digits
-    from brevitas_a2q.export import export_qonnx
+    from brevitas_a2q.export.qonnx import export_qonnx
     from brevitas_a2q.io import atomic_output
-    from brevitas_a2q.models import build_cnn
-    from brevitas_a2q.training import accuracy, train_epochs
+    from brevitas_a2q.train.checkpoint import save_checkpoint
+    from brevitas_a2q.train.data import load_digits
+    from brevitas_a2q.train.loop import accuracy, train_epochs
+    from brevitas_a2q.train.models import build_cnn
 
     torch.manual_seed(args.seed)
     train_set, test_set = load_digits(seed=args.seed)

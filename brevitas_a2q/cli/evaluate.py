@@ -1,5 +1,5 @@
 """``a2q evaluate CHECKPOINT --accumulator SPEC ...``: accuracy and per-layer overflow rates of a
-checkpoint under simulated low bit-width accumulators (:mod:`brevitas_a2q.accumulator_sim`)."""
+checkpoint under simulated low bit-width accumulators (:mod:`brevitas_a2q.sim`)."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description=DESCRIPTION, epilog=EXAMPLES,
         formatter_class=HelpFormatter,
     )
-    p.add_argument("checkpoint", type=Path, help="checkpoint file (brevitas_a2q.checkpoint/1)")
+    p.add_argument("checkpoint", type=Path, help="checkpoint file (brevitas_a2q.train.checkpoint/1)")
     p.add_argument("--accumulator", "-a", nargs="+", default=list(DEFAULT_ACCUMULATORS),
                    metavar="SPEC",
                    help=f"accumulators to simulate (default: {' '.join(DEFAULT_ACCUMULATORS)})")
@@ -87,7 +87,7 @@ def parse_layer_overrides(items: list[str]) -> dict:
 
 def _parse_specs(args: argparse.Namespace) -> tuple[list, dict]:
     """The accumulator configs and the --layer overrides, each spec checked (option named)."""
-    from brevitas_a2q.accumulator_sim import parse_accumulator
+    from brevitas_a2q.sim.config import parse_accumulator
 
     def parse(option: str, spec: str):
         try:
@@ -140,7 +140,7 @@ def _check_names(option: str, names, layers: list[str]) -> None:
 def _test_set(dataset: str, data_dir, seed: int, limit: int | None):
     import torch
 
-    from brevitas_a2q.data import load_dataset
+    from brevitas_a2q.train.data import load_dataset
 
     _, test = load_dataset(dataset, data_dir, seed=seed)
     if limit is not None:
@@ -152,8 +152,9 @@ def run(args: argparse.Namespace) -> int:
     """Load, plan which layer simulates what, evaluate, print."""
     import torch
 
-    from brevitas_a2q.accumulator_sim import _accumulating_layers, evaluate_accuracy
-    from brevitas_a2q.checkpoint import load_checkpoint
+    from brevitas_a2q.sim.evaluate import evaluate_accuracy
+    from brevitas_a2q.sim.layers import _accumulating_layers
+    from brevitas_a2q.train.checkpoint import load_checkpoint
 
     torch.set_num_threads(args.threads)
     configs, overrides = _parse_specs(args)

@@ -80,7 +80,7 @@ def report_model(model, targets: list[str] = (), name: str = "model"):
     """Analyze ``model`` (a qonnx ``ModelWrapper``). ``targets`` (``"P"`` for every node or
     ``"NODE_OR_LAYER=P"``) override what the file records. Raises :class:`A2QInputError` if the
     model has no quantized accumulator or a target names no node or layer."""
-    from brevitas_a2q.qonnx_analysis import analyze_accumulators
+    from brevitas_a2q.analysis.qonnx_analysis import analyze_accumulators
 
     default, named = parse_targets(list(targets))
     report = analyze_accumulators(model)
@@ -148,7 +148,7 @@ def _json(report) -> dict:
 
 
 def _plot(report, path: Path, overwrite: bool) -> None:
-    from brevitas_a2q.plots import accumulator_widths_plot
+    from brevitas_a2q.analysis.plots import accumulator_widths_plot
 
     fig = accumulator_widths_plot(report)
     with atomic_output(path, overwrite=overwrite) as tmp:

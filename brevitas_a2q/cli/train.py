@@ -61,7 +61,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description=paragraphs(
             "Train a small quantized CNN or MLP with accumulator-aware weights on digits "
             "(bundled), Fashion-MNIST or MNIST (IDX files, plain or .gz). Every epoch is saved "
-            "to OUT/model.pt (brevitas_a2q.checkpoint/1 with optimizer state); --resume "
+            "to OUT/model.pt (brevitas_a2q.train.checkpoint/1 with optimizer state); --resume "
             "continues bit-identically, also after Ctrl-C. At the end: test accuracy, the "
             "accumulator report of every layer, OUT/model.onnx (QONNX with accumulator "
             "records) and OUT/results.json. Every option is checked before training starts."),
@@ -214,7 +214,7 @@ def _check_args(args: argparse.Namespace) -> None:
         return
     overrides = _finetune_overrides(args)
     _check_names("--finetune-layer", overrides, layer_names(args))
-    from brevitas_a2q.accumulator_sim import parse_accumulator
+    from brevitas_a2q.sim.config import parse_accumulator
 
     for option, spec in (("--finetune-accumulator", args.finetune_accumulator),
                          *((f"--finetune-layer {k}", v) for k, v in overrides.items())):
@@ -250,7 +250,7 @@ def _config(args: argparse.Namespace, kwargs: dict) -> dict:
 
 
 def _build(arch: str, kwargs: dict) -> nn.Module:
-    from brevitas_a2q.models import build_cnn, build_mlp
+    from brevitas_a2q.train.models import build_cnn, build_mlp
 
     kwargs = dict(kwargs)
     if "hidden" in kwargs:
@@ -261,7 +261,7 @@ def _build(arch: str, kwargs: dict) -> nn.Module:
 def _load_data(args: argparse.Namespace):
     import torch
 
-    from brevitas_a2q.data import load_dataset
+    from brevitas_a2q.train.data import load_dataset
 
     train, test = load_dataset(args.dataset, args.data_dir, seed=args.seed)
     if args.train_limit is not None:
@@ -274,14 +274,14 @@ def _load_data(args: argparse.Namespace):
 
 
 def _save(path: Path, model: nn.Module, config: dict, extra: dict) -> None:
-    from brevitas_a2q.checkpoint import save_checkpoint
+    from brevitas_a2q.train.checkpoint import save_checkpoint
 
     save_checkpoint(path, model, config["arch"], config["model"], config["dataset"],
                     {"config": config, **extra}, overwrite=True)
 
 
 def _read_checkpoint(path: Path) -> dict:
-    from brevitas_a2q.checkpoint import read_payload
+    from brevitas_a2q.train.checkpoint import read_payload
 
     if not path.is_file():
         raise A2QInputError(f"--resume: {path} does not exist (start without --resume)")
@@ -316,8 +316,9 @@ def _pretrain_and_project(args, config, model, train, test, example) -> dict:
     """The EP-init phase: pretrain the float twin (or plain QAT), copy its weights, project."""
     import torch
 
-    from brevitas_a2q.models import copy_float_weights
-    from brevitas_a2q.training import accuracy, euclidean_projection_init, train_epochs
+    from brevitas_a2q.train.ep_init import euclidean_projection_init
+    from brevitas_a2q.train.loop import accuracy, train_epochs
+    from brevitas_a2q.train.models import copy_float_weights
 
     kwargs = config["model"]
     torch.manual_seed(args.seed)
@@ -342,7 +343,7 @@ def _pretrain_and_project(args, config, model, train, test, example) -> dict:
 
 def _float_twin(arch: str, kwargs: dict) -> nn.Module:
     """The float model with the quantized model's layer names and weight shapes."""
-    from brevitas_a2q.models import build_float_cnn, build_float_mlp
+    from brevitas_a2q.train.models import build_float_cnn, build_float_mlp
 
     if arch == "cnn":
         return build_float_cnn(kwargs["in_channels"], kwargs["image_size"])
@@ -403,7 +404,7 @@ def _train(args: argparse.Namespace, paths: dict[str, Path], progress: dict) -> 
     ``progress`` tells :func:`_interrupted` what was running and which epoch is saved."""
     import torch
 
-    from brevitas_a2q.training import accuracy, train_one_epoch
+    from brevitas_a2q.train.loop import accuracy, train_one_epoch
 
     train, test = _load_data(args)
     example = torch.stack([train[i][0] for i in range(min(256, len(train)))])
@@ -464,8 +465,8 @@ def _train(args: argparse.Namespace, paths: dict[str, Path], progress: dict) -> 
 
 def _load_for_resume(path: Path, model, config: dict) -> dict:
     """Read ``path``, check it comes from the same configuration, load the model's state and the
-    runtime state a state dict lacks (see :func:`brevitas_a2q.checkpoint.runtime_state`)."""
-    from brevitas_a2q.checkpoint import restore_runtime_state
+    runtime state a state dict lacks (see :func:`brevitas_a2q.train.checkpoint.runtime_state`)."""
+    from brevitas_a2q.train.checkpoint import restore_runtime_state
 
     payload = _read_checkpoint(path)
     diffs = _config_differences(payload["extra"]["config"], config)
@@ -492,7 +493,7 @@ def _extra(model, optimizer, schedule, state: dict) -> dict:
     """What a checkpoint of ``a2q train`` holds beside the state dict, for a bit-identical
     resume: optimizer, scheduler, the statistics Brevitas collects in its first training steps
     and the random number generators, and the run's progress."""
-    from brevitas_a2q.checkpoint import runtime_state
+    from brevitas_a2q.train.checkpoint import runtime_state
 
     return {"optimizer": optimizer.state_dict(), "scheduler": schedule.state_dict(),
             "runtime": runtime_state(model), **{k: v for k, v in state.items()}}
@@ -500,11 +501,11 @@ def _extra(model, optimizer, schedule, state: dict) -> dict:
 
 def _finish(args, model, config, state, train, test, example, paths, resumed_at: int,
             save) -> int:
-    from brevitas_a2q.audit import accumulator_report
+    from brevitas_a2q.analysis.audit import accumulator_report
     from brevitas_a2q.cli.report import format_report
-    from brevitas_a2q.export import export_qonnx
+    from brevitas_a2q.export.qonnx import export_qonnx
     from brevitas_a2q.io import atomic_output
-    from brevitas_a2q.training import accuracy
+    from brevitas_a2q.train.loop import accuracy
 
     finetuned = state.get("finetuned")
     if args.finetune_accumulator is not None and finetuned is None:
@@ -557,7 +558,7 @@ def _train_float(args, config, paths, progress, train, test) -> int:
     import torch
 
     from brevitas_a2q.io import atomic_output
-    from brevitas_a2q.training import accuracy, train_one_epoch
+    from brevitas_a2q.train.loop import accuracy, train_one_epoch
 
     args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
@@ -601,7 +602,7 @@ def report_warnings(report) -> list[str]:
 
 
 def _finetune(args, model, train, test) -> dict:
-    from brevitas_a2q.accumulator_sim import evaluate_accuracy, finetune
+    from brevitas_a2q.sim.evaluate import evaluate_accuracy, finetune
 
     spec, overrides = args.finetune_accumulator, _finetune_overrides(args)
     before, _ = evaluate_accuracy(model, test, spec, overrides)

@@ -17,13 +17,13 @@ projections of QuantMultiheadAttention; post-scales per channel or, with
 The quantizers compose Brevitas's weight-normalization quantizer
 (``WeightNormPerChannelFloatDecoupled``: learned per-channel ``s`` and ``g`` in the log2 domain,
 init ``s = max|w| / (2^(M-1) - 1)``, ``g = ||w||_1``) with this package's A2Q pre-scaling
-(:mod:`brevitas_a2q.pre_scaling`): exact bound, round-to-zero, post-rounding guard.
+(:mod:`brevitas_a2q.quant.pre_scaling`): exact bound, round-to-zero, post-rounding guard.
 
 Rounding: Brevitas's round-to-zero by default. ``rounding = "budgeted"`` (per layer:
 ``weight_rounding="budgeted"``; or the ready-made :class:`A2QBudgetedWeightQuant`,
 :class:`A2QPlusBudgetedWeightQuant`) rounds to nearest and then, per output channel, takes back
 the cheapest rounded-up units until the exact integer budget holds
-(:func:`brevitas_a2q.pre_scaling.budgeted_take_back`): the integer vector closest to the scaled
+(:func:`brevitas_a2q.quant.pre_scaling.budgeted_take_back`): the integer vector closest to the scaled
 weights under the budget, so channels whose every weight is below 1 no longer all round to zero.
 """
 
@@ -32,13 +32,6 @@ from __future__ import annotations
 from brevitas.core.bit_width import BitWidthStatefulConst
 from brevitas.core.function_wrapper import RoundSte, RoundToZeroSte
 from brevitas.core.scaling import SCALING_STATS_REDUCE_DIM
-from brevitas.export.onnx.qonnx.function import BrevitasBinaryQuantOp, BrevitasQuantOp
-from brevitas.export.onnx.qonnx.handler import BrevitasDecoupledWeightQuantWithInputProxyHandler
-from brevitas.export.onnx.qonnx.manager import QONNXManager
-from brevitas.export.torch.qcdq.handler import (
-    TorchQCDQCastDecoupledWeightQuantWithInputProxyHandler,
-)
-from brevitas.export.torch.qcdq.manager import TorchQCDQManager
 from brevitas.inject import ExtendedInjector, this, value
 from brevitas.inject.enum import ScalingPerOutputType
 from brevitas.proxy.parameter_quant import DecoupledWeightQuantWithInputProxyFromInjector
@@ -48,26 +41,18 @@ from brevitas.quant.base import (
     WeightNormPerChannelFloatDecoupled,
 )
 from brevitas.quant_tensor import IntQuantTensor
-from torch import Tensor
 
-from brevitas_a2q.bounds import check_bits
 from brevitas_a2q.errors import A2QInputError
-from brevitas_a2q.pre_scaling import (
-    AccumulatorAwarePreScaling,
-    AccumulatorAwareZeroCenterPreScaling,
-    AccumulatorGuardedIntQuant,
-    OutputChannelView,
-    OutputChannelZeroCenter,
-    check_rounding,
-)
+from brevitas_a2q.quant.bounds import check_bits
+from brevitas_a2q.quant.channels import OutputChannelView, OutputChannelZeroCenter
+from brevitas_a2q.quant.guard import AccumulatorGuardedIntQuant
+from brevitas_a2q.quant.pre_scaling import AccumulatorAwarePreScaling, AccumulatorAwareZeroCenterPreScaling
+from brevitas_a2q.quant.rounding import check_rounding
 
 __all__ = [
     "A2QBudgetedWeightQuant",
     "A2QPlusBudgetedWeightQuant",
     "A2QPlusWeightQuant",
-    "A2QQONNXWeightHandler",
-    "A2QTorchQCDQWeightHandler",
-    "A2QWeightExportHandler",
     "A2QWeightQuant",
     "A2QWeightQuantProxy",
     "is_a2q_proxy",
@@ -131,7 +116,7 @@ def _check_grouped_transposed(layer, injector) -> None:
 
 def _describe(proxy: A2QWeightQuantProxy) -> str:
     """``layer 'features.3' (QuantConv2d, weight 32x16x3x3)``, the name when a model-level helper
-    has recorded it (see :func:`brevitas_a2q.training.name_a2q_layers`)."""
+    has recorded it (see :func:`brevitas_a2q.train.name_a2q_layers`)."""
     shape = "x".join(str(d) for d in proxy.tracked_parameter_list[0].shape)
     where = f"layer {proxy._a2q_layer_name!r} " if proxy._a2q_layer_name else "a layer "
     return f"{where}({proxy._a2q_layer_type}, weight {shape})"
@@ -144,7 +129,7 @@ def is_a2q_proxy(proxy) -> bool:
 
 class A2QPerChannelPreNorm(PerChannelPreNorm):
     """Wires :class:`AccumulatorAwarePreScaling` into the weight-norm quantizer, over *output*
-    channels (:class:`~brevitas_a2q.pre_scaling.OutputChannelView`), whatever the post-scale
+    channels (:class:`~brevitas_a2q.quant.pre_scaling.OutputChannelView`), whatever the post-scale
     granularity."""
 
     pre_scaling_impl = AccumulatorAwarePreScaling
@@ -175,7 +160,7 @@ class A2QWeightQuant(WeightNormPerChannelFloatDecoupled):
     ``T = (2^(P-1) - 1) * 2^(1_s - N)``, so ``q . x`` never overflows a ``P``-bit signed accumulator
     for any ``N``-bit input ``x``. Defaults: ``M = 8`` (``weight_bit_width``), ``P = 32``
     (``weight_accumulator_bit_width``), ``rounding = "zero"`` (``weight_rounding``; "budgeted":
-    round to nearest within the exact budget, see :mod:`brevitas_a2q.quantizers`).
+    round to nearest within the exact budget, see :mod:`brevitas_a2q.quant.quantizers`).
     """
 
     bit_width = 8
@@ -244,64 +229,5 @@ class A2QPlusBudgetedWeightQuant(A2QPlusWeightQuant):
     rounding = "budgeted"
 
 
-# Export: Brevitas's exporters pick a proxy's handler by exact class, so ours must be registered
-# (else ``brevitas.export.export_qonnx`` fails with "'NoneType' object is not callable").
-
-
-class A2QWeightExportHandler(BrevitasDecoupledWeightQuantWithInputProxyHandler):
-    """QONNX export handler of :func:`brevitas_a2q.export_qonnx` for our proxy and Brevitas's A2Q
-    proxy (Brevitas matches proxies to handlers by exact class): raw float weights behind the Quant
-    node, as Brevitas's own handler; :func:`brevitas_a2q.export_qonnx` then places the exact ones.
-
-    The Quant node's parameters come from the weight the layer computed on the exporter's first
-    (untraced) forward pass when :func:`export_qonnx` captured it (``proxy._a2q_export_weight``),
-    else from one ``quant_weight()`` call (Brevitas's handler makes two): each layer's weights are
-    quantized once or twice per export instead of three times.
-    """
-
-    handled_layer = (A2QWeightQuantProxy, DecoupledWeightQuantWithInputProxyFromInjector)
-
-    def prepare_for_export(self, module) -> None:
-        self.exact_weights = None
-        if not module.is_quant_enabled:
-            return
-        weight = getattr(module, "_a2q_export_weight", None)
-        if weight is None:
-            weight = module.tracked_module_list[0].quant_weight()
-        self.validate(weight.bit_width, weight.zero_point)
-        self.symbolic_kwargs = {
-            "scale": weight.scale, "zero_point": weight.zero_point,
-            "bit_width": weight.bit_width, "narrow_range": module.is_narrow_range,
-            "signed": weight.signed, "rounding_mode": "ROUND"}
-        self.quant_op = BrevitasBinaryQuantOp if weight.bit_width == 1 else BrevitasQuantOp
-        self.exact_weights = weight.value.detach()
-
-
-class A2QQONNXWeightHandler(A2QWeightExportHandler):
-    """Handler registered with Brevitas's ``QONNXManager`` for this package's proxy: the weight
-    ``Quant`` node quantizes the layer's exact quantized weights ``q * s`` (from the cached
-    quantized input), so ``Quant(q * s) = q * s`` and the file computes what Brevitas computes
-    (Brevitas's handler feeds the raw float weights, which ``Quant`` rounds to other integers)."""
-
-    handled_layer = A2QWeightQuantProxy
-
-    def symbolic_execution(self, x: Tensor, *args):
-        if self.exact_weights is not None:
-            x = self.exact_weights
-        return super().symbolic_execution(x, *args)
-
-
-class A2QTorchQCDQWeightHandler(TorchQCDQCastDecoupledWeightQuantWithInputProxyHandler):
-    """Handler registered with Brevitas's ``TorchQCDQManager`` (``export_torch_qcdq``): as for
-    Brevitas's A2Q, the integer weights ``q`` are exported, which are exact."""
-
-    handled_layer = A2QWeightQuantProxy
-
-
-def _register(manager, handler) -> None:
-    if handler not in manager.handlers:
-        manager.handlers = [handler, *manager.handlers]
-
-
-_register(QONNXManager, A2QQONNXWeightHandler)
-_register(TorchQCDQManager, A2QTorchQCDQWeightHandler)
+# registers our proxy's export handlers with Brevitas's export managers
+import brevitas_a2q.export.handlers  # noqa: E402, F401

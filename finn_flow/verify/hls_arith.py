@@ -19,7 +19,7 @@ type, as the hardware does, and reports both (``hls_arith.json``, ``modeled_laye
 :class:`ToHlsArith` converts a specialized dataflow graph (``X_hls``/``X_rtl`` layers) into one
 FINN can execute in Python: every layer becomes FINN's generic layer (its ``execute_node`` is FINN's
 Python model), except each MVAU/VVAU, which becomes the op of the same name in
-:mod:`finn_flow.hls_arith_ops` with ``hlsAccDataType`` set from the graph (what FINN's HLS code
+:mod:`finn_flow.verify.hls_arith_ops` with ``hlsAccDataType`` set from the graph (what FINN's HLS code
 generation declares it with). That op runs FINN's own exact dot product and applies only the wrap
 (:func:`wrap_twos_complement`) and the threshold step (:func:`threshold_step`) of finn-hlslib.
 This is a *model* of finn-hlslib's arithmetic that runs wherever FINN does (CI included); cppsim
@@ -44,7 +44,7 @@ from qonnx.core.modelwrapper import ModelWrapper
 from qonnx.transformation.base import Transformation
 
 from brevitas_a2q.errors import A2QInputError
-from finn_flow.accumulators import ACCUMULATING_OPS, FINN_DOMAIN, integer_weights, range_datatype
+from finn_flow.steps.accumulators import ACCUMULATING_OPS, FINN_DOMAIN, integer_weights, range_datatype
 
 __all__ = [
     "DESCRIPTION",
@@ -61,7 +61,7 @@ __all__ = [
     "wrap_twos_complement",
 ]
 
-HLS_ARITH_DOMAIN = "finn_flow.hls_arith_ops"
+HLS_ARITH_DOMAIN = "finn_flow.verify.hls_arith_ops"
 DESCRIPTION = ("FINN's dataflow graph with every MVAU/VVAU accumulator and threshold comparison "
                "computed at its accDataType in two's complement, a model of finn-hlslib's "
                "arithmetic; cppsim compiles the real HLS code and stays the authority where it "
@@ -122,7 +122,7 @@ def _check_thresholds(model: ModelWrapper, node, datatype: DataType) -> None:
 class ToHlsArith(Transformation):
     """Convert a specialized FINN dataflow graph for hls-arith execution (module docstring):
     ``X_hls``/``X_rtl`` -> FINN's generic ``X`` (HLS-only attributes dropped), and each HLS
-    MVAU/VVAU -> :mod:`finn_flow.hls_arith_ops` with ``hlsAccDataType``. An RTL or unspecialized
+    MVAU/VVAU -> :mod:`finn_flow.verify.hls_arith_ops` with ``hlsAccDataType``. An RTL or unspecialized
     MVAU/VVAU is refused (its arithmetic is not finn-hlslib's). After :meth:`apply`,
     :attr:`layers` maps each MVAU/VVAU to ``(op_type, accumulator type, accDataType)``."""
 

@@ -16,7 +16,7 @@ Their conditions, which FINN checks only deep inside the build:
   (:func:`finn_flow.finn_compat.unsigned_identity_quant_supported`); a ``BipolarQuant`` needs a
   scale of exactly 1;
 * FINN's thresholds always round to nearest whatever ``rounding_mode`` says, and only ``ROUND``
-  (half to even) is made exact by :mod:`finn_flow.ties`; FINN's Selu thresholds are not a rounding
+  (half to even) is made exact by :mod:`finn_flow.steps.ties`; FINN's Selu thresholds are not a rounding
   grid at all;
 * wider activation quantizers are not converted to thresholds; FINN+ turns them into ``Requant``
   layers that round half up (``finn/custom_op/fpgadataflow/requant.py``), which cannot match

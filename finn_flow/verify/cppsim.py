@@ -26,8 +26,8 @@ from qonnx.core.modelwrapper import ModelWrapper
 from qonnx.transformation.base import Transformation
 
 from brevitas_a2q.errors import A2QInputError
-from finn_flow.accumulators import ACCUMULATING_OPS, FINN_DOMAIN
 from finn_flow.finn_compat import hlslib_dir
+from finn_flow.steps.accumulators import ACCUMULATING_OPS, FINN_DOMAIN
 
 __all__ = [
     "HLSLIB_API",

@@ -1,42 +1,6 @@
-"""finn_flow's FINN build steps, for any FINN step list.
-
-FINN build steps are functions ``step(model, cfg) -> model`` that ``DataflowBuildConfig.steps`` may
-mix with FINN's step names. Ours:
-
-* :func:`step_a2q_prefer_hls` (before ``step_specialize_layers``): HLS variants for every layer, so
-  FINN's LUT model costs the accumulators and the layers can be C++-simulated;
-* :func:`step_a2q_accumulators` (after ``step_minimize_bit_width``): every MVAU/VVAU accumulator
-  set to its tightest width proven from the A2Q bound and checked against the target P recorded at
-  export (:class:`~finn_flow.accumulators.SetProvenAccumulatorWidths`, records read from the
-  model's metadata), then ``accumulators.json`` / ``.md`` / ``.png`` in ``cfg.output_dir``;
-* a verification step (:func:`make_verify_step`, after ``step_generate_estimate_reports``):
-  hls-arith (a model of finn-hlslib's arithmetic, runs wherever FINN does) and/or cppsim;
-* from :mod:`finn_flow.streamline`: :func:`~finn_flow.streamline.step_a2q_move_scales_past_forks`
-  (before ``step_streamline``) and :func:`~finn_flow.streamline.step_a2q_streamline_residual`
-  (after it) for residual forks/joins and transposed convolutions (no-ops for other graphs), and
-  :func:`~finn_flow.streamline.step_a2q_check_hw_layers` (before
-  ``step_create_dataflow_partition``: refuses, naming them, nodes left without a FINN layer);
-* from :mod:`finn_flow.ties`: :func:`~finn_flow.ties.step_a2q_round_half_even` (after
-  ``step_qonnx_to_finn``) and :func:`~finn_flow.ties.step_a2q_round_half_even_streamlined` (before
-  ``step_convert_to_hw``): thresholds that round half to even as QONNX and Brevitas do.
-
-A custom build script (finn-examples style)::
-
-    from finn.builder import build_dataflow as bd, build_dataflow_config as bdc
-    from finn_flow.steps import insert_a2q_steps
-
-    steps = insert_a2q_steps(["step_qonnx_to_finn", "step_tidy_up", my_streamlining,
-                              "step_convert_to_hw", "step_create_dataflow_partition",
-                              "step_specialize_layers", "step_minimize_bit_width",
-                              "step_generate_estimate_reports"])
-    cfg = bdc.DataflowBuildConfig(output_dir="out", board="Pynq-Z1", synth_clk_period_ns=10.0,
-                                  generate_outputs=[bdc.DataflowOutputType.ESTIMATE_REPORTS],
-                                  steps=steps)
-    bd.build_dataflow_cfg("model.onnx", cfg)
-
-(:func:`finn_flow.build` does the same with FINN's default steps and also restores the process
-state FINN changes; a script calling FINN directly sets up FINN as FINN documents.)
-"""
+"""The A2Q steps of a FINN build and their place in a step list: :func:`insert_a2q_steps`, the
+accumulator step (:func:`make_accumulator_step`) and the verification step
+(:func:`make_verify_step`). See :mod:`finn_flow.steps` for where each goes."""
 
 from __future__ import annotations
 
@@ -46,16 +10,16 @@ from pathlib import Path
 from onnx import helper
 from qonnx.core.modelwrapper import ModelWrapper
 
+from brevitas_a2q.analysis.records import AccumulatorRecord, read_records
 from brevitas_a2q.errors import A2QInputError
-from brevitas_a2q.records import AccumulatorRecord, read_records
-from finn_flow.accumulators import FINN_DOMAIN, LayerWidths, SetProvenAccumulatorWidths
-from finn_flow.report import write_reports
-from finn_flow.streamline import (
+from finn_flow.steps.accumulators import FINN_DOMAIN, LayerWidths, SetProvenAccumulatorWidths
+from finn_flow.steps.report import write_reports
+from finn_flow.steps.streamline import (
     step_a2q_check_hw_layers,
     step_a2q_move_scales_past_forks,
     step_a2q_streamline_residual,
 )
-from finn_flow.ties import step_a2q_round_half_even, step_a2q_round_half_even_streamlined
+from finn_flow.steps.ties import step_a2q_round_half_even, step_a2q_round_half_even_streamlined
 
 __all__ = [
     "insert_a2q_steps",
@@ -164,7 +128,7 @@ def make_verify_step(verify_sets: dict, qonnx_model: ModelWrapper,
                             "from cppsim, hls-arith")
 
     def step_a2q_verify(model: ModelWrapper, cfg) -> ModelWrapper:
-        from finn_flow.verify import (
+        from finn_flow.verify.executors import (
             cppsim_layer_extremes,
             reference_outputs,
             verify_cppsim,
@@ -214,7 +178,7 @@ def insert_a2q_steps(steps: Sequence, *, accumulators: Step = step_a2q_accumulat
     before it; where it has
     ``step_qonnx_to_finn``, ``ties`` after it, and where it has
     ``step_convert_to_hw``, ``ties_streamlined`` before it (round half to even,
-    :mod:`finn_flow.ties`). Steps of ours already in ``steps`` are not added twice.
+    :mod:`finn_flow.steps.ties`). Steps of ours already in ``steps`` are not added twice.
     Raises :class:`~brevitas_a2q.errors.A2QInputError` if an anchor step is missing."""
     out = list(steps)
     names = [_name(s) for s in out]

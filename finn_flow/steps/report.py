@@ -1,5 +1,5 @@
 """``accumulators.json``, a readable summary (``accumulators.md``) and a plot
-(``accumulators.png``) of the widths :class:`~finn_flow.accumulators.SetProvenAccumulatorWidths`
+(``accumulators.png``) of the widths :class:`~finn_flow.steps.accumulators.SetProvenAccumulatorWidths`
 set, with FINN's LUT estimates at those widths and at 32 bits."""
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from brevitas_a2q.io import atomic_output
-from finn_flow.accumulators import LayerWidths
+from finn_flow.steps.accumulators import LayerWidths
 
 __all__ = ["REPORT_FORMAT", "summary_markdown", "target_verdict", "totals", "write_reports"]
 
-REPORT_FORMAT = "finn_flow.accumulators/1"
+REPORT_FORMAT = "finn_flow.steps.accumulators/1"
 
 INT32_NOTE = (
     "FINN's HLS LUT model caps the accumulator at the data-type bound (A2Q Eq. 12), so the INT32 "

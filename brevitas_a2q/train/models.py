@@ -21,7 +21,7 @@ from brevitas.quant import (
 from torch import nn
 
 from brevitas_a2q.errors import A2QInputError
-from brevitas_a2q.quantizers import A2QPlusWeightQuant, A2QWeightQuant
+from brevitas_a2q.quant.quantizers import A2QPlusWeightQuant, A2QWeightQuant
 
 __all__ = ["WEIGHT_QUANTIZERS", "build_cnn", "build_float_cnn", "build_float_mlp", "build_mlp",
            "copy_float_weights", "weight_quant_kwargs"]

@@ -2,11 +2,11 @@
 
 FINN's ``MinimizeAccumulatorWidth`` sizes each accumulator from the exact range of its integer
 weights; it knows nothing of the width a layer was *trained* for. This pass finds, for every
-MVAU/VVAU, the Brevitas layer it came from (the export records of :mod:`brevitas_a2q.records`,
-matched by :func:`~brevitas_a2q.records.weight_fingerprint` of the node's integer weights), and
+MVAU/VVAU, the Brevitas layer it came from (the export records of :mod:`brevitas_a2q.analysis.records`,
+matched by :func:`~brevitas_a2q.analysis.records.weight_fingerprint` of the node's integer weights), and
 
 * computes the widths implied by the A2Q/A2Q+ L1 bound (Colbert et al. 2023, Eq. 15; 2024,
-  Eq. 18), by the exact range (:func:`brevitas_a2q.bounds.exact_accumulator_range`, the same
+  Eq. 18), by the exact range (:func:`brevitas_a2q.quant.bounds.exact_accumulator_range`, the same
   definition as qonnx's ``calculate_matvec_accumulator_range``) and by the data types alone;
 * refuses a layer whose exact range does not fit its target ``P`` (it would overflow);
 * sets the accumulator to the tightest proven width and keeps the thresholds consistent with it.
@@ -31,14 +31,14 @@ from qonnx.core.datatype import DataType
 from qonnx.core.modelwrapper import ModelWrapper
 from qonnx.transformation.base import Transformation
 
-from brevitas_a2q.bounds import (
+from brevitas_a2q.analysis.records import AccumulatorRecord, weight_fingerprint
+from brevitas_a2q.errors import A2QInputError, AccumulatorOverflowError
+from brevitas_a2q.quant.bounds import (
     datatype_accumulator_bits,
     exact_accumulator_range,
     min_accumulator_bits,
     zero_centered_l1_norm,
 )
-from brevitas_a2q.errors import A2QInputError, AccumulatorOverflowError
-from brevitas_a2q.records import AccumulatorRecord, weight_fingerprint
 
 __all__ = [
     "FINN_DOMAIN",
@@ -173,7 +173,8 @@ class SetProvenAccumulatorWidths(Transformation):
     """Set every MVAU/VVAU accumulator to its tightest proven width, checked against the target
     accumulator width recorded at export (see the module docstring).
 
-    ``records``: accumulator records of the exported model (:func:`brevitas_a2q.records.read_records`).
+    ``records``: accumulator records of the exported model
+    (:func:`brevitas_a2q.analysis.records.read_records`).
     ``force_bits``: impose this signed width on every node instead (unsafe, for demonstrating that a
     model without the A2Q guarantee overflows); the target check is skipped for it.
     ``require_records``: fail if a node matches no record (when the model carries records).

@@ -14,7 +14,7 @@ or ``Gemm`` whose weight input is quantized) it reads, from the graph alone:
 and computes the accumulator width needed by the exact range (each weight meets its worst input
 extreme, as qonnx's ``calculate_matvec_accumulator_range``), by the A2Q L1 bound (Colbert et al.,
 ICCV 2023, Eq. 15), by the A2Q+ zero-centred bound (Colbert et al., ICML 2024, Eq. 18) and by data
-types alone (A2Q Eq. 12). Where the file carries :mod:`brevitas_a2q.records`, each node is matched
+types alone (A2Q Eq. 12). Where the file carries :mod:`brevitas_a2q.analysis.records`, each node is matched
 to its record by weight fingerprint and checked against the recorded target ``P``.
 
 qonnx contracts: :func:`accumulator_analysis` is an analysis (``model.analysis(fn) -> dict``),
@@ -34,11 +34,11 @@ from qonnx.custom_op.general.quant import quant as qonnx_quant
 from qonnx.transformation.base import Transformation
 from qonnx.util.basic import get_by_name
 
-from brevitas_a2q import bounds
-from brevitas_a2q.audit import zero_weight_warning
+from brevitas_a2q.analysis.audit import zero_weight_warning
+from brevitas_a2q.analysis.records import AccumulatorRecord, read_records, weight_fingerprint
+from brevitas_a2q.analysis.table import cell, text_table
 from brevitas_a2q.errors import A2QInputError
-from brevitas_a2q.records import AccumulatorRecord, read_records, weight_fingerprint
-from brevitas_a2q.table import cell, text_table
+from brevitas_a2q.quant import bounds
 
 __all__ = [
     "ACCUMULATING_OPS",
@@ -430,7 +430,7 @@ def accumulating_nodes(model: ModelWrapper) -> list[tuple[object, NodeWeights]]:
 def analyze_accumulators(model: ModelWrapper) -> AccumulatorReport:
     """Analyze every accumulating node of ``model`` and match it to the file's records.
 
-    Records are matched by :func:`brevitas_a2q.records.weight_fingerprint` (identical weights are
+    Records are matched by :func:`brevitas_a2q.analysis.records.weight_fingerprint` (identical weights are
     matched in order), so they survive renaming, layout changes and conv lowering.
     """
     pending = list(read_records(model))

@@ -10,13 +10,13 @@ and no accumulator width is written at all. :func:`export_qonnx`:
 2. replaces each weight initializer with the layer's quantized weight ``quant_weight(x).value``
    (``q * s``), so the weight ``Quant`` node reproduces the integers ``q`` exactly, and checks it;
 3. runs qonnx's cleanup and records, for every accumulating node, the Brevitas layer, variant,
-   target ``P``, ``N``, sign, ``M`` and a fingerprint of ``q`` (:mod:`brevitas_a2q.records`);
+   target ``P``, ``N``, sign, ``M`` and a fingerprint of ``q`` (:mod:`brevitas_a2q.analysis.records`);
 4. writes the file atomically.
 
 Each layer's weights are quantized once per export: the quantized input and weight of every
 accumulating layer are taken from the exporter's own first (untraced) forward pass.
 
-:mod:`brevitas_a2q.quantizers` also registers this package's weight proxy with Brevitas's own
+:mod:`brevitas_a2q.quant.quantizers` also registers this package's weight proxy with Brevitas's own
 exporters (``brevitas.export.export_qonnx`` and ``export_torch_qcdq``), which pick handlers by exact
 proxy class: there, too, the exported weights are the exact quantized ``q * s`` (QONNX) or the
 integers ``q`` (QCDQ). Brevitas's exporters write no accumulator records; :func:`export_qonnx` does.
@@ -34,17 +34,17 @@ from qonnx.core.modelwrapper import ModelWrapper
 from qonnx.util.cleanup import cleanup_model
 from torch import Tensor, nn
 
-from brevitas_a2q.audit import (
+from brevitas_a2q.analysis.audit import (
     LayerCapture,
     capture_hooks,
     capture_layer,
     iter_accumulating_layers,
 )
+from brevitas_a2q.analysis.qonnx_analysis import accumulating_nodes
+from brevitas_a2q.analysis.records import AccumulatorRecord, weight_fingerprint, write_records
 from brevitas_a2q.errors import A2QInputError
+from brevitas_a2q.export.handlers import A2QQONNXWeightHandler, A2QWeightExportHandler
 from brevitas_a2q.io import atomic_output, check_writable
-from brevitas_a2q.qonnx_analysis import accumulating_nodes
-from brevitas_a2q.quantizers import A2QQONNXWeightHandler, A2QWeightExportHandler
-from brevitas_a2q.records import AccumulatorRecord, weight_fingerprint, write_records
 
 __all__ = ["export_qonnx", "export_qonnx_model"]
 
@@ -57,7 +57,7 @@ class _Manager(QONNXManager):
 def _brevitas_export(model: nn.Module, example_input: Tensor
                      ) -> tuple[ModelWrapper, list[LayerCapture]]:
     """Brevitas's QONNX export, capturing each accumulating layer's quantized input on the
-    export's own (non-traced) forward pass, as :func:`brevitas_a2q.audit.capture_layers` does."""
+    export's own (non-traced) forward pass, as :func:`brevitas_a2q.analysis.audit.capture_layers` does."""
     layers = list(iter_accumulating_layers(model))
     if not layers:
         raise A2QInputError("the model has no quantized Linear/Conv layer (brevitas.nn."

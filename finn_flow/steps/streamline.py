@@ -38,8 +38,8 @@ from onnx import helper
 from qonnx.core.modelwrapper import ModelWrapper
 from qonnx.transformation.base import Transformation
 
+from brevitas_a2q.analysis.records import read_records
 from brevitas_a2q.errors import A2QInputError
-from brevitas_a2q.records import read_records
 
 __all__ = ["StreamlineResidual", "check_residual_adds", "has_branches", "needs_streamlining",
            "step_a2q_check_hw_layers", "step_a2q_move_scales_past_forks", "step_a2q_streamline_residual",

@@ -1,14 +1,14 @@
 """Checkpoints of the reference models: a ``torch.save``'d dict ::
 
-    {"format": "brevitas_a2q.checkpoint/1",
+    {"format": "brevitas_a2q.train.checkpoint/1",
      "model": {"arch": "cnn" | "mlp", "kwargs": {... for build_cnn / build_mlp}},
      "dataset": "digits" | "fashion-mnist" | "mnist",
      "state_dict": {...},
      "extra": {...}}            # optional, free-form (training settings, metrics)
 
 Written by ``a2q train`` and :func:`save_checkpoint`, read by ``a2q evaluate`` and
-:func:`load_checkpoint`, which rebuilds the model with :func:`brevitas_a2q.models.build_cnn` /
-:func:`~brevitas_a2q.models.build_mlp` and loads the state dict strictly.
+:func:`load_checkpoint`, which rebuilds the model with :func:`brevitas_a2q.train.models.build_cnn` /
+:func:`~brevitas_a2q.train.models.build_mlp` and loads the state dict strictly.
 """
 
 from __future__ import annotations
@@ -21,14 +21,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from brevitas_a2q.data import DATASETS
 from brevitas_a2q.errors import A2QInputError
 from brevitas_a2q.io import atomic_output, check_input_file
+from brevitas_a2q.train.data import DATASETS
 
 __all__ = ["ARCHITECTURES", "CHECKPOINT_FORMAT", "Checkpoint", "load_checkpoint", "read_payload",
            "restore_runtime_state", "runtime_state", "save_checkpoint"]
 
-CHECKPOINT_FORMAT = "brevitas_a2q.checkpoint/1"
+CHECKPOINT_FORMAT = "brevitas_a2q.train.checkpoint/1"
 ARCHITECTURES = ("cnn", "mlp")
 
 
@@ -45,7 +45,7 @@ class Checkpoint:
 
 def build_model(arch: str, kwargs: dict) -> nn.Module:
     """``build_cnn(**kwargs)`` or ``build_mlp(**kwargs)``; a clear error for bad settings."""
-    from brevitas_a2q.models import build_cnn, build_mlp
+    from brevitas_a2q.train.models import build_cnn, build_mlp
 
     if arch not in ARCHITECTURES:
         raise A2QInputError(f"unknown model arch {arch!r}; choose one of "
@@ -83,11 +83,11 @@ def save_checkpoint(
 
 
 def read_payload(path: str | os.PathLike) -> dict:
-    """The raw ``brevitas_a2q.checkpoint/1`` dict in ``path`` (tensors only, ``weights_only``)."""
+    """The raw ``brevitas_a2q.train.checkpoint/1`` dict in ``path`` (tensors only, ``weights_only``)."""
     path = Path(path)
     if not path.exists():
         raise A2QInputError(f"checkpoint {path} does not exist (write one with `a2q train` or "
-                            "brevitas_a2q.checkpoint.save_checkpoint)")
+                            "brevitas_a2q.train.checkpoint.save_checkpoint)")
     check_input_file(path, "checkpoint")
     if path.stat().st_size == 0:
         raise A2QInputError(f"checkpoint {path} is empty (0 bytes)")

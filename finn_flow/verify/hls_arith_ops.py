@@ -1,5 +1,5 @@
-"""qonnx custom ops of the ``finn_flow.hls_arith_ops`` domain: FINN's MVAU and VVAU executed with
-finn-hlslib's accumulator arithmetic (see :mod:`finn_flow.hls_arith`).
+"""qonnx custom ops of the ``finn_flow.verify.hls_arith_ops`` domain: FINN's MVAU and VVAU executed with
+finn-hlslib's accumulator arithmetic (see :mod:`finn_flow.verify.hls_arith`).
 
 qonnx's registry imports this module when it executes a node of this domain; it needs FINN. Each op
 is FINN's generic layer (same attributes, FINN's own Python ``execute_node`` for the exact dot
@@ -19,7 +19,7 @@ from finn.custom_op.fpgadataflow.vectorvectoractivation import VVAU
 from qonnx.core.datatype import DataType
 
 from finn_flow.errors import FinnBuildError
-from finn_flow.hls_arith import threshold_step, wrap_twos_complement
+from finn_flow.verify.hls_arith import threshold_step, wrap_twos_complement
 
 __all__ = ["HlsArithMVAU", "HlsArithVVAU", "custom_op"]
 
@@ -34,7 +34,7 @@ class _HlsArithmetic:
     def get_nodeattr_types(self) -> dict:
         attrs = super().get_nodeattr_types()
         # the type finn-hlslib's accumulator has: the thresholds' type TA, or the output type of a
-        # layer without activation (PassThroughActivation<TO>); set by finn_flow.hls_arith.ToHlsArith
+        # layer without activation (PassThroughActivation<TO>); set by finn_flow.verify.hls_arith.ToHlsArith
         attrs["hlsAccDataType"] = ("s", True, "")
         return attrs
 
@@ -72,7 +72,7 @@ class _HlsArithmetic:
         name = self.get_nodeattr("hlsAccDataType")
         if not name:
             raise FinnBuildError(f"{self.onnx_node.name}: hlsAccDataType is not set; convert the "
-                                 "graph with finn_flow.hls_arith.ToHlsArith")
+                                 "graph with finn_flow.verify.hls_arith.ToHlsArith")
         return DataType[name]
 
     def activate(self, acc: np.ndarray, context: dict) -> np.ndarray:

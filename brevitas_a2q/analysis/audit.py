@@ -43,11 +43,11 @@ from brevitas.nn import (
 from brevitas.quant_tensor import IntQuantTensor
 from torch import Tensor, nn
 
-from brevitas_a2q import bounds
+from brevitas_a2q.analysis.table import cell, text_table
 from brevitas_a2q.errors import A2QInputError
-from brevitas_a2q.pre_scaling import OutputChannelView
-from brevitas_a2q.quantizers import is_a2q_proxy
-from brevitas_a2q.table import cell, text_table
+from brevitas_a2q.quant import bounds
+from brevitas_a2q.quant.channels import OutputChannelView
+from brevitas_a2q.quant.quantizers import is_a2q_proxy
 
 __all__ = [
     "ACCUMULATING_LAYERS",
@@ -69,7 +69,7 @@ ACCUMULATING_LAYERS = (QuantLinear, QuantConv1d, QuantConv2d, QuantConv3d, Quant
 
 def output_channel_rows(layer: nn.Module, weights: Tensor) -> Tensor:
     """``weights`` (the layer's weight shape) as ``(out_channels, K)`` rows, one per output
-    channel (:class:`brevitas_a2q.pre_scaling.OutputChannelView`)."""
+    channel (:class:`brevitas_a2q.quant.pre_scaling.OutputChannelView`)."""
     view = OutputChannelView(int(getattr(layer, "groups", 1)),
                              bool(getattr(layer, "transposed", False)))
     return view(weights)
@@ -226,7 +226,7 @@ def zero_weight_warning(layer: str, zero_channels: int, out_channels: int, varia
         text += (f". The L1 budget T = {float(budget):.4g} (P = {target_bits}, {input_bits}-bit "
                  f"{sign} input, {variant}) is below what round-to-zero can use: no single weight's "
                  "share of it reaches 1. What helps: Euclidean-projection init "
-                 "(brevitas_a2q.training.euclidean_projection_init), budgeted rounding "
+                 "(brevitas_a2q.train.euclidean_projection_init), budgeted rounding "
                  "(weight_rounding=\"budgeted\", a2q train --rounding budgeted; this "
                  "package's quantizers), a wider P for this layer, "
                  "per-layer targets (set_accumulator_bit_width overrides, a2q train "

@@ -1,0 +1,99 @@
+"""Gradients through a simulated accumulator: the identity STE and the fine-grained
+``immediate`` / ``recursive`` estimators of Blumenfeld et al. (ICLR 2024, Sec. 4), and
+:func:`simulate_matmul`, one matrix product through the simulated accumulator.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from brevitas_a2q.sim.chain import _ChainResult, _chunked, _row_blocks, _run_chain, _wrap_chain
+from brevitas_a2q.sim.config import AccumulatorConfig
+
+
+def _recursive_grads(x: Tensor, w: Tensor, g: Tensor, chunk: int, last_step: Tensor,
+                     last_combine: Tensor) -> tuple[Tensor, Tensor]:
+    """Gradient of the "recursive" fine-grained STE: product (c, j) of output (r, o) passes
+    ``g[r, o]`` iff ``j > last_step[r, o, c]`` and ``c > last_combine[r, o]``."""
+    rows, k = x.shape
+    outs = w.shape[0]
+    x3, w3, n_chunks = _chunked(x, w, chunk)
+    gx3 = torch.zeros(rows, chunk, n_chunks, dtype=x.dtype)
+    gw3 = torch.zeros(outs, chunk, n_chunks, dtype=x.dtype)
+    chunk_ids = torch.arange(n_chunks)
+    for rb in _row_blocks(rows, outs * n_chunks):
+        keep_chunk = chunk_ids > last_combine[rb].unsqueeze(-1)  # (rb, O, nC)
+        gb = g[rb].unsqueeze(-1) * keep_chunk
+        lsb = last_step[rb]
+        for j in range(chunk):
+            gm = gb.masked_fill(lsb >= j, 0.0)
+            gx3[rb, j, :] += torch.einsum("roc,oc->rc", gm, w3[:, j, :])
+            gw3[:, j, :] += torch.einsum("roc,rc->oc", gm, x3[rb, j, :])
+    return (gx3.transpose(1, 2).reshape(rows, -1)[:, :k],
+            gw3.transpose(1, 2).reshape(outs, -1)[:, :k])
+
+
+class _FineGrainedChain(torch.autograd.Function):
+    """Forward: the simulated result (given). Backward: the config's fine-grained STE, w.r.t. the
+    real-valued factors ``x_val`` (R, K) and ``w_val`` (O, K)."""
+
+    @staticmethod
+    def forward(ctx, x_val, w_val, y_sim, addend_x, addend_w, cfg, chain):
+        ctx.cfg, ctx.chain = cfg, chain
+        ctx.save_for_backward(x_val, w_val, addend_x, addend_w)
+        return y_sim.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        x_val, w_val, addend_x, addend_w = ctx.saved_tensors
+        cfg, chain = ctx.cfg, ctx.chain
+        xv, wv, g64 = x_val.double(), w_val.double(), g.double()
+        k = x_val.shape[1]
+        chunk = min(cfg.chunk_size or k, k) if k else 1
+        if cfg.gradient == "recursive":
+            gx, gw = _recursive_grads(xv, wv, g64, chunk, chain.last_step_event,
+                                      chain.last_combine_event)
+        else:  # immediate: re-run the additions to find each product's events
+            res = _run_chain(addend_x, addend_w, cfg, grad=g64, grad_factors=(xv, wv),
+                             keep_chunk=~chain.combine_event)
+            gx, gw = res.grad_x, res.grad_w
+        return gx.to(x_val.dtype), gw.to(w_val.dtype), None, None, None, None, None
+
+
+def simulate_matmul(x_val: Tensor, w_val: Tensor, x_scale: Tensor | float,
+                    w_scale: Tensor, cfg: AccumulatorConfig) -> tuple[Tensor, _ChainResult]:
+    """``Y[r, o] = sum_k x[r, k] * w[o, k]`` through the simulated accumulator ``cfg``.
+
+    ``x_val`` (R, K) and ``w_val`` (O, K) are the real (dequantized) values, ``x_scale`` a scalar
+    and ``w_scale`` (O,) their scales, so ``x_val / x_scale`` and ``w_val / w_scale`` are
+    integers. Returns the real-valued result (R, O) in ``x_val``'s dtype, differentiable per
+    ``cfg.gradient``, and the event counts.
+    """
+    x_scale = torch.as_tensor(x_scale, dtype=torch.float64).reshape(())
+    w_scale = torch.as_tensor(w_scale, dtype=torch.float64).reshape(-1)
+    if cfg.kind == "int":
+        ax = torch.round(x_val.detach().double() / x_scale)
+        aw = torch.round(w_val.detach().double() / w_scale[:, None])
+    else:
+        ax, aw = x_val.detach().double(), w_val.detach().double()
+    if cfg.is_wrap:
+        chain = _wrap_chain(ax, aw, cfg.bits)
+    else:
+        record = cfg.gradient if cfg.gradient != "ste" and torch.is_grad_enabled() else None
+        with torch.no_grad():
+            chain = _run_chain(ax, aw, cfg, record=record)
+    y = chain.y
+    if cfg.kind == "int":
+        y = y * (x_scale * w_scale)[None, :]
+    y = y.to(x_val.dtype)
+    if not (torch.is_grad_enabled() and (x_val.requires_grad or w_val.requires_grad)):
+        return y, chain
+    if cfg.gradient == "ste":
+        exact = x_val @ w_val.t()
+        return exact + (y - exact).detach(), chain
+    if cfg.is_wrap:
+        exact = x_val @ w_val.t()
+        ste = exact + (y - exact).detach()
+        return torch.where(chain.overflowed, y, ste), chain
+    return _FineGrainedChain.apply(x_val, w_val, y, ax, aw, cfg, chain), chain

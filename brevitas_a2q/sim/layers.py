@@ -1,0 +1,255 @@
+"""Brevitas layers under a simulated accumulator: :func:`simulate_accumulators` patches each
+quantized Linear/Conv layer's ``inner_forward_impl`` for the duration of a ``with`` block.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+from dataclasses import replace
+
+import torch
+import torch.nn.functional as F
+from brevitas.nn import QuantConv1d, QuantConv2d, QuantLinear
+from brevitas.quant_tensor import IntQuantTensor, QuantTensor
+from torch import Tensor, nn
+
+from brevitas_a2q.errors import A2QInputError
+from brevitas_a2q.sim.chain import _int_range, _wrap
+from brevitas_a2q.sim.config import AccumulatorConfig, parse_accumulator
+from brevitas_a2q.sim.gradients import simulate_matmul
+from brevitas_a2q.sim.stats import LayerStats, SimulationStats
+
+
+def _layer_k(layer: nn.Module) -> int:
+    return int(layer.weight[0].numel())
+
+
+def _unsupported(layer: nn.Module, cfg: AccumulatorConfig) -> str | None:
+    """Why ``layer`` cannot be simulated with ``cfg``, or None."""
+    if not isinstance(layer, (QuantLinear, QuantConv1d, QuantConv2d)):
+        return f"{type(layer).__name__} is not supported (QuantLinear, QuantConv1d/2d are)"
+    if cfg.is_wrap or isinstance(layer, QuantLinear):
+        return None
+    if layer.padding_mode != "zeros":
+        return f"padding_mode={layer.padding_mode!r} is not supported (only 'zeros')"
+    if isinstance(layer.padding, str) and layer.padding != "valid":
+        return f"padding={layer.padding!r} is not supported by {cfg.spec} (give explicit padding)"
+    return None
+
+
+def _to_matrix(layer: nn.Module, x: Tensor) -> tuple[Tensor, tuple]:
+    """Input ``x`` as rows of dot-product operands (R, K); also what :func:`_from_matrix` needs."""
+    if isinstance(layer, QuantLinear):
+        return x.reshape(-1, x.shape[-1]), ("linear", x.shape[:-1])
+    if isinstance(layer, QuantConv1d):
+        x4 = x.unsqueeze(-2)
+        kernel, stride = (1, layer.kernel_size[0]), (1, layer.stride[0])
+        dilation = (1, layer.dilation[0])
+        padding = (0, 0) if layer.padding == "valid" else (0, layer.padding[0])
+    else:
+        x4, kernel, stride, dilation = x, layer.kernel_size, layer.stride, layer.dilation
+        padding = (0, 0) if layer.padding == "valid" else tuple(layer.padding)
+    cols = F.unfold(x4, kernel, dilation=dilation, padding=padding, stride=stride)  # (B, K, L)
+    size = [(x4.shape[2 + i] + 2 * padding[i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i]
+            + 1 for i in range(2)]
+    batch = x4.shape[0]
+    rows = cols.transpose(1, 2).reshape(batch * cols.shape[2], cols.shape[1])
+    one_d = isinstance(layer, QuantConv1d)
+    return rows, ("conv", batch, size, one_d)
+
+
+def _from_matrix(y: Tensor, info: tuple) -> Tensor:
+    if info[0] == "linear":
+        return y.reshape(*info[1], y.shape[-1])
+    _, batch, size, one_d = info
+    out = y.reshape(batch, size[0] * size[1], -1).transpose(1, 2).reshape(batch, -1, *size)
+    return out.squeeze(-2) if one_d else out
+
+
+def _integers(name: str, what: str, value: Tensor, scale: Tensor) -> None:
+    err = (value.detach() / scale.detach() - torch.round(value.detach() / scale.detach()))
+    if err.numel() and float(err.abs().max()) > 1e-3:
+        raise A2QInputError(f"layer {name!r}: the {what} is not on an integer grid (value/scale "
+                            f"is off by {float(err.abs().max()):.3g}); cannot simulate its "
+                            "integer accumulator")
+
+
+def _simulated_forward(name: str, layer: nn.Module, cfg: AccumulatorConfig,
+                       stats: LayerStats):
+    """A replacement for ``layer.inner_forward_impl`` that accumulates through ``cfg``."""
+    exact_impl = type(layer).inner_forward_impl
+
+    def inner_forward_impl(x, quant_weight, quant_bias):
+        if not isinstance(x, IntQuantTensor) or not isinstance(quant_weight, IntQuantTensor):
+            what = "input" if not isinstance(x, IntQuantTensor) else "weight"
+            raise A2QInputError(
+                f"layer {name!r}: its {what} is not an integer-quantized tensor, so there is no "
+                f"integer accumulation to simulate. Give the layer input_quant=... (or make the "
+                f"layer before it return_quant_tensor=True) and an integer weight quantizer, or "
+                f"exclude it with an override {{{name!r}: None}}.")
+        if x.scale.numel() != 1:
+            raise A2QInputError(f"layer {name!r}: the input scale is not per tensor "
+                                f"(shape {tuple(x.scale.shape)}); cannot simulate one integer "
+                                "accumulation per output")
+        xv, wv = x.value, quant_weight.value
+        out_channels = wv.shape[0]
+        x_scale = x.scale.reshape(())
+        w_scale = quant_weight.scale.reshape(-1).expand(out_channels) \
+            if quant_weight.scale.numel() in (1, out_channels) else None
+        if w_scale is None:
+            raise A2QInputError(f"layer {name!r}: weight scale of shape "
+                                f"{tuple(quant_weight.scale.shape)} is neither per tensor nor "
+                                "per output channel")
+        _integers(name, "input", xv, x.scale)
+        _integers(name, "weight", wv, quant_weight.scale)
+        if cfg.is_wrap:
+            y = _wrap_layer(layer, exact_impl, xv, wv, x_scale, w_scale, cfg, stats)
+        else:
+            y = _chain_layer(layer, xv, wv, x_scale, w_scale, cfg, stats)
+        bias = quant_bias.value if isinstance(quant_bias, QuantTensor) else quant_bias
+        if bias is not None:
+            y = y + bias.reshape(1, -1, *([1] * (y.dim() - 2))) if y.dim() > 2 \
+                else y + bias
+        if layer.return_quant_tensor and not layer.output_quant.is_quant_enabled:
+            if cfg.kind != "int" or bias is not None:
+                raise A2QInputError(f"layer {name!r} returns a quant tensor without an output "
+                                    f"quantizer; {cfg.spec} with a bias or a float accumulator "
+                                    "gives values off the integer grid. Give it output_quant=...")
+            shape = (1, -1) + (1,) * (y.dim() - 2)
+            return IntQuantTensor(y, (x_scale * w_scale).reshape(shape), torch.zeros(()),
+                                  cfg.bits, True, layer.training)
+        return y
+
+    return inner_forward_impl
+
+
+def _weight_shape(w_scale: Tensor, like: Tensor) -> Tensor:
+    return w_scale.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def _wrap_layer(layer, exact_impl, xv, wv, x_scale, w_scale, cfg, stats) -> Tensor:
+    """Wraparound: the exact integer convolution/linear (float32 when every partial sum is below
+    2^24 in magnitude, else float64), wrapped mod 2^P. Costs about one plain forward pass."""
+    with torch.no_grad():
+        xi = torch.round(xv / x_scale)
+        wi = torch.round(wv / _weight_shape(w_scale, wv))
+        bound = float(xi.abs().max()) * float(wi.reshape(wi.shape[0], -1).abs().sum(1).max())
+        dtype = torch.float32 if bound < 2**24 else torch.float64
+        exact = exact_impl(layer, xi.to(dtype), wi.to(dtype), None)
+        lo, hi = _int_range(cfg.bits)
+        if bound <= hi:  # no dot product can leave the P-bit range
+            over = None
+        else:
+            over = (exact < lo) | (exact > hi)
+            if bool(over.any()):
+                exact[over] = _wrap(exact[over].double(), cfg.bits)[0].to(dtype)
+        shape = (1, -1) + (1,) * (exact.dim() - 2) if exact.dim() > 2 else (1, -1)
+        y = (exact * (x_scale * w_scale).to(dtype).reshape(shape)).to(xv.dtype)
+    n_over = 0 if over is None else int(over.sum())
+    stats.outputs += exact.numel()
+    stats.additions += exact.numel() * _layer_k(layer)
+    stats.overflow_outputs += n_over
+    stats.overflow_events += n_over
+    if not (torch.is_grad_enabled() and (xv.requires_grad or wv.requires_grad)):
+        return y
+    real = exact_impl(layer, xv, wv, None)
+    ste = real + (y - real).detach()
+    if cfg.gradient == "ste" or over is None:
+        return ste
+    return torch.where(over, y, ste)
+
+
+def _chain_layer(layer, xv, wv, x_scale, w_scale, cfg, stats) -> Tensor:
+    """Saturating / floating-point: the sequential chain in matrix form, per group."""
+    rows, info = _to_matrix(layer, xv)
+    groups = getattr(layer, "groups", 1)
+    out_channels = wv.shape[0]
+    k_group = rows.shape[1] // groups
+    o_group = out_channels // groups
+    parts = []
+    for g in range(groups):
+        xg = rows[:, g * k_group:(g + 1) * k_group]
+        sl = slice(g * o_group, (g + 1) * o_group)
+        wg = wv[sl].reshape(o_group, -1)
+        y, chain = simulate_matmul(xg, wg, x_scale, w_scale[sl], cfg)
+        parts.append(y)
+        stats.outputs += y.numel()
+        stats.additions += y.numel() * k_group
+        stats.overflow_outputs += chain.overflow_outputs
+        stats.overflow_events += chain.overflow_events
+        stats.swamping_events += chain.swamping_events
+        stats.underflow_events += chain.underflow_events
+    y = parts[0] if groups == 1 else torch.cat(parts, dim=1)
+    return _from_matrix(y, info)
+
+
+ACCUMULATING_TYPES = (QuantLinear, QuantConv1d, QuantConv2d)
+
+
+def _accumulating_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    from brevitas_a2q.analysis.audit import iter_accumulating_layers
+
+    layers = list(iter_accumulating_layers(model))
+    seen = {id(m) for _, m in layers}
+    # anything else Brevitas calls a weight-quantized layer (e.g. transposed convolutions)
+    from brevitas.nn.quant_layer import QuantWeightBiasInputOutputLayer
+    layers += [(n, m) for n, m in model.named_modules()
+               if isinstance(m, QuantWeightBiasInputOutputLayer) and id(m) not in seen]
+    return layers
+
+
+@contextlib.contextmanager
+def simulate_accumulators(
+    model: nn.Module,
+    config: str | AccumulatorConfig,
+    overrides: Mapping[str, str | AccumulatorConfig | None] | None = None,
+    gradient: str | None = None,
+) -> Iterator[SimulationStats]:
+    """Run ``model``'s quantized Linear/Conv layers through simulated accumulators.
+
+    ``config``: an :class:`AccumulatorConfig` or a spec such as ``"int12-wrap"``, ``"int12-sat"``,
+    ``"fp12-e4m7-c16"`` (see :func:`parse_accumulator`). ``overrides``: layer name -> config,
+    spec, or ``None`` to leave that layer exact (e.g. the first and last layers at wide
+    accumulators). ``gradient`` (``"ste"``, ``"immediate"``, ``"recursive"``) overrides every
+    config's gradient mode. Yields a :class:`SimulationStats` that accumulates per-layer event
+    counts over every forward pass inside the block; the layers are restored on exit, also on
+    error. See the module docstring for the exact semantics.
+    """
+    def resolve(c):
+        c = parse_accumulator(c)
+        return replace(c, gradient=gradient) if gradient is not None else c
+
+    base = resolve(config)
+    overrides = dict(overrides or {})
+    layers = _accumulating_layers(model)
+    names = {n for n, _ in layers}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise A2QInputError(f"accumulator overrides name unknown layers {unknown}; the model's "
+                            f"quantized Linear/Conv layers are {sorted(names)}")
+    stats = SimulationStats()
+    patched = []
+    try:
+        for name, layer in layers:
+            cfg = overrides.get(name, base)
+            if cfg is None:
+                stats.skipped[name] = "excluded by override"
+                continue
+            cfg = resolve(cfg)
+            reason = _unsupported(layer, cfg)
+            if reason is not None:
+                if name in overrides:
+                    raise A2QInputError(f"layer {name!r}: {reason}")
+                stats.skipped[name] = reason
+                continue
+            if "inner_forward_impl" in vars(layer):
+                raise A2QInputError(f"layer {name!r} is already being simulated (nested "
+                                    "simulate_accumulators on the same model?)")
+            stats.layers[name] = LayerStats(name, cfg.spec)
+            layer.inner_forward_impl = _simulated_forward(name, layer, cfg, stats.layers[name])
+            patched.append(layer)
+        yield stats
+    finally:
+        for layer in patched:
+            del layer.inner_forward_impl
