@@ -4,7 +4,8 @@ out of reach.
 - Sphinx builds docs/ (MyST Markdown, autodoc of every module) without a single warning
   (``-W --keep-going``), and every public function and class has an entry in the API reference.
 - The layout page names exactly the subpackages and public modules of ``brevitas_a2q`` and
-  ``finn_flow`` on disk, and every dotted name on it resolves.
+  ``finn_flow`` on disk, and every ``brevitas_a2q.*`` / ``finn_flow.*`` name in any page's code
+  resolves.
 - Every public name (``__all__`` of the packages and subpackages) resolves.
 - The API reference has one ``automodule`` per module on disk, and no other.
 - Every page under docs/ is reachable from the README by links (and toctrees), every relative link
@@ -144,18 +145,43 @@ def test_layout_page_names_exactly_the_packages_on_disk():
                                               f"{mine - subpackages - modules}"
 
 
-def test_every_dotted_name_on_the_layout_page_resolves():
-    text = (DOCS / "layout.md").read_text()
-    for name in set(re.findall(r"(?<![/\w])(?:brevitas_a2q|finn_flow)(?:\.\w+)+", text)):
-        parts = name.split(".")
-        for cut in range(len(parts), 0, -1):  # longest importable prefix, then attributes
-            try:
-                obj = importlib.import_module(".".join(parts[:cut]))
-                break
-            except ModuleNotFoundError:
-                continue
-        for attr in parts[cut:]:
-            assert hasattr(obj, attr), f"docs/layout.md: {name} does not resolve"
+def _resolves(name: str) -> bool:
+    """Whether a dotted name is a module of ours or an attribute of one (longest importable prefix,
+    then attributes)."""
+    parts = name.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:cut]))
+            break
+        except ModuleNotFoundError:
+            continue
+    for attr in parts[cut:]:
+        if not hasattr(obj, attr):
+            return False
+        obj = getattr(obj, attr)
+    return True
+
+
+def _not_python_names() -> set[str]:
+    """Strings on the pages that look like dotted names but are data: the metadata key of the
+    accumulator records and the format ids (``.../1``) of records and checkpoints."""
+    from brevitas_a2q.analysis import records
+    from brevitas_a2q.train import checkpoint
+
+    return {records.METADATA_KEY, records.FORMAT.split("/")[0],
+            checkpoint.CHECKPOINT_FORMAT.split("/")[0]}
+
+
+@pytest.mark.parametrize("page", ["README.md", *(p.relative_to(ROOT).as_posix() for p in pages())])
+def test_every_dotted_name_in_code_spans_resolves(page):
+    """`brevitas_a2q.x.y` / `finn_flow.x` in a page's code (inline or blocks) names something that
+    exists, so a moved or renamed module cannot leave a stale name behind in the docs."""
+    text = (ROOT / page).read_text()
+    fence = re.compile(r"^ *```.*?^ *```", flags=re.S | re.M)
+    code = " ".join([*fence.findall(text), *re.findall(r"`([^`]+)`", fence.sub("", text))])
+    names = set(re.findall(r"(?<![/\w])(?:brevitas_a2q|finn_flow)(?:\.\w+)+", code))
+    stale = sorted(n for n in names - _not_python_names() if not _resolves(n))
+    assert not stale, f"{page}: {stale}"
 
 
 # ----------------------------------------------------------------------------------------------

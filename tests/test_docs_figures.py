@@ -164,7 +164,9 @@ FIGURES: list[Figure | Table] = [
            "accuracy_vs_accumulator.json", lambda d: str(d["settings"]["seeds"])),
     Figure("accuracy benchmark wall time", r"\(([\d.]+) min on 2 cores, 2 processes",
            "accuracy_vs_accumulator.json", lambda d: minutes(d["wall_seconds"])),
-    Figure("benchmarks row: accuracy benchmark wall time", r"see above \(([\d.]+) min, 2 processes",
+    Figure("benchmarks row: accuracy benchmark wall time",
+           r"see \[below\]\(#accuracy-vs-accumulator-width-fashion-mnist-w4a4-cnn\) \(([\d.]+) min, "
+           r"2 processes",
            "accuracy_vs_accumulator.json", lambda d: minutes(d["wall_seconds"])),
     Figure("A2Q+/A2Q EP-init at P = 12 vs float",
            r"A2Q\+ EP-init at P = 12 reaches ([\d.]+)% of float \(A2Q: ([\d.]+)%\)",
