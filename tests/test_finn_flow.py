@@ -375,10 +375,10 @@ def test_demo_build_says_what_it_skipped_without_finn(tmp_path):
 
 
 def test_readme_lut_table_is_the_committed_benchmark_result():
-    """Every row of the README's FINN LUT table equals benchmarks/results/finn_luts.json (written
-    by benchmarks/finn_luts.py), to the digits shown."""
+    """Every row of the FINN LUT table (docs/benchmarks.md) equals benchmarks/results/finn_luts.json
+    (written by benchmarks/finn_luts.py), to the digits shown."""
     results = json.loads((ROOT / "benchmarks/results/finn_luts.json").read_text())
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "docs/benchmarks.md").read_text()
     section = readme.split("### LUT estimates (`benchmarks/finn_luts.py`)")[1].split("\n## ")[0]
     rows = [line for line in section.splitlines() if re.match(r"\| (mlp|cnn) \|", line)]
     assert len(rows) == 7

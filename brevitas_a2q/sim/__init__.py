@@ -60,6 +60,7 @@ Gradients (``gradient=``)
     * ``"recursive"``: an event also stops the gradient through the running sum, so it reaches no
       product added at or before it: product ``k`` of chunk ``c`` gets gradient iff no addition at
       position ``>= k`` in chunk ``c`` and no chunk addition at chunk ``>= c`` had an event.
+
     For wraparound only the final result can be wrong, so both fine-grained modes give zero
     gradient to every product of an output that overflowed (and identity otherwise).
 """

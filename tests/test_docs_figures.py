@@ -1,20 +1,21 @@
-"""Every measured figure the README quotes comes from a committed results file a benchmark
-wrote (``benchmarks/results/*.json``), and agrees with it.
+"""Every measured figure the README and the documentation pages (docs/*.md) quote comes from a
+committed results file a benchmark wrote (``benchmarks/results/*.json``), and agrees with it.
 
-The figures are registered below, one entry per figure or table:
+The figures are registered below, one entry per figure or table, each with the page that shows it
+(``page``, relative to the repository root):
 
-- :class:`Figure`: a regular expression over the README whose groups are the numbers as printed,
+- :class:`Figure`: a regular expression over the page whose groups are the numbers as printed,
   the results file, and a function of the parsed JSON returning the expected strings (one per
-  group), formatted the way the README prints them. The regular expression must match exactly
+  group), formatted the way the page prints them. The regular expression must match exactly
   once, so a figure cannot silently disappear or be quoted twice with different values.
 - :class:`Table`: a Markdown table, found by the heading it follows, whose rows are keyed by their
   first ``key_columns`` cells; a function of the JSON returns the expected cells of each row key.
-  Every README row must be among them and equal cell by cell.
+  Every row on the page must be among them and equal cell by cell.
 
-To register another section's figures (quantizer_overhead, export_speed, finn_luts, ...): commit
-the benchmark's JSON under benchmarks/results, then append ``Figure(...)``/``Table(...)`` entries
-to ``FIGURES`` with the README text as a regex and a lambda reading the JSON (``fmt`` helpers
-below). An entry whose results file does not exist fails, it is not skipped.
+To register another section's figures: commit the benchmark's JSON under benchmarks/results, then
+append ``Figure(...)``/``Table(...)`` entries to ``FIGURES`` with the page's text as a regex and a
+lambda reading the JSON (``fmt`` helpers below). An entry whose results file does not exist fails,
+it is not skipped. (The FINN LUT table of docs/benchmarks.md is checked in tests/test_finn_flow.py.)
 """
 
 from __future__ import annotations
@@ -29,28 +30,35 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-README = (ROOT / "README.md").read_text()
+BENCHMARKS = "docs/benchmarks.md"
+PAGES = [ROOT / "README.md", *sorted(p for p in (ROOT / "docs").rglob("*.md") if "_build" not in p.parts)]
+
+
+def page_text(page: str) -> str:
+    return (ROOT / page).read_text()
 
 
 @dataclass(frozen=True)
 class Figure:
-    """Numbers in the README prose (regex groups) and the JSON values they must equal."""
+    """Numbers in a page's prose (regex groups) and the JSON values they must equal."""
 
     name: str
     pattern: str
     results: str
     expected: Callable[[dict], tuple[str, ...] | str]
+    page: str = BENCHMARKS
 
 
 @dataclass(frozen=True)
 class Table:
-    """A README Markdown table and the cells it must hold, by row key."""
+    """A page's Markdown table and the cells it must hold, by row key."""
 
     name: str
     heading: str
     results: str
     rows: Callable[[dict], dict[tuple[str, ...], list[str]]]
     key_columns: int = 1
+    page: str = BENCHMARKS
 
 
 def f2(x: float) -> str:
@@ -156,7 +164,9 @@ FIGURES: list[Figure | Table] = [
            "accuracy_vs_accumulator.json", lambda d: str(d["settings"]["seeds"])),
     Figure("accuracy benchmark wall time", r"\(([\d.]+) min on 2 cores, 2 processes",
            "accuracy_vs_accumulator.json", lambda d: minutes(d["wall_seconds"])),
-    Figure("benchmarks row: accuracy benchmark wall time", r"see above \(([\d.]+) min, 2 processes",
+    Figure("benchmarks row: accuracy benchmark wall time",
+           r"see \[below\]\(#accuracy-vs-accumulator-width-fashion-mnist-w4a4-cnn\) \(([\d.]+) min, "
+           r"2 processes",
            "accuracy_vs_accumulator.json", lambda d: minutes(d["wall_seconds"])),
     Figure("A2Q+/A2Q EP-init at P = 12 vs float",
            r"A2Q\+ EP-init at P = 12 reaches ([\d.]+)% of float \(A2Q: ([\d.]+)%\)",
@@ -180,6 +190,16 @@ FIGURES: list[Figure | Table] = [
            "accuracy_vs_accumulator_ep_long.json",
            lambda d: (minutes(d["wall_seconds"]), _mean_std(d["summary"]["ours A2Q+, EP-init"]["12"]),
                       f"{100 * d['summary']['ours A2Q+, EP-init']['12']['mean'] / _float_mean():.1f}")),
+    Figure("README: the headline figure",
+           r"mean over (\d+) seeds\), A2Q\+ with Euclidean-projection init\s+keeps ([\d.]+)% test accuracy "
+           r"with an 8-bit accumulator, guaranteed, where the same network trained\s+without the "
+           r"constraint gets ([\d.]+)% \(([\d.]+)% from a float init\) on a wrapping 8-bit "
+           r"accumulator; at\s+P = 12 it reaches ([\d.]+)% of float accuracy",
+           "accuracy_vs_accumulator.json",
+           lambda d: (str(d["settings"]["seeds"]),
+                      *(f2(d["summary"][m]["8"]["mean"]) for m in ("ours A2Q+, EP-init", *PLAIN)),
+                      _of_float(d, "ours A2Q+, EP-init", "12")),
+           page="README.md"),
     Figure("benchmarks row: quantizer overhead",
            r"ours / built-in: CNN A2Q ([\d.]+), A2Q\+ ([\d.]+); QuantLinear K = 256: A2Q ([\d.]+), "
            r"A2Q\+ ([\d.]+); K = 1024: A2Q ([\d.]+), A2Q\+ ([\d.]+); K = 4096: A2Q ([\d.]+), "
@@ -194,7 +214,8 @@ FIGURES: list[Figure | Table] = [
            "quantizer_overhead_rounding.json",
            lambda d: tuple(f2(d["rounding"][part]["ratio_budgeted_vs_zero"][q])
                            for part in ("cnn_P16", "cnn_P10", "linear_K4096_P14")
-                           for q in ("a2q", "a2q+"))),
+                           for q in ("a2q", "a2q+")),
+           page="docs/quantizers.md"),
     Figure("benchmarks row: export speed",
            r"export \+ report ([\d.]+)x Brevitas's export \(of which qonnx cleanup ([\d.]+)x\); our "
            r"export of Brevitas's own model ([\d.]+)x",
@@ -230,32 +251,42 @@ def _load(entry) -> dict:
 
 
 @pytest.mark.parametrize("entry", FIGURES, ids=lambda e: e.name)
-def test_readme_figures_match_their_results_file(entry):
+def test_figures_match_their_results_file(entry):
     data = _load(entry)
+    text = page_text(entry.page)
     if isinstance(entry, Table):
         expected = entry.rows(data)
-        rows = markdown_table(README, entry.heading)
+        rows = markdown_table(text, entry.heading)
         assert rows, f"{entry.name}: no table after {entry.heading!r}"
         for row in rows:
             key, cells = tuple(row[:entry.key_columns]), row[entry.key_columns:]
-            assert key in expected, f"{entry.name}: README row {key} is not in {entry.results}"
+            assert key in expected, f"{entry.name}: {entry.page} row {key} is not in {entry.results}"
             assert cells == expected[key], f"{entry.name}, row {key}"
         return
-    matches = list(re.finditer(entry.pattern, README, flags=re.S))
+    matches = list(re.finditer(entry.pattern, text, flags=re.S))
     assert len(matches) == 1, f"{entry.name}: {len(matches)} matches of {entry.pattern!r}"
     want = entry.expected(data)
     want = (want,) if isinstance(want, str) else tuple(want)
     assert matches[0].groups() == want, entry.name
 
 
-def test_every_committed_plot_has_its_results_file():
+def test_every_committed_plot_has_its_results_file_and_is_shown():
+    """Each PNG under benchmarks/results is drawn from a committed JSON and shown on a page (the
+    README links it from the repository root, docs pages from docs/); the ep_long plot is only
+    quoted in prose."""
+    shown = {}
+    for page in PAGES:
+        for target in re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", page.read_text()):
+            path = (page.parent / target).resolve()
+            assert path.is_file(), f"{page.name}: image {target} does not exist"
+            shown[path] = page
     for png in RESULTS.glob("*.png"):
         assert png.with_suffix(".json").is_file(), png
-        assert f"benchmarks/results/{png.name}" in README or png.stem.endswith("_ep_long"), png
+        assert png.resolve() in shown or png.stem.endswith("_ep_long"), png
 
 
-def test_readme_rounding_tables_are_the_committed_results():
-    """The README's round-to-zero vs budgeted-rounding tables are exactly what the benchmark's own
+def test_rounding_tables_are_the_committed_results():
+    """The benchmarks page's round-to-zero vs budgeted-rounding tables are exactly what the benchmark's own
     table function makes of the committed results (benchmarks/accuracy_vs_accumulator.py
     --study rounding), and the prose figures quoted below them are cells of those tables."""
     import importlib.util
@@ -269,9 +300,10 @@ def test_readme_rounding_tables_are_the_committed_results():
     floats = [100 * r["accuracy"] for r in rows if r["method"] == "float"]
     table = bench.rounding_table(bench.summarize_rounding(rows), data["settings"]["bits"],
                                  sum(floats) / len(floats))
-    assert table.strip() in README
-    assert f"({data['wall_seconds'] / 60:.1f} min wall on 2 cores" in README
-    section = README.split("### Round-to-zero vs budgeted rounding")[1].split("\n## ")[0]
+    text = page_text(BENCHMARKS)
+    assert table.strip() in text
+    assert f"({data['wall_seconds'] / 60:.1f} min wall on 2 cores" in text
+    section = text.split("### Round-to-zero vs budgeted rounding")[1].split("\n## ")[0]
     prose = section.split("What it shows:")[1]
     cells = set(re.findall(r"(\d+\.\d\d) ± \d+\.\d\d", table))
     for figure in re.findall(r"(?<![\d.])(?<!± )(\d+\.\d\d)%", prose):

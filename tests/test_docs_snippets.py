@@ -1,6 +1,11 @@
-"""Everything the README tells a user to run works as written.
+"""Everything the README and the documentation pages (docs/*.md) tell a user to run works as
+written.
 
-- Every ```python block runs, each in a fresh namespace, in a temporary directory.
+- Every ```python block runs (fenced at any indentation, e.g. inside a list item): the blocks of one
+  page in order, each in a fresh namespace, in one temporary directory per page, so that a block may
+  use a file an earlier block of the same page wrote (the README's FINN build of the model its
+  quantizer example exported). A page with a block that imports FINN is a ``finn`` and ``slow``
+  test, skipped with the reason where FINN cannot be imported.
 - Every ``a2q ...`` command in a code block (fenced or indented, with ``\\`` continuations) is
   accepted by the real ``a2q`` parser: subcommand, option names, choices and values. Usage
   synopses (with ``[...]`` or ``|``) are checked for their option names only.
@@ -15,6 +20,7 @@ import re
 import shlex
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -23,21 +29,24 @@ import torch
 
 from brevitas_a2q.cli import SUBCOMMANDS, build_parser, main
 
-README = Path(__file__).resolve().parents[1] / "README.md"
-TEXT = README.read_text()
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = [ROOT / "README.md", *sorted(p for p in (ROOT / "docs").rglob("*.md") if "_build" not in p.parts)]
+TEXTS = {page.relative_to(ROOT).as_posix(): page.read_text() for page in PAGES}
+FINN_IMPORT = re.compile(r"^\s*(from|import) (finn|finn_flow)\b", re.M)
 
 
-def python_blocks(text: str = TEXT) -> list[str]:
-    """The bodies of the README's ```python blocks."""
-    return re.findall(r"^```python\n(.*?)^```", text, flags=re.S | re.M)
+def python_blocks(text: str) -> list[str]:
+    """The bodies of a page's ```python blocks (dedented: a block may sit inside a list item)."""
+    return [textwrap.dedent(body) for _, body in
+            re.findall(r"^( *)```python\n(.*?)^\1```", text, flags=re.S | re.M)]
 
 
-def code_lines(text: str = TEXT) -> list[str]:
+def code_lines(text: str) -> list[str]:
     """Every line of every code block (fenced blocks, and indented blocks outside them), with
     backslash continuations joined."""
     lines, fenced = [], False
     for line in text.splitlines():
-        if line.startswith("```"):
+        if line.lstrip().startswith("```"):
             fenced = not fenced
             continue
         if fenced or line.startswith("    "):
@@ -51,32 +60,52 @@ def code_lines(text: str = TEXT) -> list[str]:
     return joined
 
 
-def a2q_commands(text: str = TEXT) -> list[str]:
-    """The ``a2q`` command lines of the README (comments dropped)."""
+def a2q_commands(text: str) -> list[str]:
+    """The ``a2q`` command lines of a page's code blocks (comments dropped)."""
     return [line.split("  #")[0].strip() for line in code_lines(text)
             if line.startswith("a2q ")]
 
 
-def test_the_readme_has_what_this_test_checks():
-    assert len(python_blocks()) >= 2
-    commands = a2q_commands()
-    assert {c.split()[1] for c in commands} >= {"evaluate", "train", "report"}
+ALL_COMMANDS = [c for text in TEXTS.values() for c in a2q_commands(text)]
+PAGES_WITH_CODE = [name for name, text in TEXTS.items() if python_blocks(text)]
 
 
-@pytest.mark.parametrize("index", range(len(python_blocks())))
-def test_python_block_runs(index, tmp_path, monkeypatch):
+def _page_param(name: str):
+    if any(FINN_IMPORT.search(block) for block in python_blocks(TEXTS[name])):
+        return pytest.param(name, id=name, marks=[pytest.mark.finn, pytest.mark.slow])
+    return pytest.param(name, id=name)
+
+
+def test_the_pages_have_what_this_test_checks():
+    readme = TEXTS["README.md"]
+    assert len(python_blocks(readme)) == 2  # the quantizer example and the FINN build of its model
+    assert "```\ngit clone" in readme and "make demo " in readme and "make test " in readme
+    assert {"README.md", "docs/quantizers.md", "docs/simulation.md", "docs/finn.md"} <= set(
+        PAGES_WITH_CODE)
+    assert {c.split()[1] for c in ALL_COMMANDS} >= {"evaluate", "train", "report", "build"}
+
+
+@pytest.mark.parametrize("name", [_page_param(n) for n in PAGES_WITH_CODE])
+def test_python_blocks_run(name, tmp_path, monkeypatch):
+    blocks = python_blocks(TEXTS[name])
+    if any(FINN_IMPORT.search(b) for b in blocks):
+        from finn_flow import finn_available
+
+        ok, reason = finn_available()
+        if not ok:
+            pytest.skip(f"FINN not importable: {reason}")
     torch.set_num_threads(1)
     torch.manual_seed(0)
     monkeypatch.chdir(tmp_path)
-    code = python_blocks()[index]
-    exec(compile(code, f"README.md python block {index + 1}", "exec"), {"__name__": "readme"})
+    for index, code in enumerate(blocks):
+        exec(compile(code, f"{name} python block {index + 1}", "exec"), {"__name__": "docs"})
 
 
 def _option_names(parser) -> set[str]:
     return {o for action in parser._actions for o in action.option_strings}
 
 
-@pytest.mark.parametrize("command", a2q_commands())
+@pytest.mark.parametrize("command", ALL_COMMANDS)
 def test_a2q_command_is_accepted_by_the_parser(command):
     words = shlex.split(command)[1:]
     parser = build_parser()
@@ -89,7 +118,7 @@ def test_a2q_command_is_accepted_by_the_parser(command):
     assert args.command == words[0]
 
 
-def test_readme_evaluate_commands_run(tmp_path, monkeypatch, capsys):
+def test_evaluate_commands_run(tmp_path, monkeypatch, capsys):
     """The evaluate commands, as written, on a small stand-in for the demo checkpoint."""
     from brevitas_a2q.train.checkpoint import save_checkpoint
     from brevitas_a2q.train.data import load_digits
@@ -105,7 +134,7 @@ def test_readme_evaluate_commands_run(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     Path("a2q-demo").mkdir()
     save_checkpoint("a2q-demo/model.pt", model, "cnn", kwargs)
-    commands = [c for c in a2q_commands() if c.startswith("a2q evaluate a2q-demo/model.pt")]
+    commands = [c for c in ALL_COMMANDS if c.startswith("a2q evaluate a2q-demo/model.pt")]
     assert commands
     for command in commands:
         assert main(shlex.split(command)[1:]) == 0, command
