@@ -19,6 +19,7 @@ from finn_flow.steps.streamline import (
     step_a2q_move_scales_past_forks,
     step_a2q_streamline_residual,
 )
+from finn_flow.steps.subpixel import step_a2q_subpixel_to_deconv
 from finn_flow.steps.ties import step_a2q_round_half_even, step_a2q_round_half_even_streamlined
 
 __all__ = [
@@ -168,8 +169,11 @@ def insert_a2q_steps(steps: Sequence, *, accumulators: Step = step_a2q_accumulat
                      streamline: Step | None = step_a2q_streamline_residual,
                      check: Step | None = step_a2q_check_hw_layers,
                      ties: Step | None = step_a2q_round_half_even,
-                     ties_streamlined: Step | None = step_a2q_round_half_even_streamlined) -> list:
-    """A FINN step list with ours inserted: ``prefer_hls`` before ``step_specialize_layers``,
+                     ties_streamlined: Step | None = step_a2q_round_half_even_streamlined,
+                     subpixel: Step | None = step_a2q_subpixel_to_deconv) -> list:
+    """A FINN step list with ours inserted: ``subpixel`` (sub-pixel convolutions as transposed
+    convolutions, :mod:`finn_flow.steps.subpixel`) before ``step_qonnx_to_finn``,
+    ``prefer_hls`` before ``step_specialize_layers``,
     ``accumulators`` after the last ``step_minimize_bit_width``, ``verify`` after
     ``step_generate_estimate_reports``; where the list has FINN's ``step_streamline``, the
     residual/deconvolution streamlining ``streamline_forks`` before it and ``streamline`` after it
@@ -182,7 +186,8 @@ def insert_a2q_steps(steps: Sequence, *, accumulators: Step = step_a2q_accumulat
     Raises :class:`~brevitas_a2q.errors.A2QInputError` if an anchor step is missing."""
     out = list(steps)
     names = [_name(s) for s in out]
-    for step, anchor, after in ((streamline_forks, "step_streamline", False),
+    for step, anchor, after in ((subpixel, "step_qonnx_to_finn", False),
+                                (streamline_forks, "step_streamline", False),
                                 (streamline, "step_streamline", True),
                                 (check, "step_create_dataflow_partition", False),
                                 (ties, "step_qonnx_to_finn", True),
