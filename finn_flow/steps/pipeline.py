@@ -13,6 +13,7 @@ from qonnx.core.modelwrapper import ModelWrapper
 from brevitas_a2q.analysis.records import AccumulatorRecord, read_records
 from brevitas_a2q.errors import A2QInputError
 from finn_flow.steps.accumulators import FINN_DOMAIN, LayerWidths, SetProvenAccumulatorWidths
+from finn_flow.steps.exact_thresholds import step_a2q_record_activation_chains
 from finn_flow.steps.report import write_reports
 from finn_flow.steps.streamline import (
     step_a2q_check_hw_layers,
@@ -170,9 +171,12 @@ def insert_a2q_steps(steps: Sequence, *, accumulators: Step = step_a2q_accumulat
                      check: Step | None = step_a2q_check_hw_layers,
                      ties: Step | None = step_a2q_round_half_even,
                      ties_streamlined: Step | None = step_a2q_round_half_even_streamlined,
-                     subpixel: Step | None = step_a2q_subpixel_to_deconv) -> list:
+                     subpixel: Step | None = step_a2q_subpixel_to_deconv,
+                     chains: Step | None = step_a2q_record_activation_chains) -> list:
     """A FINN step list with ours inserted: ``subpixel`` (sub-pixel convolutions as transposed
-    convolutions, :mod:`finn_flow.steps.subpixel`) before ``step_qonnx_to_finn``,
+    convolutions, :mod:`finn_flow.steps.subpixel`) and ``chains`` (what the exact integer
+    thresholds of :mod:`finn_flow.steps.exact_thresholds` are derived from) before
+    ``step_qonnx_to_finn``,
     ``prefer_hls`` before ``step_specialize_layers``,
     ``accumulators`` after the last ``step_minimize_bit_width``, ``verify`` after
     ``step_generate_estimate_reports``; where the list has FINN's ``step_streamline``, the
@@ -187,6 +191,7 @@ def insert_a2q_steps(steps: Sequence, *, accumulators: Step = step_a2q_accumulat
     out = list(steps)
     names = [_name(s) for s in out]
     for step, anchor, after in ((subpixel, "step_qonnx_to_finn", False),
+                                (chains, "step_qonnx_to_finn", False),
                                 (streamline_forks, "step_streamline", False),
                                 (streamline, "step_streamline", True),
                                 (check, "step_create_dataflow_partition", False),
