@@ -332,3 +332,53 @@ def attach_quant_tensor(node, tensor: str) -> None:
         node.attribute.remove(a)
     node.attribute.append(helper.make_attribute(QUANT_ATTR, tensor))
 
+
+
+@dataclass
+class LevelTable:
+    """A chain's exact quantizer as integer thresholds over an accumulator range: channel ``c``'s
+    level for ``acc`` is ``first[c] + #{t : acc >= thresholds[c][t]}``."""
+
+    first: np.ndarray  # (channels,) level at the lowest accumulator
+    thresholds: list[np.ndarray]  # per channel, increasing int64
+
+    def levels(self, acc: np.ndarray, channel_axis: int = 1) -> np.ndarray:
+        """Exact levels of integer accumulators ``acc`` (channels along ``channel_axis``)."""
+        acc = np.asarray(acc, dtype=np.int64)
+        if len(self.thresholds) == 1:
+            return self.first[0] + np.searchsorted(self.thresholds[0], acc, side="right")
+        acc = np.moveaxis(acc, channel_axis, -1)
+        out = np.stack([f + np.searchsorted(t, acc[..., c], side="right")
+                        for c, (f, t) in enumerate(zip(self.first, self.thresholds, strict=True))],
+                       axis=-1)
+        return np.moveaxis(out, -1, channel_axis)
+
+
+def level_table(chain: ActivationChain, channels: int, lo: int, hi: int) -> LevelTable | None:
+    """The exact thresholds of every channel over accumulators in ``[lo, hi]`` by bisection on the
+    exact level (:func:`_reaches`), or None where a channel's level is not non-decreasing in the
+    accumulator there (a negative batch-norm scale)."""
+    firsts, tables = [], []
+    for c in range(channels if chain.channels > 1 else 1):
+        first, last = _level(chain, c, lo), _level(chain, c, hi)
+        if last < first:
+            return None
+        thresholds = []
+        for level in range(first + 1, last + 1):
+            a, b = lo, hi  # not reached at a, reached at b
+            while b - a > 1:
+                mid = (a + b) // 2
+                a, b = (a, mid) if _reaches(chain, c, mid, level) else (mid, b)
+            thresholds.append(b)
+        firsts.append(first)
+        tables.append(np.asarray(thresholds, dtype=np.int64))
+    return LevelTable(np.asarray(firsts), tables)
+
+
+def _level(chain: ActivationChain, c: int, acc: int) -> int:
+    """The exact quantizer level for ``acc`` (bisection over the level range)."""
+    lo, hi = chain.low, chain.high  # reached: lo always; find the largest level reached
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if _reaches(chain, c, acc, mid) else (lo, mid - 1)
+    return lo
