@@ -59,11 +59,13 @@ def _records(model: ModelWrapper, cfg) -> list[AccumulatorRecord]:
 
 
 def _check_all_records_matched(records: list[AccumulatorRecord],
-                               layers: list[LayerWidths]) -> None:
-    """Every recorded layer must have become an MVAU/VVAU whose width was set (records with
-    identical integer weights are found by one node); otherwise raise naming the layers."""
+                               layers: list[LayerWidths]) -> list[str]:
+    """Every recorded layer with a target must have become an MVAU/VVAU whose width was set
+    (records with identical integer weights are found by one node); otherwise raise naming the
+    layers. Returns the layers without a target that no node matched: nothing was checked for
+    them, which the report says, and nothing needed to be."""
     found = {r.fingerprint for r in records if r.layer in {w.layer for w in layers}}
-    missing = [r for r in records if r.fingerprint not in found]
+    missing = [r for r in records if r.fingerprint not in found and r.target_bits is not None]
     if missing:
         names = ", ".join(f"{r.layer!r} ({r.op_type} node {r.node!r} at export)" for r in missing)
         raise A2QInputError(
@@ -71,6 +73,7 @@ def _check_all_records_matched(records: list[AccumulatorRecord],
             "outside the accelerator or changed their integer weights, so their accumulator width "
             "was not set or checked. See intermediate_models/ for where they went (a layer "
             "without a quantized input, or a graph FINN could not streamline)")
+    return [r.layer for r in records if r.fingerprint not in found]
 
 
 def make_accumulator_step(force_bits: int | None = None, lut_estimates: bool = True,
@@ -92,13 +95,14 @@ def make_accumulator_step(force_bits: int | None = None, lut_estimates: bool = T
         transform = SetProvenAccumulatorWidths(records, force_bits=force_bits,
                                                lut_estimator=estimator)
         model = model.transform(transform).transform(InferDataTypes())
-        _check_all_records_matched(records, transform.layers)
+        unmatched = _check_all_records_matched(records, transform.layers)
         if lut_estimates:
             nodes = {n.name: n for n in model.graph.node}
             for w in transform.layers:
                 w.lut_int32_uncapped = uncapped_lut_estimate(nodes[w.finn_node], 32, part)
         reports = write_reports(transform.layers, cfg.output_dir,
-                                extra={"records": len(records), "forced_bits": force_bits})
+                                extra={"records": len(records), "forced_bits": force_bits,
+                                       "unmatched_layers_without_target": unmatched})
         if on_result is not None:
             on_result(transform.layers, reports)
         return model
