@@ -62,7 +62,9 @@ from finn_flow.steps.exact_thresholds import (
     attach_quant_tensor,
     exact_integer_thresholds,
     faces_accumulator,
+    float_input_thresholds,
     read_activation_chains,
+    read_input_chains,
 )
 
 __all__ = [
@@ -276,7 +278,7 @@ class RoundHalfEvenIntegerThresholds(Transformation):
         self.unmarked: list[str] = []
 
     def apply(self, model: ModelWrapper) -> tuple[ModelWrapper, bool]:
-        chains = read_activation_chains(model)
+        chains, inputs = read_activation_chains(model), read_input_chains(model)
         for node in model.graph.node:
             if not _is_multithreshold(node):
                 continue
@@ -292,6 +294,11 @@ class RoundHalfEvenIntegerThresholds(Transformation):
             digest = digest.decode() if isinstance(digest, bytes) else digest
             if not idt.is_integer():
                 if _digest(thresholds) != digest:
+                    fix = self._absorbed_input_ops(model, node, name, thresholds,
+                                                   int(first_level), idt, inputs)
+                    if fix is not None:
+                        self.fixes.append(fix)
+                        continue
                     raise A2QInputError(
                         f"MultiThreshold {name!r} faces a float input ({idt.name}) and "
                         "streamlining changed its thresholds (an operation in front of a "
@@ -309,6 +316,27 @@ class RoundHalfEvenIntegerThresholds(Transformation):
             self.fixes.append(self._integer_fix(model, node, name, thresholds, int(first_level),
                                                 idt, chains))
         return model, False
+
+    @staticmethod
+    def _absorbed_input_ops(model: ModelWrapper, node, name: str, thresholds: np.ndarray,
+                            first_level: int, idt, inputs: dict) -> TieFix | None:
+        """An input quantizer whose thresholds took in elementwise ops on the graph input
+        (``2 * x - 1``): thresholds recomputed over every float32 input with those ops in
+        float32 (:func:`~finn_flow.steps.exact_thresholds.float_input_thresholds`), if FINN's are
+        those within float32 error; else None."""
+        chain = inputs.get(_attr_str(node, QUANT_ATTR))
+        if chain is None or not chain.ops:
+            return None
+        exact = float_input_thresholds(chain, thresholds.shape[0], first_level,
+                                       thresholds.shape[1])
+        if exact is None or not np.allclose(exact, thresholds, rtol=1e-5, atol=1e-6):
+            return None
+        changed = np.argwhere(exact != thresholds)
+        model.set_initializer(node.input[1], exact)
+        return TieFix("integer", name, "", first_level, int(thresholds.size), len(changed),
+                      idt.name, changed[:20].tolist(), exact=True,
+                      note="float input: elementwise ops before the quantizer absorbed, exact "
+                           "over every float32 input")
 
     @staticmethod
     def _integer_fix(model: ModelWrapper, node, name: str, thresholds: np.ndarray,
