@@ -77,7 +77,8 @@ def _block_model(tmp_path) -> ModelWrapper:
 def test_exact_equals_qonnx_where_float32_is_not_near_a_boundary(tmp_path):
     model = _block_model(tmp_path)
     exact = ExactModel(model)
-    assert len(exact.layers) == 1 and list(exact.float32_quantizers) != []  # the input quantizer
+    assert len(exact.layers) == 1 and exact.float32_quantizers == {}
+    assert len(exact.input_quantizers) == 1
     inputs = random_inputs(model, 12, seed=5)
     result = exact.evaluate(inputs)
     qonnx = run_qonnx(model, inputs)

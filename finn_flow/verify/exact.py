@@ -10,10 +10,12 @@ output of every activation quantizer that an accumulating layer feeds through a 
 (:mod:`finn_flow.steps.exact_thresholds`) by its exact levels: the layer's integer accumulator is
 computed in float64 from the integer levels of its input and its integer weights (exact below
 2^53), and mapped to levels by integer thresholds derived in exact arithmetic. Quantizers without
-such a chain (the input quantizer on float data, or a chain it cannot follow) keep QONNX's float32
-result and are listed. Where QONNX's float32 level differs from the exact one on the same inputs,
-the difference is *float32 reference rounding* only if the exact value lies within QONNX's float32
-error bound of the rounding boundary between the two levels; anything else is unexplained.
+such a chain keep QONNX's float32 result and are listed, except input quantizers fed by the graph
+input through elementwise ops only, whose float32 evaluation (IEEE, identical in Brevitas, QONNX and
+FINN's thresholds) is their exact definition. Where QONNX's float32 level differs from the exact one
+on the same inputs, the difference is *float32 reference rounding* only if the exact value lies
+within QONNX's float32 error bound of the rounding boundary between the two levels; anything else
+is unexplained.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from finn_flow.steps.exact_thresholds import (
     _weight_rows,
     level_table,
     record_activation_chains,
+    record_input_chains,
 )
 from finn_flow.steps.subpixel import SubPixelToTransposedConv
 
@@ -113,13 +116,16 @@ class ExactModel:
         self.layers: dict[str, _Layer] = {}
         self.float32_quantizers: dict[str, str] = {}
         chains = record_activation_chains(self.model)
+        self.input_quantizers = sorted(self.model.find_producer(name).name
+                                       for name in record_input_chains(self.model))
         for quant in self.model.graph.node:
-            if quant.op_type != "Quant" or self.model.get_initializer(quant.input[0]) is not None:
+            if quant.op_type != "Quant" or self.model.get_initializer(quant.input[0]) is not None \
+                    or quant.name in self.input_quantizers:
                 continue
             chain = chains.get(quant.output[0])
             if chain is None:
                 self.float32_quantizers[quant.name] = "no accumulating layer feeds it through a " \
-                    "chain of supported ops (an input quantizer, or other ops in between)"
+                    "chain of supported ops (other ops in between)"
                 continue
             layer = self._layer(quant, chain)
             if isinstance(layer, str):
@@ -154,7 +160,7 @@ class ExactModel:
         """Exact outputs for each input of ``inputs`` (shaped like the model's input, with an extra
         leading axis), and the float32 differences of QONNX found on the way."""
         result = ExactEvaluation(np.empty(0), exact_quantizers=sorted(
-            layer.quant.name for layer in self.layers.values()),
+            [layer.quant.name for layer in self.layers.values()] + self.input_quantizers),
             float32_quantizers=dict(self.float32_quantizers))
         outputs = [self._evaluate_one(np.asarray(x, dtype=np.float32), result) for x in inputs]
         result.outputs = np.stack(outputs)
