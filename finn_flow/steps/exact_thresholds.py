@@ -261,8 +261,9 @@ def step_a2q_record_activation_chains(model: ModelWrapper, cfg) -> ModelWrapper:
     return model
 
 
-def _value(chain: ActivationChain, c: int, acc: int) -> ExactValue:
-    """The exact input of the chain's Quant node, channel ``c``, for accumulator ``acc``."""
+def _value(chain: ActivationChain, c: int, acc: int, relu: bool = True) -> ExactValue:
+    """The exact input of the chain's Quant node, channel ``c``, for accumulator ``acc`` (``relu``
+    False: the affine part alone, for estimates)."""
     x = ExactValue(_at(chain.scale, c) * acc)
     for op in chain.ops:
         if op["op"] == "affine":
@@ -270,7 +271,7 @@ def _value(chain: ActivationChain, c: int, acc: int) -> ExactValue:
         elif op["op"] == "bn":
             gamma, beta, mean = (_at(op[k], c) for k in ("gamma", "beta", "mean"))
             x = ExactValue(beta, (x.r0 - mean) * gamma, _at(op["var"], c))
-        elif x.compare(Fraction(0)) < 0:  # relu
+        elif relu and x.compare(Fraction(0)) < 0:
             x = ExactValue(Fraction(0))
     return x
 
@@ -371,8 +372,17 @@ def level_table(chain: ActivationChain, channels: int, lo: int, hi: int) -> Leve
         if last < first:
             return None
         thresholds = []
+        zero, one = (_float(_value(chain, c, acc, relu=False)) for acc in (0, 1))
+        scale = float(_at(chain.quant_scale, c))
         for level in range(first + 1, last + 1):
             a, b = lo, hi  # not reached at a, reached at b
+            if one != zero:  # bracket the float64 estimate first; bisection proves it exactly
+                guess = ((level - 0.5) * scale - zero) / (one - zero)
+                if math.isfinite(guess):
+                    near_a, near_b = max(lo, math.floor(guess) - 2), min(hi, math.ceil(guess) + 2)
+                    if (near_a == lo or not _reaches(chain, c, near_a, level)) and \
+                            _reaches(chain, c, near_b, level):
+                        a, b = near_a, near_b
             while b - a > 1:
                 mid = (a + b) // 2
                 a, b = (a, mid) if _reaches(chain, c, mid, level) else (mid, b)
@@ -380,6 +390,10 @@ def level_table(chain: ActivationChain, channels: int, lo: int, hi: int) -> Leve
         firsts.append(first)
         tables.append(np.asarray(thresholds, dtype=np.int64))
     return LevelTable(np.asarray(firsts), tables)
+
+
+def _float(value: ExactValue) -> float:
+    return float(value.r0) + float(value.r1) / math.sqrt(float(value.v))
 
 
 def _level(chain: ActivationChain, c: int, acc: int) -> int:

@@ -36,6 +36,7 @@ from finn_flow.steps.exact_thresholds import (
     PASS_THROUGH,
     ActivationChain,
     LevelTable,
+    _float,
     _input_scale,
     _quant_params,
     _value,
@@ -158,19 +159,37 @@ class ExactModel:
 
     def evaluate(self, inputs: np.ndarray) -> ExactEvaluation:
         """Exact outputs for each input of ``inputs`` (shaped like the model's input, with an extra
-        leading axis), and the float32 differences of QONNX found on the way."""
+        leading axis), and the float32 differences of QONNX found on the way. The inputs run as
+        one batch where the graph allows it (no batch-1 constants in reshapes), else one by one."""
         result = ExactEvaluation(np.empty(0), exact_quantizers=sorted(
             [layer.quant.name for layer in self.layers.values()] + self.input_quantizers),
             float32_quantizers=dict(self.float32_quantizers))
-        outputs = [self._evaluate_one(np.asarray(x, dtype=np.float32), result) for x in inputs]
-        result.outputs = np.stack(outputs)
+        inputs = np.asarray(inputs, dtype=np.float32)
+        try:
+            batched = self._batched(len(inputs))
+            result.outputs = self._run(batched, inputs.reshape(
+                len(inputs), *batched.get_tensor_shape(batched.graph.input[0].name)[1:]), result)
+        except Exception:  # a graph with batch-1 constants: one input at a time
+            result.float32_rounding, result.unexplained = {}, {}
+            shape = self.model.get_tensor_shape(self.model.graph.input[0].name)
+            result.outputs = np.concatenate([self._run(self.model, x.reshape(shape), result)
+                                             for x in inputs])
         return result
 
-    def _evaluate_one(self, x: np.ndarray, result: ExactEvaluation) -> np.ndarray:
-        model = self.model
+    def _batched(self, count: int) -> ModelWrapper:
+        """The model with batch size ``count`` (shapes inferred again)."""
+        from qonnx.transformation.infer_shapes import InferShapes
+
+        model = copy.deepcopy(self.model)
+        while len(model.graph.value_info):
+            model.graph.value_info.pop()
+        for tensor in (model.graph.input[0].name, model.graph.output[0].name):
+            model.set_tensor_shape(tensor, [count, *model.get_tensor_shape(tensor)[1:]])
+        return model.transform(InferShapes())
+
+    def _run(self, model: ModelWrapper, x: np.ndarray, result: ExactEvaluation) -> np.ndarray:
         context = model.make_empty_exec_context()
-        name = model.graph.input[0].name
-        context[name] = x.reshape(model.get_tensor_shape(name))
+        context[model.graph.input[0].name] = x
         opset = model.model.opset_import[0].version
         for node in model.graph.node:
             execute_node(node, context, model.graph, opset)
@@ -212,7 +231,7 @@ class ExactModel:
         c = index[1] if acc.ndim > 1 else 0
         chain = layer.chain
         s = float(Fraction(chain.quant_scale[0 if len(chain.quant_scale) == 1 else c]))
-        y = _real(_value(chain, c, int(acc[index]))) / s
+        y = _float(_value(chain, c, int(acc[index]))) / s
         slope, offset = _magnitudes(chain, c)
         bound = 2 * (layer.dot_length + 16) * U32 * (
             slope * float(magnitude[index]) + offset + abs(y) * s) / s
@@ -235,6 +254,3 @@ def _magnitudes(chain: ActivationChain, c: int) -> tuple[float, float]:
             slope, offset = slope * f, (offset + at(op["mean"])) * f + at(op["beta"])
     return slope, offset
 
-
-def _real(value) -> float:
-    return float(value.r0) + float(value.r1) / float(value.v) ** 0.5
