@@ -433,8 +433,8 @@ class InputChain:
 
 
 def record_input_chains(model: ModelWrapper) -> dict[str, InputChain]:
-    """Every Quant reached from the graph input through scalar Add/Sub/Mul/Div and Relu only (a
-    Quant directly on the input included), keyed by its output tensor."""
+    """Every Quant reached from the graph input through scalar Add/Sub/Mul/Div, Relu and layout
+    ops only (a Quant directly on the input included), keyed by its output tensor."""
     chains, graph_input = {}, model.graph.input[0].name
     for quant in model.graph.node:
         if quant.op_type != "Quant" or _init(model, quant.input[0]) is not None:
@@ -446,7 +446,9 @@ def record_input_chains(model: ModelWrapper) -> dict[str, InputChain]:
             if node is None:
                 break
             const = _init(model, node.input[1]) if len(node.input) > 1 else None
-            if node.op_type == "Relu":
+            if node.op_type in ("Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze"):
+                pass  # elementwise ops commute with layout
+            elif node.op_type == "Relu":
                 ops.append(["Relu", 0.0])
             elif node.op_type in _FLOAT_OPS and const is not None and const.size == 1:
                 ops.append([node.op_type, float(np.float32(const.reshape(-1)[0]))])
