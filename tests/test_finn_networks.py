@@ -12,6 +12,7 @@ is handled elsewhere."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -252,6 +253,8 @@ def test_record_without_finn_layer_is_an_error_naming_it():
                            datatype="INT4")
 
     records = [record("a", "1"), record("b", "1"), record("c", "2")]
-    _check_all_records_matched(records[:2], [widths("a")])  # same weights: one node finds both
+    assert _check_all_records_matched(records[:2], [widths("a")]) == []  # one node finds both
     with pytest.raises(A2QInputError, match=r"'c' \(Conv node 'c_node' at export\)"):
         _check_all_records_matched(records, [widths("a")])
+    untargeted = dataclasses.replace(records[2], target_bits=None)  # nothing to check: a note
+    assert _check_all_records_matched([*records[:2], untargeted], [widths("a")]) == ["c"]

@@ -66,8 +66,8 @@ class AccumulatorRecord:
     output: str  # accumulator output tensor name at export time
     variant: str  # "a2q", "a2q+" or "none"
     target_bits: int | None  # P the layer was trained for (None: no accumulator constraint)
-    input_bits: int  # N
-    input_signed: bool
+    input_bits: int | None  # N (None: a float input, only for a layer without a target)
+    input_signed: bool | None
     weight_bits: int  # M
     out_channels: int
     dot_length: int  # K = in_channels / groups * prod(kernel)

@@ -40,7 +40,7 @@ from brevitas_a2q.analysis.audit import (
     capture_layer,
     iter_accumulating_layers,
 )
-from brevitas_a2q.analysis.qonnx_analysis import accumulating_nodes
+from brevitas_a2q.analysis.qonnx_analysis import accumulating_nodes, node_input_datatype
 from brevitas_a2q.analysis.records import AccumulatorRecord, weight_fingerprint, write_records
 from brevitas_a2q.errors import A2QInputError
 from brevitas_a2q.export.handlers import A2QQONNXWeightHandler, A2QWeightExportHandler
@@ -158,6 +158,26 @@ def _place_quantized_weights(model: ModelWrapper, captures: list[LayerCapture]) 
         _set_param(model, node, 3, np.asarray(cap.weight_bits, dtype=np.float32))
 
 
+def _graph_input_type(model: ModelWrapper, node, cap: LayerCapture
+                      ) -> tuple[int | None, bool | None]:
+    """The layer's input bits and sign: from the quantized tensor Brevitas gave it, else from the
+    exported graph (a quantizer that returned a plain tensor, as Brevitas's BNN-PYNQ examples'
+    do, still quantized it), else ``(None, None)`` for a float input (a float stem, "the input is
+    already 8-bit RGB"), which only a layer without an accumulator target may have."""
+    if cap.input_bits is not None:
+        return cap.input_bits, bool(cap.input_signed)
+    try:
+        found = node_input_datatype(model, node.input[0], node)
+    except A2QInputError:
+        if cap.target_bits is not None:
+            raise A2QInputError(
+                f"layer {cap.name!r}: its input is not quantized, so its accumulator is not "
+                f"integer and its target P = {cap.target_bits} cannot be checked; quantize its "
+                "input (input_quant=...)") from None
+        return None, None
+    return found.bits, found.signed
+
+
 def _records(model: ModelWrapper, captures: list[LayerCapture]) -> list[AccumulatorRecord]:
     pending = [(cap, cap.rows.to(torch.int64).cpu().numpy()) for cap in captures]
     records = []
@@ -172,13 +192,11 @@ def _records(model: ModelWrapper, captures: list[LayerCapture]) -> list[Accumula
                                 "weights that match no Brevitas layer's integer weights (the "
                                 "exported weight Quant node does not reproduce them)")
         cap, _ = pending.pop(match)
-        if cap.input_bits is None:
-            raise A2QInputError(f"layer {cap.name!r}: its input is not quantized, so its "
-                                "accumulator is not integer; quantize its input (input_quant=...)")
+        input_bits, input_signed = _graph_input_type(model, node, cap)
         records.append(AccumulatorRecord(
             layer=cap.name, node=node.name, op_type=node.op_type, weight=weights.tensor,
             output=node.output[0], variant=cap.variant, target_bits=cap.target_bits,
-            input_bits=cap.input_bits, input_signed=bool(cap.input_signed),
+            input_bits=input_bits, input_signed=input_signed,
             weight_bits=cap.weight_bits, out_channels=cap.out_channels,
             dot_length=cap.dot_length, fingerprint=weight_fingerprint(weights.int_weights),
             extra={"layer_type": type(cap.module).__name__}))

@@ -22,6 +22,9 @@ mix with FINN's step names. Ours:
   (after it) for residual forks/joins and transposed convolutions (no-ops for other graphs), and
   :func:`~finn_flow.steps.streamline.step_a2q_check_hw_layers` (before
   ``step_create_dataflow_partition``: refuses, naming them, nodes left without a FINN layer);
+* from :mod:`finn_flow.steps.subpixel`: :func:`~finn_flow.steps.subpixel.step_a2q_subpixel_to_deconv`
+  (before ``step_qonnx_to_finn``): sub-pixel convolutions (``Conv -> DepthToSpace``) as transposed
+  convolutions, their accumulator records following them;
 * from :mod:`finn_flow.steps.ties`: :func:`~finn_flow.steps.ties.step_a2q_round_half_even` (after
   ``step_qonnx_to_finn``) and :func:`~finn_flow.steps.ties.step_a2q_round_half_even_streamlined` (before
   ``step_convert_to_hw``): thresholds that round half to even as QONNX and Brevitas do.
@@ -57,11 +60,13 @@ from finn_flow.steps.streamline import (
     step_a2q_move_scales_past_forks,
     step_a2q_streamline_residual,
 )
+from finn_flow.steps.subpixel import SubPixelToTransposedConv, step_a2q_subpixel_to_deconv
 from finn_flow.steps.ties import step_a2q_round_half_even, step_a2q_round_half_even_streamlined
 
 __all__ = [
     "LayerWidths",
     "SetProvenAccumulatorWidths",
+    "SubPixelToTransposedConv",
     "insert_a2q_steps",
     "make_accumulator_step",
     "make_verify_step",
@@ -72,4 +77,5 @@ __all__ = [
     "step_a2q_round_half_even",
     "step_a2q_round_half_even_streamlined",
     "step_a2q_streamline_residual",
+    "step_a2q_subpixel_to_deconv",
 ]

@@ -39,6 +39,7 @@ from brevitas_a2q.quant.bounds import (
     min_accumulator_bits,
     zero_centered_l1_norm,
 )
+from finn_flow.steps.subpixel import column_groups, grouped_range, write_column_groups
 
 __all__ = [
     "FINN_DOMAIN",
@@ -197,7 +198,10 @@ class SetProvenAccumulatorWidths(Transformation):
         self.layers: list[LayerWidths] = []
 
     def apply(self, model: ModelWrapper) -> tuple[ModelWrapper, bool]:
+        self.column_groups: dict[str, list[np.ndarray]] = {}
         self.layers = [self._apply_node(model, node) for node in accumulating_nodes(model)]
+        if self.column_groups:
+            write_column_groups(model, self.column_groups)
         return model, False
 
     def _apply_node(self, model: ModelWrapper, node) -> LayerWidths:
@@ -216,8 +220,15 @@ class SetProvenAccumulatorWidths(Transformation):
                 "accumulator record of the exported model: its integer weights changed between "
                 "export and FINN (an unsupported graph transformation), or the records belong "
                 "to another model")
-        rng = exact_accumulator_range(q, int(idt.min()), int(idt.max()))
-        lo, hi = rng.overall
+        groups = column_groups(q, record)
+        if groups is None:
+            lo, hi = exact_accumulator_range(q, int(idt.min()), int(idt.max())).overall
+            l1_bits, dot_length = _l1_bits(q, idt, record), q.shape[1]
+        else:  # one sub-pixel channel's products at a time (finn_flow.steps.subpixel)
+            lo, hi = grouped_range(q, groups, int(idt.min()), int(idt.max()))
+            l1_bits = max(_l1_bits(q[:, g], idt, record) for g in groups)
+            dot_length = len(groups[0])
+            self.column_groups[node.name] = groups
         exact = range_datatype(lo, hi)
         finn_dt = _str_attr(node, "accDataType", "INT32")
         widths = LayerWidths(
@@ -225,11 +236,12 @@ class SetProvenAccumulatorWidths(Transformation):
             layer=record.layer if record else None, variant=record.variant if record else None,
             target_bits=record.target_bits if record else None,
             input_datatype=idt.name, weight_datatype=wdt.name,
-            dot_length=q.shape[1], out_channels=q.shape[0], range_min=lo, range_max=hi,
-            bits_exact=exact.bitwidth(), bits_l1_bound=_l1_bits(q, idt, record),
-            bits_datatype=datatype_accumulator_bits(q.shape[1], idt.bitwidth(),
+            dot_length=dot_length, out_channels=q.shape[0], range_min=lo, range_max=hi,
+            bits_exact=exact.bitwidth(), bits_l1_bound=l1_bits,
+            bits_datatype=datatype_accumulator_bits(dot_length, idt.bitwidth(),
                                                     max(wdt.bitwidth(), 1), idt.signed()),
             finn_datatype=finn_dt, datatype=finn_dt, forced=self.force_bits is not None,
+            extra={} if groups is None else {"subpixel_groups": len(groups)},
         )
         if self.lut_estimator is not None:
             widths.lut_finn = int(self.lut_estimator(node, model))

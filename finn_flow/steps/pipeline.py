@@ -13,12 +13,14 @@ from qonnx.core.modelwrapper import ModelWrapper
 from brevitas_a2q.analysis.records import AccumulatorRecord, read_records
 from brevitas_a2q.errors import A2QInputError
 from finn_flow.steps.accumulators import FINN_DOMAIN, LayerWidths, SetProvenAccumulatorWidths
+from finn_flow.steps.exact_thresholds import step_a2q_record_activation_chains
 from finn_flow.steps.report import write_reports
 from finn_flow.steps.streamline import (
     step_a2q_check_hw_layers,
     step_a2q_move_scales_past_forks,
     step_a2q_streamline_residual,
 )
+from finn_flow.steps.subpixel import step_a2q_subpixel_to_deconv
 from finn_flow.steps.ties import step_a2q_round_half_even, step_a2q_round_half_even_streamlined
 
 __all__ = [
@@ -57,11 +59,13 @@ def _records(model: ModelWrapper, cfg) -> list[AccumulatorRecord]:
 
 
 def _check_all_records_matched(records: list[AccumulatorRecord],
-                               layers: list[LayerWidths]) -> None:
-    """Every recorded layer must have become an MVAU/VVAU whose width was set (records with
-    identical integer weights are found by one node); otherwise raise naming the layers."""
+                               layers: list[LayerWidths]) -> list[str]:
+    """Every recorded layer with a target must have become an MVAU/VVAU whose width was set
+    (records with identical integer weights are found by one node); otherwise raise naming the
+    layers. Returns the layers without a target that no node matched: nothing was checked for
+    them, which the report says, and nothing needed to be."""
     found = {r.fingerprint for r in records if r.layer in {w.layer for w in layers}}
-    missing = [r for r in records if r.fingerprint not in found]
+    missing = [r for r in records if r.fingerprint not in found and r.target_bits is not None]
     if missing:
         names = ", ".join(f"{r.layer!r} ({r.op_type} node {r.node!r} at export)" for r in missing)
         raise A2QInputError(
@@ -69,6 +73,7 @@ def _check_all_records_matched(records: list[AccumulatorRecord],
             "outside the accelerator or changed their integer weights, so their accumulator width "
             "was not set or checked. See intermediate_models/ for where they went (a layer "
             "without a quantized input, or a graph FINN could not streamline)")
+    return [r.layer for r in records if r.fingerprint not in found]
 
 
 def make_accumulator_step(force_bits: int | None = None, lut_estimates: bool = True,
@@ -90,13 +95,14 @@ def make_accumulator_step(force_bits: int | None = None, lut_estimates: bool = T
         transform = SetProvenAccumulatorWidths(records, force_bits=force_bits,
                                                lut_estimator=estimator)
         model = model.transform(transform).transform(InferDataTypes())
-        _check_all_records_matched(records, transform.layers)
+        unmatched = _check_all_records_matched(records, transform.layers)
         if lut_estimates:
             nodes = {n.name: n for n in model.graph.node}
             for w in transform.layers:
                 w.lut_int32_uncapped = uncapped_lut_estimate(nodes[w.finn_node], 32, part)
         reports = write_reports(transform.layers, cfg.output_dir,
-                                extra={"records": len(records), "forced_bits": force_bits})
+                                extra={"records": len(records), "forced_bits": force_bits,
+                                       "unmatched_layers_without_target": unmatched})
         if on_result is not None:
             on_result(transform.layers, reports)
         return model
@@ -168,8 +174,14 @@ def insert_a2q_steps(steps: Sequence, *, accumulators: Step = step_a2q_accumulat
                      streamline: Step | None = step_a2q_streamline_residual,
                      check: Step | None = step_a2q_check_hw_layers,
                      ties: Step | None = step_a2q_round_half_even,
-                     ties_streamlined: Step | None = step_a2q_round_half_even_streamlined) -> list:
-    """A FINN step list with ours inserted: ``prefer_hls`` before ``step_specialize_layers``,
+                     ties_streamlined: Step | None = step_a2q_round_half_even_streamlined,
+                     subpixel: Step | None = step_a2q_subpixel_to_deconv,
+                     chains: Step | None = step_a2q_record_activation_chains) -> list:
+    """A FINN step list with ours inserted: ``subpixel`` (sub-pixel convolutions as transposed
+    convolutions, :mod:`finn_flow.steps.subpixel`) and ``chains`` (what the exact integer
+    thresholds of :mod:`finn_flow.steps.exact_thresholds` are derived from) before
+    ``step_qonnx_to_finn``,
+    ``prefer_hls`` before ``step_specialize_layers``,
     ``accumulators`` after the last ``step_minimize_bit_width``, ``verify`` after
     ``step_generate_estimate_reports``; where the list has FINN's ``step_streamline``, the
     residual/deconvolution streamlining ``streamline_forks`` before it and ``streamline`` after it
@@ -182,7 +194,9 @@ def insert_a2q_steps(steps: Sequence, *, accumulators: Step = step_a2q_accumulat
     Raises :class:`~brevitas_a2q.errors.A2QInputError` if an anchor step is missing."""
     out = list(steps)
     names = [_name(s) for s in out]
-    for step, anchor, after in ((streamline_forks, "step_streamline", False),
+    for step, anchor, after in ((subpixel, "step_qonnx_to_finn", False),
+                                (chains, "step_qonnx_to_finn", False),
+                                (streamline_forks, "step_streamline", False),
                                 (streamline, "step_streamline", True),
                                 (check, "step_create_dataflow_partition", False),
                                 (ties, "step_qonnx_to_finn", True),

@@ -57,6 +57,15 @@ from qonnx.transformation.base import Transformation
 from qonnx.util.basic import get_by_name
 
 from brevitas_a2q.errors import A2QInputError
+from finn_flow.steps.exact_thresholds import (
+    QUANT_ATTR,
+    attach_quant_tensor,
+    exact_integer_thresholds,
+    faces_accumulator,
+    float_input_thresholds,
+    read_activation_chains,
+    read_input_chains,
+)
 
 __all__ = [
     "DIGEST_ATTR",
@@ -88,6 +97,8 @@ class TieFix:
     changed: int
     input_dtype: str
     changed_at: list[list[int]] = field(default_factory=list)  # [row, index], at most 20
+    exact: bool = False  # stage "integer": thresholds derived in exact arithmetic from the model
+    note: str = ""  # stage "integer": why FINN's float32 thresholds were kept, where they were
 
 
 def quant_levels(x: np.ndarray, scale: np.ndarray, low: int, high: int) -> np.ndarray:
@@ -154,6 +165,11 @@ def _only_consumer(model: ModelWrapper, tensor: str, op_type: str):
         if value is not None:
             return consumers[0], np.asarray(value)
     return None, None
+
+
+def _attr_str(node, name: str) -> str | None:
+    value = _attr(node, name)
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _is_multithreshold(node) -> bool:
@@ -229,6 +245,7 @@ class RoundHalfEvenFloatThresholds(Transformation):
         exact = round_half_even_thresholds(scale, first_level, count)
         changed = np.argwhere(exact != thresholds)
         model.set_initializer(node.input[1], exact)
+        attach_quant_tensor(node, quant_output)
         _set_attr(node, FIRST_LEVEL_ATTR, first_level)
         _set_attr(node, DIGEST_ATTR, _digest(exact))
         return TieFix("float", node.name or node.output[0], quant_output, first_level,
@@ -261,6 +278,7 @@ class RoundHalfEvenIntegerThresholds(Transformation):
         self.unmarked: list[str] = []
 
     def apply(self, model: ModelWrapper) -> tuple[ModelWrapper, bool]:
+        chains, inputs = read_activation_chains(model), read_input_chains(model)
         for node in model.graph.node:
             if not _is_multithreshold(node):
                 continue
@@ -276,6 +294,11 @@ class RoundHalfEvenIntegerThresholds(Transformation):
             digest = digest.decode() if isinstance(digest, bytes) else digest
             if not idt.is_integer():
                 if _digest(thresholds) != digest:
+                    fix = self._absorbed_input_ops(model, node, name, thresholds,
+                                                   int(first_level), idt, inputs)
+                    if fix is not None:
+                        self.fixes.append(fix)
+                        continue
                     raise A2QInputError(
                         f"MultiThreshold {name!r} faces a float input ({idt.name}) and "
                         "streamlining changed its thresholds (an operation in front of a "
@@ -290,15 +313,52 @@ class RoundHalfEvenIntegerThresholds(Transformation):
                 raise A2QInputError(f"MultiThreshold {name!r}: its thresholds are not increasing "
                                     "after streamlining, so its levels cannot be matched to the "
                                     "Quant node's for round half to even")
-            lower = int(first_level) + np.arange(thresholds.shape[1])
-            tie = (thresholds == np.floor(thresholds)) & (lower % 2 == 0)[None, :]
-            changed = np.argwhere(tie)
-            if changed.size:
-                model.set_initializer(node.input[1], (thresholds + tie).astype(np.float32))
-            self.fixes.append(TieFix("integer", name, "", int(first_level),
-                                     int(thresholds.size), len(changed), idt.name,
-                                     changed[:20].tolist()))
+            self.fixes.append(self._integer_fix(model, node, name, thresholds, int(first_level),
+                                                idt, chains))
         return model, False
+
+    @staticmethod
+    def _absorbed_input_ops(model: ModelWrapper, node, name: str, thresholds: np.ndarray,
+                            first_level: int, idt, inputs: dict) -> TieFix | None:
+        """An input quantizer whose thresholds took in elementwise ops on the graph input
+        (``2 * x - 1``): thresholds recomputed over every float32 input with those ops in
+        float32 (:func:`~finn_flow.steps.exact_thresholds.float_input_thresholds`), if FINN's are
+        those within float32 error; else None."""
+        chain = inputs.get(_attr_str(node, QUANT_ATTR))
+        if chain is None or not chain.ops:
+            return None
+        exact = float_input_thresholds(chain, thresholds.shape[0], first_level,
+                                       thresholds.shape[1])
+        if exact is None or not np.allclose(exact, thresholds, rtol=1e-5, atol=1e-6):
+            return None
+        changed = np.argwhere(exact != thresholds)
+        model.set_initializer(node.input[1], exact)
+        return TieFix("integer", name, "", first_level, int(thresholds.size), len(changed),
+                      idt.name, changed[:20].tolist(), exact=True,
+                      note="float input: elementwise ops before the quantizer absorbed, exact "
+                           "over every float32 input")
+
+    @staticmethod
+    def _integer_fix(model: ModelWrapper, node, name: str, thresholds: np.ndarray,
+                     first_level: int, idt, chains: dict) -> TieFix:
+        """Exact integer thresholds where the node provably faces its layer's accumulator
+        (:mod:`finn_flow.steps.exact_thresholds`); else FINN's, with exact-integer ties made even."""
+        chain = chains.get(_attr_str(node, QUANT_ATTR))
+        note = "no exact chain was recorded for its quantizer"
+        if chain is not None:
+            note = faces_accumulator(model, node, chain)
+            if note is None:
+                exact, note = exact_integer_thresholds(chain, thresholds, first_level)
+        if note is None:
+            new = exact
+        else:
+            lower = first_level + np.arange(thresholds.shape[1])
+            new = thresholds + ((thresholds == np.floor(thresholds)) & (lower % 2 == 0)[None, :])
+        changed = np.argwhere(new != thresholds)
+        if changed.size:
+            model.set_initializer(node.input[1], new.astype(np.float32))
+        return TieFix("integer", name, "", first_level, int(thresholds.size), len(changed),
+                      idt.name, changed[:20].tolist(), exact=note is None, note=note or "")
 
 
 def _report(cfg, fixes: list[TieFix], unmarked: list[str] | None = None) -> None:

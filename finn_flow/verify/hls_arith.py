@@ -45,6 +45,7 @@ from qonnx.transformation.base import Transformation
 
 from brevitas_a2q.errors import A2QInputError
 from finn_flow.steps.accumulators import ACCUMULATING_OPS, FINN_DOMAIN, integer_weights, range_datatype
+from finn_flow.steps.subpixel import read_column_groups, restrict_to_groups
 
 __all__ = [
     "DESCRIPTION",
@@ -280,6 +281,7 @@ def extreme_cases(model: ModelWrapper) -> list[ExtremeCase]:
     ``Channels``, so FINN reads the input as (kernel position, channel))."""
     from qonnx.custom_op.registry import getCustomOp
 
+    groups = read_column_groups(model)
     cases = []
     for node in model.graph.node:
         if not (node.domain.startswith(FINN_DOMAIN) and _base(node.op_type) in ACCUMULATING_OPS):
@@ -290,6 +292,8 @@ def extreme_cases(model: ModelWrapper) -> list[ExtremeCase]:
             raise A2QInputError(f"{node.name}: input type {idt.name} is not integer")
         q = integer_weights(model, node).astype(np.int64)
         x_max, x_min = extreme_vectors(q, int(idt.min()), int(idt.max()))
+        if node.name in groups:  # a sub-pixel layer sums one column group at a time
+            x_max, x_min = restrict_to_groups(q, x_max, x_min, groups[node.name])
         channels, k = q.shape
         if _base(node.op_type) == "MVAU":
             x = np.stack([x_max, x_min], axis=1).reshape(2 * channels, k)

@@ -1,0 +1,506 @@
+"""Integer thresholds derived in exact arithmetic from the model, wherever float32 streamlining put
+them.
+
+FINN's streamlining absorbs the scales, biases and batch norm between an integer accumulator and an
+activation quantizer into the quantizer's thresholds in float32, ``(t - b) / a``, then rounds them
+up. A threshold whose exact value is an integer (a tie of the quantizer's round half to even) or lies
+within float32 error of one can land on the wrong side: Brevitas's ESPCN layout with plain weights
+gave 4620.00048828125 for the exact tie 4620, so the accelerator rounded 105.5 down where the model
+rounds it to 106 (``shared/cases/espcn_plain_deconv_tie.onnx``).
+
+The model's own definition is exact: a quantized tensor is ``level * scale``; an accumulating
+layer's output is ``s_x * s_w[c] * acc`` with ``acc`` the integer dot product of the levels and the
+integer weights; then come the layer's bias, elementwise ``Add``/``Sub``/``Mul``/``Div`` by
+constants, at most one ``BatchNormalization`` (``(x - mean) * gamma / sqrt(var + eps) + beta``) and
+``Relu``, and the quantizer's ``round_half_even(clip(x / s))``. Every float32 constant is taken as the
+rational it denotes, so ``x`` is ``r0 + r1 / sqrt(v)`` with rationals ``r0``, ``r1``, ``v``, and the
+quantizer's decision is an exact comparison (:class:`ExactValue`).
+
+Two steps use it:
+
+* :func:`step_a2q_record_activation_chains` (before ``step_qonnx_to_finn``): for every activation
+  ``Quant`` fed by such a chain from an accumulating layer, the chain's constants are stored in the
+  graph metadata under the ``Quant``'s output tensor (:class:`ActivationChain`).
+* :class:`finn_flow.steps.ties.RoundHalfEvenIntegerThresholds` (after streamlining) replaces each
+  threshold of a ``MultiThreshold`` facing that accumulator by the smallest integer ``acc`` whose
+  exact level reaches the threshold's level (:func:`exact_integer_thresholds`), after proving that
+  the node it faces is the layer's accumulator (the same integer weights) and that FINN's float32
+  thresholds agree with the exact ones wherever they are not within float32 error of an integer.
+  Anything it cannot prove keeps FINN's thresholds and is reported as such.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from fractions import Fraction
+
+import numpy as np
+from onnx import helper
+from qonnx.core.modelwrapper import ModelWrapper
+from qonnx.util.basic import get_by_name
+
+from brevitas_a2q.analysis.records import weight_fingerprint
+
+__all__ = [
+    "CHAINS_KEY",
+    "ActivationChain",
+    "ExactValue",
+    "attach_quant_tensor",
+    "InputChain",
+    "exact_integer_thresholds",
+    "faces_accumulator",
+    "float_input_thresholds",
+    "read_input_chains",
+    "record_input_chains",
+    "read_activation_chains",
+    "record_activation_chains",
+    "step_a2q_record_activation_chains",
+]
+
+CHAINS_KEY = "brevitas_a2q.activation_chains"
+QUANT_ATTR = "a2q_rhe_quant"  # on a MultiThreshold: the Quant output tensor it replaced
+ACCUMULATING = ("Conv", "ConvTranspose", "MatMul", "Gemm")
+ELEMENTWISE = ("Add", "Sub", "Mul", "Div")
+PASS_THROUGH = ("MaxPool", "Reshape", "Flatten", "Transpose", "Pad", "Identity", "Squeeze",
+                "Unsqueeze")  # between a Quant and the layer it feeds: levels unchanged
+
+
+def _fraction(value) -> Fraction:
+    return Fraction(float(value))
+
+
+@dataclass(frozen=True)
+class ExactValue:
+    """``r0 + r1 * w`` with ``w = 1 / sqrt(v)`` (``v > 0``; ``r1 = 0`` without batch norm), in
+    rationals: what a chain of affine ops and one batch norm makes of an integer accumulator."""
+
+    r0: Fraction
+    r1: Fraction = Fraction(0)
+    v: Fraction = Fraction(1)
+
+    def affine(self, mul: Fraction, add: Fraction) -> ExactValue:
+        return ExactValue(self.r0 * mul + add, self.r1 * mul, self.v)
+
+    def compare(self, c: Fraction) -> int:
+        """Sign of ``self - c``, exactly (``r1 w`` against ``c - r0`` by their squares)."""
+        d = self.r0 - c
+        if self.r1 == 0:
+            return (d > 0) - (d < 0)
+        a = self.r1  # sign(a w + d), w > 0
+        if (a > 0) == (d >= 0) or d == 0:
+            return 1 if a > 0 else -1
+        lhs, rhs = a * a / self.v, d * d  # |a w| vs |d|, opposite signs
+        if lhs == rhs:
+            return 0
+        return (1 if a > 0 else -1) if lhs > rhs else (1 if d > 0 else -1)
+
+
+@dataclass
+class ActivationChain:
+    """From an accumulating layer's integer accumulator to an activation ``Quant`` (one channel's
+    constants per list entry; one entry when all channels share them)."""
+
+    layer_node: str  # the accumulating node's name in the QONNX model
+    fingerprint: str  # weight_fingerprint of its integer weights (rows = output channels)
+    scale: list[str]  # s_x * s_w[c] as fractions "p/q"
+    ops: list[dict]  # {"op": "affine", "mul": [...], "add": [...]} | {"op": "bn", ...} | {"op": "relu"}
+    quant_scale: list[str]
+    low: int  # the quantizer's lowest and highest level
+    high: int
+
+    @property
+    def channels(self) -> int:
+        lengths = [len(self.scale), len(self.quant_scale)]
+        for op in self.ops:
+            lengths += [len(v) for k, v in op.items() if k != "op"]
+        return max(lengths)
+
+
+def _per_channel(value: np.ndarray | float) -> list[str]:
+    flat = np.asarray(value, dtype=np.float64).reshape(-1)
+    return [str(_fraction(x)) for x in flat]
+
+
+def _at(values: list[str], c: int) -> Fraction:
+    return Fraction(values[0] if len(values) == 1 else values[c])
+
+
+def _init(model: ModelWrapper, name: str) -> np.ndarray | None:
+    value = model.get_initializer(name)
+    return None if value is None else np.asarray(value)
+
+
+def _quant_params(model: ModelWrapper, quant) -> tuple[np.ndarray, int, int] | None:
+    """A Quant node's scale and level range, or None if not a zero-point, round-half-even one."""
+    scale, zero, bits = (_init(model, quant.input[i]) for i in (1, 2, 3))
+    mode = get_by_name(quant.attribute, "rounding_mode")
+    if scale is None or zero is None or bits is None or np.any(zero != 0) or \
+            (mode is not None and mode.s.decode() != "ROUND") or not np.all(scale > 0):
+        return None
+    signed = bool(get_by_name(quant.attribute, "signed").i)
+    narrow = bool(get_by_name(quant.attribute, "narrow").i)
+    b = int(np.asarray(bits).reshape(-1)[0])
+    low = -(2 ** (b - 1)) + narrow if signed else 0
+    high = 2 ** (b - 1) - 1 if signed else 2**b - 1 - narrow
+    return scale, low, high
+
+
+def _input_scale(model: ModelWrapper, tensor: str) -> np.ndarray | None:
+    """The scale of the activation Quant whose levels reach ``tensor`` unchanged."""
+    producer = model.find_producer(tensor)
+    while producer is not None and producer.op_type in PASS_THROUGH:
+        producer = model.find_producer(producer.input[0])
+    if producer is None or producer.op_type != "Quant" or _init(model, producer.input[0]) is not None:
+        return None
+    params = _quant_params(model, producer)
+    if params is None or np.asarray(params[0]).size != 1:
+        return None
+    return params[0]
+
+
+def _weight_rows(model: ModelWrapper, node) -> tuple[np.ndarray, np.ndarray] | None:
+    """Integer weight rows (per output channel) and per-channel weight scales of ``node``."""
+    quant = model.find_producer(node.input[1])
+    if quant is None or quant.op_type != "Quant":
+        return None
+    params = _quant_params(model, quant)
+    values = _init(model, quant.input[0])
+    if params is None or values is None:
+        return None
+    scale = np.asarray(params[0], dtype=np.float64)
+    q = np.rint(values.astype(np.float64) / scale)
+    if node.op_type == "ConvTranspose":
+        rows = q.transpose(1, 0, *range(2, q.ndim)).reshape(q.shape[1], -1)
+        scale = scale.reshape(-1) if scale.size == 1 else scale.transpose(1, 0, 2, 3).reshape(-1)
+    elif node.op_type in ("MatMul", "Gemm"):
+        rows, scale = q.reshape(q.shape[0], -1).T, scale.reshape(-1)
+    else:
+        rows, scale = q.reshape(q.shape[0], -1), scale.reshape(-1)
+    return rows, scale
+
+
+def _chain_ops(model: ModelWrapper, start, quant) -> list | None:
+    """The ops from ``start`` (the accumulating node) to ``quant``, or None if one is unsupported."""
+    ops, tensor = [], start.output[0]
+    if len(start.input) == 3 and start.op_type in ("Conv", "ConvTranspose", "Gemm"):
+        ops.append({"op": "affine", "mul": ["1"], "add": _per_channel(_init(model, start.input[2]))})
+    bn_seen = False
+    while True:
+        consumers = model.find_consumers(tensor) or []
+        if len(consumers) != 1:
+            return None
+        node = consumers[0]
+        if node is quant or node.name == quant.name:
+            return ops
+        if node.op_type in ELEMENTWISE:
+            const = _init(model, node.input[1])
+            if const is None or node.input[0] != tensor:
+                return None
+            k = _per_channel(const)
+            one, zero = ["1"], ["0"]
+            ops.append({"Add": {"op": "affine", "mul": one, "add": k},
+                        "Sub": {"op": "affine", "mul": one, "add": [str(-Fraction(x)) for x in k]},
+                        "Mul": {"op": "affine", "mul": k, "add": zero},
+                        "Div": {"op": "affine", "mul": [str(1 / Fraction(x)) for x in k],
+                                "add": zero}}[node.op_type])
+        elif node.op_type == "BatchNormalization" and not bn_seen:
+            gamma, beta, mean, var = (_init(model, node.input[i]) for i in range(1, 5))
+            eps = get_by_name(node.attribute, "epsilon")
+            eps = Fraction(float(np.float32(eps.f))) if eps is not None else Fraction(1, 100000)
+            ops.append({"op": "bn", "gamma": _per_channel(gamma), "beta": _per_channel(beta),
+                        "mean": _per_channel(mean),
+                        "var": [str(Fraction(x) + eps) for x in _per_channel(var)]})
+            bn_seen = True
+        elif node.op_type == "Relu":
+            ops.append({"op": "relu"})
+        else:
+            return None
+        tensor = node.output[0]
+
+
+def record_activation_chains(model: ModelWrapper) -> dict[str, ActivationChain]:
+    """Every activation Quant reached by a supported chain from an accumulating layer whose input is
+    a quantized tensor (see the module docstring), keyed by the Quant's output tensor."""
+    chains = {}
+    for quant in model.graph.node:
+        if quant.op_type != "Quant" or _init(model, quant.input[0]) is not None:
+            continue
+        params = _quant_params(model, quant)
+        producer = model.find_producer(quant.input[0])
+        while producer is not None and producer.op_type not in ACCUMULATING:
+            producer = model.find_producer(producer.input[0])
+        if params is None or producer is None:
+            continue
+        s_x, weights = _input_scale(model, producer.input[0]), _weight_rows(model, producer)
+        ops = _chain_ops(model, producer, quant)
+        if s_x is None or weights is None or ops is None:
+            continue
+        rows, s_w = weights
+        scale = [str(_fraction(np.asarray(s_x).reshape(-1)[0]) * _fraction(s)) for s in s_w]
+        chains[quant.output[0]] = ActivationChain(
+            layer_node=producer.name, fingerprint=weight_fingerprint(rows), scale=scale, ops=ops,
+            quant_scale=_per_channel(params[0]), low=params[1], high=params[2])
+    return chains
+
+
+def read_activation_chains(model: ModelWrapper) -> dict[str, ActivationChain]:
+    raw = model.get_metadata_prop(CHAINS_KEY)
+    return {} if not raw else {k: ActivationChain(**v) for k, v in json.loads(raw).items()}
+
+
+def step_a2q_record_activation_chains(model: ModelWrapper, cfg) -> ModelWrapper:
+    """FINN build step (before ``step_qonnx_to_finn``): :func:`record_activation_chains` and
+    :func:`record_input_chains` into the graph metadata, for
+    :class:`finn_flow.steps.ties.RoundHalfEvenIntegerThresholds`."""
+    chains = record_activation_chains(model)
+    model.set_metadata_prop(CHAINS_KEY, json.dumps({k: asdict(v) for k, v in chains.items()}))
+    inputs = record_input_chains(model)
+    model.set_metadata_prop(INPUT_CHAINS_KEY, json.dumps({k: asdict(v) for k, v in inputs.items()}))
+    return model
+
+
+def _value(chain: ActivationChain, c: int, acc: int, relu: bool = True) -> ExactValue:
+    """The exact input of the chain's Quant node, channel ``c``, for accumulator ``acc`` (``relu``
+    False: the affine part alone, for estimates)."""
+    x = ExactValue(_at(chain.scale, c) * acc)
+    for op in chain.ops:
+        if op["op"] == "affine":
+            x = x.affine(_at(op["mul"], c), _at(op["add"], c))
+        elif op["op"] == "bn":
+            gamma, beta, mean = (_at(op[k], c) for k in ("gamma", "beta", "mean"))
+            x = ExactValue(beta, (x.r0 - mean) * gamma, _at(op["var"], c))
+        elif relu and x.compare(Fraction(0)) < 0:
+            x = ExactValue(Fraction(0))
+    return x
+
+
+def _reaches(chain: ActivationChain, c: int, acc: int, level: int) -> bool:
+    """Whether the Quant's level for ``acc`` is ``>= level`` (round half to even, exact)."""
+    half = (Fraction(level) - Fraction(1, 2)) * _at(chain.quant_scale, c)
+    sign = _value(chain, c, acc).compare(half)
+    return sign > 0 or (sign == 0 and level % 2 == 0)
+
+
+def exact_integer_thresholds(chain: ActivationChain, finn: np.ndarray, first_level: int,
+                             window: int = 4) -> tuple[np.ndarray, str | None]:
+    """Integer thresholds ``T[r, t]`` = the smallest ``acc`` whose exact level is
+    ``>= first_level + t + 1``, searched within ``window`` of FINN's ``ceil(finn[r, t])``.
+
+    Returns ``(thresholds, None)``, or ``(finn, reason)`` where the exact thresholds cannot be
+    proven: rows that do not match the chain's channels, a level that does not change within the
+    window, or a threshold that differs from FINN's where FINN's float32 value is not within float32
+    error of an integer (then the node does not face this chain's accumulator as assumed)."""
+    rows, count = finn.shape
+    if chain.channels not in (1, rows):
+        return finn, f"{rows} threshold rows for a chain of {chain.channels} channels"
+    out = np.empty((rows, count), dtype=np.float64)
+    for r in range(rows):
+        for t in range(count):
+            level, guess = first_level + t + 1, math.ceil(float(finn[r, t]))
+            lo, hi = guess - window, guess + window
+            if _reaches(chain, r, lo, level) or not _reaches(chain, r, hi, level):
+                return finn, f"row {r} threshold {t}: the exact threshold is not within {window} of FINN's"
+            while hi - lo > 1:  # invariant: not reached at lo, reached at hi
+                mid = (lo + hi) // 2
+                lo, hi = (lo, mid) if _reaches(chain, r, mid, level) else (mid, hi)
+            out[r, t] = hi
+    if np.abs(out).max(initial=0) > 2**24:
+        return finn, "thresholds beyond 2^24 are not exact in float32"
+    tolerance = np.maximum(1.0, np.abs(finn.astype(np.float64))) * 2.0**-20
+    near_integer = np.abs(finn - np.round(finn)) <= tolerance
+    if np.any((out != np.ceil(finn)) & ~near_integer):
+        return finn, "exact thresholds differ from FINN's away from float32 error"
+    return out.astype(np.float32), None
+
+
+def faces_accumulator(model: ModelWrapper, node, chain: ActivationChain) -> str | None:
+    """None if the MultiThreshold ``node`` reads the accumulator of the chain's layer (through
+    Transposes, a MatMul or Conv with the same integer weights per output channel), else why not."""
+    producer = model.find_producer(node.input[0])
+    while producer is not None and producer.op_type == "Transpose":
+        producer = model.find_producer(producer.input[0])
+    if producer is None or producer.op_type not in ("MatMul", "Conv"):
+        return f"it reads a {getattr(producer, 'op_type', 'graph input')}, not a MatMul or Conv"
+    weights = _init(model, producer.input[1])
+    if weights is None:
+        return "its MatMul/Conv has no constant weights"
+    weights = weights.astype(np.float64)
+    rows = weights.T if producer.op_type == "MatMul" else weights.reshape(weights.shape[0], -1)
+    if not np.array_equal(rows, np.rint(rows)) or weight_fingerprint(rows) != chain.fingerprint:
+        return f"the weights of {producer.name or producer.output[0]!r} are not the integer weights of " \
+               f"{chain.layer_node!r}"
+    return None
+
+
+def attach_quant_tensor(node, tensor: str) -> None:
+    """Mark a MultiThreshold with the Quant output tensor it replaced (for the chain lookup)."""
+    for a in [a for a in node.attribute if a.name == QUANT_ATTR]:
+        node.attribute.remove(a)
+    node.attribute.append(helper.make_attribute(QUANT_ATTR, tensor))
+
+
+
+@dataclass
+class LevelTable:
+    """A chain's exact quantizer as integer thresholds over an accumulator range: channel ``c``'s
+    level for ``acc`` is ``first[c] + #{t : acc >= thresholds[c][t]}``."""
+
+    first: np.ndarray  # (channels,) level at the lowest accumulator
+    thresholds: list[np.ndarray]  # per channel, increasing int64
+
+    def levels(self, acc: np.ndarray, channel_axis: int = 1) -> np.ndarray:
+        """Exact levels of integer accumulators ``acc`` (channels along ``channel_axis``)."""
+        acc = np.asarray(acc, dtype=np.int64)
+        if len(self.thresholds) == 1:
+            return self.first[0] + np.searchsorted(self.thresholds[0], acc, side="right")
+        acc = np.moveaxis(acc, channel_axis, -1)
+        out = np.stack([f + np.searchsorted(t, acc[..., c], side="right")
+                        for c, (f, t) in enumerate(zip(self.first, self.thresholds, strict=True))],
+                       axis=-1)
+        return np.moveaxis(out, -1, channel_axis)
+
+
+def level_table(chain: ActivationChain, channels: int, lo: int, hi: int) -> LevelTable | None:
+    """The exact thresholds of every channel over accumulators in ``[lo, hi]`` by bisection on the
+    exact level (:func:`_reaches`), or None where a channel's level is not non-decreasing in the
+    accumulator there (a negative batch-norm scale)."""
+    firsts, tables = [], []
+    for c in range(channels if chain.channels > 1 else 1):
+        first, last = _level(chain, c, lo), _level(chain, c, hi)
+        if last < first:
+            return None
+        thresholds = []
+        zero, one = (_float(_value(chain, c, acc, relu=False)) for acc in (0, 1))
+        scale = float(_at(chain.quant_scale, c))
+        for level in range(first + 1, last + 1):
+            a, b = lo, hi  # not reached at a, reached at b
+            if one != zero:  # bracket the float64 estimate first; bisection proves it exactly
+                guess = ((level - 0.5) * scale - zero) / (one - zero)
+                if math.isfinite(guess):
+                    near_a, near_b = max(lo, math.floor(guess) - 2), min(hi, math.ceil(guess) + 2)
+                    if (near_a == lo or not _reaches(chain, c, near_a, level)) and \
+                            _reaches(chain, c, near_b, level):
+                        a, b = near_a, near_b
+            while b - a > 1:
+                mid = (a + b) // 2
+                a, b = (a, mid) if _reaches(chain, c, mid, level) else (mid, b)
+            thresholds.append(b)
+        firsts.append(first)
+        tables.append(np.asarray(thresholds, dtype=np.int64))
+    return LevelTable(np.asarray(firsts), tables)
+
+
+def _float(value: ExactValue) -> float:
+    return float(value.r0) + float(value.r1) / math.sqrt(float(value.v))
+
+
+def _level(chain: ActivationChain, c: int, acc: int) -> int:
+    """The exact quantizer level for ``acc`` (bisection over the level range)."""
+    lo, hi = chain.low, chain.high  # reached: lo always; find the largest level reached
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if _reaches(chain, c, acc, mid) else (lo, mid - 1)
+    return lo
+
+
+INPUT_CHAINS_KEY = "brevitas_a2q.input_chains"
+_FLOAT_OPS = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.divide}
+
+
+@dataclass
+class InputChain:
+    """Elementwise float32 ops from the graph input to an input quantizer (``2 * x - 1``): IEEE
+    operations, so Brevitas, QONNX and numpy compute them identically, to the bit."""
+
+    ops: list[list]  # [op type, float32 constant] or ["Relu", 0]
+    scale: list[float]
+    low: int
+    high: int
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float32)
+        with np.errstate(over="ignore"):  # the far ends of the float32 range overflow to +-inf
+            for op, const in self.ops:
+                x = np.maximum(x, np.float32(0)) if op == "Relu" else \
+                    _FLOAT_OPS[op](x, np.float32(const)).astype(np.float32)
+        return x
+
+    @property
+    def increasing(self) -> bool:
+        return all(const > 0 for op, const in self.ops if op in ("Mul", "Div"))
+
+
+def record_input_chains(model: ModelWrapper) -> dict[str, InputChain]:
+    """Every Quant reached from the graph input through scalar Add/Sub/Mul/Div, Relu and layout
+    ops only (a Quant directly on the input included), keyed by its output tensor."""
+    chains, graph_input = {}, model.graph.input[0].name
+    for quant in model.graph.node:
+        if quant.op_type != "Quant" or _init(model, quant.input[0]) is not None:
+            continue
+        params = _quant_params(model, quant)
+        ops, tensor = [], quant.input[0]
+        while params is not None and tensor != graph_input:
+            node = model.find_producer(tensor)
+            if node is None:
+                break
+            const = _init(model, node.input[1]) if len(node.input) > 1 else None
+            if node.op_type in ("Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze"):
+                pass  # elementwise ops commute with layout
+            elif node.op_type == "Relu":
+                ops.append(["Relu", 0.0])
+            elif node.op_type in _FLOAT_OPS and const is not None and const.size == 1:
+                ops.append([node.op_type, float(np.float32(const.reshape(-1)[0]))])
+            else:
+                break
+            tensor = node.input[0]
+        if params is not None and tensor == graph_input:
+            chains[quant.output[0]] = InputChain(ops[::-1], [float(s) for s in
+                                                             np.asarray(params[0]).reshape(-1)],
+                                                 params[1], params[2])
+    return chains
+
+
+def _ordered(x: np.ndarray) -> np.ndarray:
+    """float32 -> int64 keys in the same order (for bisection over float32 values)."""
+    i = np.asarray(x, dtype=np.float32).view(np.int32).astype(np.int64)
+    return np.where(i >= 0, i, -(i & 0x7FFFFFFF))
+
+
+def _unordered(k: np.ndarray) -> np.ndarray:
+    k = np.asarray(k, dtype=np.int64)
+    i = np.where(k >= 0, k, (-k) | -0x80000000)
+    return i.astype(np.int32).view(np.float32)
+
+
+def float_input_thresholds(chain: InputChain, rows: int, first_level: int,
+                           count: int) -> np.ndarray | None:
+    """Float32 thresholds ``T[r, t]``: the smallest float32 input whose level (the chain's ops, then
+    QONNX's round-half-even ``Quant``, all in float32) reaches ``first_level + t + 1``; by bisection
+    over every finite float32. None where the chain is not non-decreasing (a negative factor)."""
+    from finn_flow.steps.ties import quant_levels
+
+    if not chain.increasing:
+        return None
+    scale = np.broadcast_to(np.asarray(chain.scale, dtype=np.float32).reshape(-1, 1), (rows, 1))
+    target = (first_level + 1 + np.arange(count))[None, :].repeat(rows, axis=0)
+    lo = np.full((rows, count), _ordered(np.float32(-3.4e38)))
+    hi = np.full((rows, count), _ordered(np.float32(3.4e38)))
+
+    def reached(keys):
+        x = _unordered(keys)
+        return quant_levels(chain.apply(x), scale, chain.low, chain.high) >= target
+
+    if reached(lo).any() or not reached(hi).all():
+        return None
+    while np.any(hi - lo > 1):  # invariant: not reached at lo, reached at hi
+        mid = (lo + hi) // 2
+        ok = reached(mid)
+        hi, lo = np.where(ok, mid, hi), np.where(ok, lo, mid)
+    return _unordered(hi)
+
+
+def read_input_chains(model: ModelWrapper) -> dict[str, InputChain]:
+    raw = model.get_metadata_prop(INPUT_CHAINS_KEY)
+    return {} if not raw else {k: InputChain(**v) for k, v in json.loads(raw).items()}

@@ -1,0 +1,162 @@
+"""Exact integer thresholds (finn_flow.steps.exact_thresholds) against an independent oracle: the
+same model chain evaluated in 100-digit decimal arithmetic (Python's ``decimal``, square root
+included) for every accumulator value of the layer's exact range, and the quantizer's round half to
+even applied to that value. Exact ties are constructed (power-of-two scales) so that the parity rule
+is exercised, and batch norm makes the values irrational elsewhere."""
+
+from __future__ import annotations
+
+import decimal
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+from brevitas.nn import QuantConv2d, QuantIdentity, QuantReLU
+from brevitas.quant import Int8ActPerTensorFloat, Uint8ActPerTensorFloat
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from qonnx.core.modelwrapper import ModelWrapper
+from qonnx.util.cleanup import cleanup_model
+from torch import nn
+
+from brevitas_a2q import A2QPlusWeightQuant, export_qonnx
+from finn_flow.steps.exact_thresholds import (
+    ActivationChain,
+    ExactValue,
+    exact_integer_thresholds,
+    record_activation_chains,
+)
+
+D = decimal.Context(prec=100)
+
+
+def _dec(x: Fraction | str) -> decimal.Decimal:
+    x = Fraction(x)
+    return D.divide(decimal.Decimal(x.numerator), decimal.Decimal(x.denominator))
+
+
+def _decimal_value(chain: ActivationChain, c: int, acc: int, relu: bool = True) -> decimal.Decimal:
+    def at(values):
+        return _dec(values[0] if len(values) == 1 else values[c])
+
+    x = D.multiply(at(chain.scale), decimal.Decimal(acc))
+    for op in chain.ops:
+        if op["op"] == "affine":
+            x = D.add(D.multiply(x, at(op["mul"])), at(op["add"]))
+        elif op["op"] == "bn":
+            x = D.add(D.divide(D.multiply(D.subtract(x, at(op["mean"])), at(op["gamma"])),
+                               D.sqrt(at(op["var"]))), at(op["beta"]))
+        elif relu:
+            x = max(x, decimal.Decimal(0))
+    return D.divide(x, at(chain.quant_scale))
+
+
+def oracle_level(chain: ActivationChain, c: int, acc: int) -> int:
+    """The chain's quantizer level for ``acc``, in 100-digit decimals (independent of
+    :class:`ExactValue`): round half to even of clip(x / s)."""
+    y = _decimal_value(chain, c, acc)
+    y = min(max(y, decimal.Decimal(chain.low)), decimal.Decimal(chain.high))
+    return int(y.quantize(decimal.Decimal(1), rounding=decimal.ROUND_HALF_EVEN, context=D))
+
+
+def oracle_thresholds(chain: ActivationChain, c: int, lo: int, hi: int) -> dict[int, int]:
+    """Level -> smallest acc in [lo, hi] whose level reaches it (exhaustive, monotone checked)."""
+    levels = [oracle_level(chain, c, a) for a in range(lo, hi + 1)]
+    assert all(b >= a for a, b in zip(levels, levels[1:], strict=False)), "the chain is not monotone"
+    return {target: lo + next(i for i, v in enumerate(levels) if v >= target)
+            for target in range(levels[0] + 1, levels[-1] + 1)}
+
+
+class Block(nn.Module):
+    """input quantizer -> conv (bias) -> [BN] -> ReLU quantizer, 1x6x6 in."""
+
+    def __init__(self, bn: bool, pow2: bool, out_bits: int) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        act = {"scaling_impl_type": "const", "scaling_init": 0.25} if pow2 else {}
+        self.inp = QuantIdentity(act_quant=Int8ActPerTensorFloat, return_quant_tensor=True,
+                                 bit_width=4, **act)
+        self.conv = QuantConv2d(1, 3, 3, bias=True, weight_quant=A2QPlusWeightQuant,
+                                weight_bit_width=4, weight_accumulator_bit_width=12)
+        self.bn = nn.BatchNorm2d(3) if bn else nn.Identity()
+        self.act = QuantReLU(act_quant=Uint8ActPerTensorFloat, bit_width=out_bits, **act)
+
+    def forward(self, x):
+        return self.act(self.bn(self.conv(self.inp(x))))
+
+
+def _chain(tmp_path, bn: bool, pow2: bool, out_bits: int = 4):
+    model = Block(bn, pow2, out_bits)
+    if bn:
+        with torch.no_grad():
+            model.bn.running_mean.uniform_(-0.5, 0.5)
+            model.bn.running_var.uniform_(0.5, 2.0)
+            model.bn.weight.uniform_(0.5, 1.5)
+            model.bn.bias.uniform_(-0.3, 0.3)
+    model.eval()
+    x = torch.randn(4, 1, 6, 6)
+    with torch.no_grad():
+        model(x)
+    export_qonnx(model, x[:1], tmp_path / "m.onnx")
+    wrapped = cleanup_model(ModelWrapper(str(tmp_path / "m.onnx")))
+    chains = record_activation_chains(wrapped)
+    assert len(chains) == 1
+    conv = next(n for n in wrapped.graph.node if n.op_type == "Conv")
+    quant = wrapped.find_producer(conv.input[1])
+    q = np.rint(wrapped.get_initializer(quant.input[0]).astype(np.float64)
+                / wrapped.get_initializer(quant.input[1]))
+    return next(iter(chains.values())), q.reshape(q.shape[0], -1)
+
+
+@pytest.mark.parametrize("bn, pow2", [(True, False), (False, True), (True, True)])
+def test_exact_thresholds_equal_the_decimal_oracle_over_the_whole_range(tmp_path, bn, pow2):
+    chain, q = _chain(tmp_path, bn, pow2)
+    per_channel = [oracle_thresholds(chain, c, -4096, 4096) for c in range(q.shape[0])]
+    levels = sorted(set.intersection(*(set(t) for t in per_channel)))
+    first = levels[0] - 1
+    assert levels == list(range(first + 1, first + 1 + len(levels))) and len(levels) >= 8
+    oracle = np.array([[t[level] for level in levels] for t in per_channel], dtype=np.float64)
+    # FINN's float32 thresholds: the real accumulator value at each rounding boundary, in float32
+    finn = np.empty_like(oracle)
+    for c in range(q.shape[0]):
+        y0, y1 = _decimal_value(chain, c, 0, relu=False), _decimal_value(chain, c, 1, relu=False)
+        for i, level in enumerate(levels):
+            finn[c, i] = float(D.divide(decimal.Decimal(level) - decimal.Decimal("0.5") - y0,
+                                        y1 - y0))
+    exact, reason = exact_integer_thresholds(chain, finn.astype(np.float32), first)
+    assert reason is None
+    np.testing.assert_array_equal(exact, oracle)
+
+def test_ties_round_half_to_even():
+    """y = acc * (1/8) / (1/4) = acc / 2: every odd accumulator is an exact tie, so level L is
+    reached at 2L - 1 when L is even and at 2L when L is odd (round half to even); the decimal
+    oracle agrees, and FINN's float thresholds (exactly the ties, 2L - 1.0) would round every tie up."""
+    chain = ActivationChain(layer_node="n", fingerprint="", scale=["1/8"],
+                            ops=[{"op": "relu"}], quant_scale=["1/4"], low=0, high=15)
+    finn = (2.0 * np.arange(1, 16) - 1.0).reshape(1, -1).astype(np.float32)
+    exact, reason = exact_integer_thresholds(chain, finn, 0)
+    assert reason is None
+    expected = [2 * level - 1 if level % 2 == 0 else 2 * level for level in range(1, 16)]
+    np.testing.assert_array_equal(exact[0], expected)
+    np.testing.assert_array_equal(exact[0], [oracle_thresholds(chain, 0, -4, 40)[level]
+                                             for level in range(1, 16)])
+
+
+@given(r0=st.fractions(max_denominator=10**6), r1=st.fractions(max_denominator=10**6),
+       v=st.fractions(min_value=Fraction(1, 10**4), max_value=10**4, max_denominator=10**6),
+       c=st.fractions(max_denominator=10**6))
+@settings(max_examples=300, deadline=None)
+def test_exact_value_comparison_matches_decimal(r0, r1, v, c):
+    value = ExactValue(r0, r1, v)
+    oracle = D.subtract(D.add(_dec(r0), D.divide(_dec(r1), D.sqrt(_dec(v)))), _dec(c))
+    expected = (oracle > 0) - (oracle < 0)
+    if r1 == 0 or abs(oracle) > decimal.Decimal("1e-60"):  # decimal cannot decide exact zeros
+        assert value.compare(c) == expected
+
+
+def test_unprovable_thresholds_are_left_with_a_reason(tmp_path):
+    chain, q = _chain(tmp_path, bn=True, pow2=False)
+    finn = np.full((q.shape[0], 15), 10**6, dtype=np.float32)  # nowhere near the chain's
+    kept, reason = exact_integer_thresholds(chain, finn, 0)
+    assert reason is not None and kept is finn
