@@ -47,6 +47,7 @@ QUANTS = ("a2q", "a2q+", "brevitas-a2q", "brevitas-a2q+", "none", "float")
 OURS = ("a2q", "a2q+")
 ACCUMULATOR_AWARE = ("a2q", "a2q+", "brevitas-a2q", "brevitas-a2q+")
 ROUNDINGS = ("zero", "budgeted")
+DEFAULT_ACC_BITS = 16
 # settings that define a run: a checkpoint written with other values cannot be resumed
 CONFIG_KEYS = ("dataset", "arch", "model", "epochs", "lr", "batch_size", "seed", "ep_init",
                "pretrain", "pretrain_epochs", "penalty", "train_limit")
@@ -68,8 +69,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         epilog="example:\n  a2q train --dataset fashion-mnist --quant a2q+ --acc-bits 12 \\\n"
                "      --layer-acc-bits conv1=32 fc=32 --ep-init --pretrain-epochs 1 \\\n"
                "      --epochs 2 --out runs/fmnist-a2q+-12\n\n" + paragraphs(
-                   "exit status: 0 every target holds, 1 a target is violated, 2 bad input, "
-                   "3 internal error, 130 interrupted (Ctrl-C; resume with --resume)"),
+                   "exit status: 0 every target holds (--quant none and float have none to "
+                   "check), 1 a target is violated, 2 bad input, 3 internal error, 130 "
+                   "interrupted (Ctrl-C; resume with --resume)"),
         formatter_class=HelpFormatter,
     )
     data = p.add_argument_group("data")
@@ -101,13 +103,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     model.add_argument("--act-bits", type=bits_type(ACT_BITS), default=4, metavar="N",
                        help=f"hidden activation bits, {ACT_BITS[0]} to {ACT_BITS[1]} "
                             "(default: %(default)s)")
-    model.add_argument("--acc-bits", type=bits_type(ACC_BITS), default=16, metavar="P",
+    model.add_argument("--acc-bits", type=bits_type(ACC_BITS), default=None, metavar="P",
                        help=f"target accumulator bits P of every layer, {ACC_BITS[0]} to "
-                            f"{ACC_BITS[1]} (default: %(default)s)")
+                            f"{ACC_BITS[1]}; for an accumulator-aware --quant only "
+                            f"(default: {DEFAULT_ACC_BITS})")
     model.add_argument("--layer-acc-bits", type=layer_bits, nargs="+", default=[],
                        metavar="LAYER=P",
-                       help="per-layer targets, e.g. conv1=32 fc=32 (CNN layers: conv1 conv2 "
-                            "fc; MLP: fc0 fc1 ...)")
+                       help=f"per-layer targets, P from {ACC_BITS[0]} to {ACC_BITS[1]}, e.g. "
+                            "conv1=32 fc=32 (CNN layers: conv1 conv2 fc; MLP: fc0 fc1 ...)")
     train = p.add_argument_group("training")
     train.add_argument("--epochs", type=positive_int, default=4, help="(default: %(default)s)")
     train.add_argument("--lr", type=positive_float, default=1e-3,
@@ -202,6 +205,13 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.quant == "none" and args.layer_acc_bits:
         raise A2QInputError("--layer-acc-bits needs an accumulator-aware --quant (plain QAT "
                             "has no accumulator target)")
+    if args.quant in ("none", "float") and args.acc_bits is not None:
+        raise A2QInputError(f"--acc-bits needs an accumulator-aware --quant "
+                            f"({', '.join(ACCUMULATOR_AWARE)}); --quant {args.quant} has no "
+                            "accumulator target and would drop P unchecked: drop --acc-bits "
+                            "or choose one of those")
+    if args.acc_bits is None and args.quant in ACCUMULATOR_AWARE:
+        args.acc_bits = DEFAULT_ACC_BITS
     if args.resume and args.overwrite:
         raise A2QInputError("--resume and --overwrite exclude each other")
     if args.data_dir is not None and args.dataset == "digits":
@@ -530,10 +540,10 @@ def _finish(args, model, config, state, train, test, example, paths, resumed_at:
         print(json.dumps(results, indent=2))
         for warning in results["warnings"]:  # the table that shows them is not printed
             print(f"a2q train: warning: {warning}", file=sys.stderr)
-        return 0 if report.all_hold else 1
+        return 1 if report.all_hold is False else 0
     m = config["model"]
-    targets = f"P={m['acc_bits']}" + "".join(f", {k}={v}" for k, v in
-                                             (m.get("layer_acc_bits") or {}).items())
+    targets = ("no accumulator target" if m["acc_bits"] is None else f"P={m['acc_bits']}") \
+        + "".join(f", {k}={v}" for k, v in (m.get("layer_acc_bits") or {}).items())
     print(f"\n{args.quant} {args.arch} (W{args.weight_bits}A{args.act_bits}, {targets}) on "
           f"{args.dataset}: {state['epoch']} epochs, {state['train_seconds']:.1f} s training")
     float_acc = results["float_accuracy"]
@@ -549,7 +559,7 @@ def _finish(args, model, config, state, train, test, example, paths, resumed_at:
     print(f"\nexported {paths['model.onnx']}; accumulators of the exported QONNX file:")
     print(exported)
     print(f"\ncheckpoint {paths['model.pt']}, results {paths['results.json']}")
-    return 0 if report.all_hold else 1
+    return 1 if report.all_hold is False else 0  # None: nothing to check (plain QAT)
 
 
 def _train_float(args, config, paths, progress, train, test) -> int:
