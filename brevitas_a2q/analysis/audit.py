@@ -250,16 +250,19 @@ def zero_weight_warning(layer: str, zero_channels: int, out_channels: int, varia
                "weight" if dot_length is not None and budget >= dot_length else
                "T is larger")
         return (f"{text}. What binds is the learned norm g/s{norm}, not {t_text}: {why}; "
-                "with g/s that small no weight's share reaches 1 under round-to-zero. What "
-                "helps: Euclidean-projection init (brevitas_a2q.train.euclidean_projection_init) "
-                f"or more training to grow g, {budgeted}not a wider P (T does not bind)")
-    cause = ("binds: no single weight's share of it reaches 1 under round-to-zero"
-             if binds == "T" else
-             f"is below K = {dot_length} and may bind (or the learned norm g/s, which is not "
-             "known here): no single weight's share of min(g/s, T) reaches 1 under "
-             "round-to-zero" if dot_length is not None else
-             "or the learned norm g/s binds (not known here): no single weight's share of "
-             "min(g/s, T) reaches 1 under round-to-zero")
+                "with g/s that small no weight's share of the budget rounds to a non-zero "
+                "integer. What helps: Euclidean-projection init "
+                "(brevitas_a2q.train.euclidean_projection_init) or more training to grow g, "
+                f"{budgeted}not a wider P (T does not bind)")
+    nonzero = "rounds to a non-zero integer"
+    if binds == "T":
+        cause = f"binds: no single weight's share of it {nonzero}"
+    elif dot_length is not None:
+        cause = (f"is below K = {dot_length} and may bind (or the learned norm g/s, which is not "
+                 f"known here): no single weight's share of min(g/s, T) {nonzero}")
+    else:
+        cause = ("or the learned norm g/s binds (not known here): no single weight's share of "
+                 f"min(g/s, T) {nonzero}")
     return (f"{text}. {t_text[0].upper()}{t_text[1:]} {cause}. What helps: Euclidean-projection "
             f"init (brevitas_a2q.train.euclidean_projection_init), {budgeted}a wider P for this "
             "layer, per-layer targets (set_accumulator_bit_width overrides, a2q train "
