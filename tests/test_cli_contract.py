@@ -28,8 +28,10 @@ def a2q_command() -> list[str]:
 
 
 def env() -> dict:
-    """The environment of a subprocess: this checkout first on the path."""
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(
+    """The environment of a subprocess: this checkout first on the path, and Python's default
+    buffering (a user's shell has no PYTHONUNBUFFERED)."""
+    base = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    return {**base, "PYTHONPATH": os.pathsep.join(
         [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
 
 
