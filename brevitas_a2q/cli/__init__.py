@@ -29,7 +29,7 @@ EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED = 0,
 EXIT_PIPE_CLOSED = 141  # 128 + SIGPIPE: what a shell reports for a tool stopped by a closed pipe
 VERBOSE_HELP = "show the traceback of an error that is otherwise one line"
 EXIT_STATUS_HELP = """exit status (every command):
-  0    success; every checked target holds
+  0    success; every checked target holds (a2q report: and at least one was checked)
   1    a check failed (a target violated, a verification mismatch)
   2    bad input or usage (the message names the file, option or value at fault)
   3    internal error (a bug: please report it with the traceback that is printed)

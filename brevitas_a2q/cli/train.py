@@ -592,7 +592,7 @@ def _train_float(args, config, paths, progress, train, test) -> int:
     results = {**config, "quant": "float", "resumed_at_epoch": None, "epochs_done": args.epochs,
                "train_seconds": round(seconds, 2), "init": {}, "history": history,
                "test_accuracy": acc, "float_accuracy": acc, "finetune": None, "layers": [],
-               "all_targets_hold": True, "warnings": [],
+               "all_targets_hold": None, "warnings": [],
                "files": {"results.json": str(paths["results.json"])}}
     with atomic_output(paths["results.json"], overwrite=True) as tmp:
         tmp.write_text(json.dumps(results, indent=2))
