@@ -218,6 +218,7 @@ def _check_args(args: argparse.Namespace) -> None:
         raise A2QInputError("--data-dir is for IDX data sets (fashion-mnist, mnist); digits "
                             "ships with scikit-learn")
     _check_names("--layer-acc-bits", _layer_acc_bits(args.layer_acc_bits), layer_names(args))
+    _check_targets_admit_weights(args)
     if args.finetune_accumulator is None:
         if args.finetune_layer:
             raise A2QInputError("--finetune-layer needs --finetune-accumulator")
@@ -233,6 +234,36 @@ def _check_args(args: argparse.Namespace) -> None:
                 parse_accumulator(spec)
             except A2QInputError as err:
                 raise A2QInputError(f"{option}: {err}") from None
+
+
+def layer_inputs(args: argparse.Namespace) -> dict[str, tuple[int, bool]]:
+    """``{layer: (N, signed)}``: what each layer of ``build_cnn``/``build_mlp`` multiplies (the
+    first an 8-bit signed quantized image, the others unsigned ``--act-bits`` ReLU outputs)."""
+    names = layer_names(args)
+    return {name: (8, True) if i == 0 else (args.act_bits, False) for i, name in enumerate(names)}
+
+
+def _check_targets_admit_weights(args: argparse.Namespace) -> None:
+    """Refuse a target P whose L1 bound T is below 1 for a layer's input: every weight of that
+    layer would round to zero (A2Q Eq. 15, A2Q+ Eq. 18), named by layer and flag."""
+    if args.quant not in ACCUMULATOR_AWARE:
+        return
+    from brevitas_a2q.quant.bounds import min_accumulator_bits
+
+    zero_centered = args.quant.endswith("+")
+    overrides = _layer_acc_bits(args.layer_acc_bits)
+    for name, (bits, signed) in layer_inputs(args).items():
+        target = overrides.get(name, args.acc_bits)
+        need = min_accumulator_bits(1, bits, signed, zero_centered)
+        if target < need:
+            flag = f"--layer-acc-bits {name}={target}" if name in overrides else \
+                f"--acc-bits {target}"
+            sign = "signed" if signed else "unsigned"
+            raise A2QInputError(
+                f"{flag} is too small for layer {name} ({bits}-bit {sign} input, "
+                f"{args.quant}): below P = {need} its L1 bound admits no non-zero integer "
+                f"weight, so every weight would round to zero; use P >= {need} for {name} "
+                f"(--acc-bits {need}, or --layer-acc-bits {name}={need})")
 
 
 def _model_kwargs(args: argparse.Namespace, image_shape: tuple[int, ...]) -> dict:
