@@ -75,6 +75,9 @@ def check_writable(path: str | os.PathLike, overwrite: bool = False, suffix: str
         raise A2QInputError(f"{label} already exists; pass overwrite=True (CLI: --overwrite) "
                             "to replace it")
     if not path.parent.is_dir():
+        existing = _nearest_existing(path.parent)
+        if not existing.is_dir():
+            raise A2QInputError(f"cannot write {label}: {existing} is a file, not a directory")
         raise A2QInputError(f"cannot write {label}: directory {path.parent} does not exist")
     _check_can_create_in(path.parent, label)
     return path

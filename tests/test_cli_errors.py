@@ -41,6 +41,7 @@ def files(tmp_path_factory):
     save_checkpoint(root / "model.pt", model, "cnn", KWARGS)
     export_qonnx(model, torch.rand(1, 1, 8, 8), root / "model.onnx")
     (root / "notes.pt").write_text("hello\nthis is text, not a checkpoint\n")
+    torch.save({"format": object}, root / "pickled.pt")  # a Python object: never unpickled
     (root / "empty.onnx").write_bytes(b"")
     (root / "adir").mkdir()
     return root
@@ -102,28 +103,31 @@ def test_malformed_or_unknown_targets_exit_2(files, tmp_path, capsys, target, ne
 
 
 def test_no_target_says_nothing_was_checked(tmp_path, capsys):
-    """A plain Brevitas QAT export (no records): nothing is checked, and the verdict says so."""
+    """A plain Brevitas QAT export (no records): the widths are printed, nothing is checked, the
+    verdict says so, and the exit status is 2 (nothing to pass or fail), never 0."""
     from brevitas.export import export_qonnx as brevitas_export
 
     model = build_cnn("none", acc_bits=None).eval()
     path = tmp_path / "plain.onnx"
     brevitas_export(model, torch.rand(1, 1, 8, 8), str(path), dynamo=False)
-    rc, out, _ = run_main(capsys, ["report", str(path)])
-    assert rc == 0
-    assert "NOTHING CHECKED" in out and "all hold" not in out and "--target" in out
+    rc, out, err = run_main(capsys, ["report", str(path)])
+    assert_clean_error(rc, err, "nothing checked", str(path), "--target P")
+    assert "NOTHING CHECKED" in out and "all hold" not in out and "P(exact)" in out
     rc, out, _ = run_main(capsys, ["report", str(path), "--json"])
     import json
 
     payload = json.loads(out)
-    assert payload["checked"] == 0 and payload["verdict"].startswith("NOTHING CHECKED")
+    assert rc == 2 and payload["checked"] == 0 and payload["all_hold"] is None
+    assert payload["verdict"].startswith("NOTHING CHECKED")
     rc, out, _ = run_main(capsys, ["report", str(path), "--target", "/conv2/Conv=16"])
-    assert "ok: 1 of 3" in out and "not checked (no target): " in out
+    assert rc == 0 and "ok: 1 of 3" in out and "not checked (no target): " in out
 
 
 @pytest.mark.parametrize("plot, needle", [
     ("widths.txt", "must end in .png"),
     ("adir", "is a directory"),
     ("missing-dir/w.png", "does not exist"),
+    ("notes.pt/w.png", "notes.pt is a file, not a directory"),
 ])
 def test_bad_plot_paths_exit_2(files, capsys, plot, needle):
     rc, _, err = run_main(capsys, ["report", str(files / "model.onnx"), "--plot",
@@ -154,6 +158,13 @@ def test_bad_report_inputs(files, capsys, model, needle):
     (["--acc-bits", "0"], ["--acc-bits", "between 2 and 64 bits, got 0"]),
     (["--acc-bits", "-3"], ["--acc-bits", "got -3"]),
     (["--acc-bits", "100"], ["--acc-bits", "got 100"]),
+    (["--quant", "none", "--acc-bits", "8"], ["--acc-bits needs an accumulator-aware --quant",
+                                              "--quant none"]),
+    (["--quant", "float", "--acc-bits", "8"], ["--acc-bits", "--quant float"]),
+    (["--acc-bits", "6"], ["--acc-bits 6 is too small for layer conv1", "P >= 9",
+                           "--layer-acc-bits conv1=9"]),
+    (["--quant", "a2q", "--layer-acc-bits", "conv2=4"],
+     ["--layer-acc-bits conv2=4 is too small for layer conv2 (4-bit unsigned input, a2q)"]),
     (["--layer-acc-bits", "conv1=0"], ["--layer-acc-bits", "'conv1=0'", "between 2 and 64"]),
     (["--layer-acc-bits", "conv9=12"], ["unknown layer(s) ['conv9']", "conv1, conv2, fc"]),
     (["--weight-bits", "0"], ["--weight-bits", "between 2 and 16 bits, got 0"]),
@@ -200,6 +211,9 @@ def test_train_and_demo_out_paths(files, tmp_path, capsys):
     (["-a", "int12-wrapp"], ["--accumulator", "int12-wrapp"]),
     (["--only", "nosuch"], ["--only", "nosuch", "conv1, conv2, fc"]),
     (["--layer", "conv1=int0-wrap"], ["--layer conv1", "2..52"]),
+    (["--only", "conv1", "--all-layers"], ["--only and --all-layers exclude each other"]),
+    (["--data-dir", "/nonexistent"], ["--data-dir /nonexistent does not exist"]),
+    (["--data-dir", "."], ["--data-dir", "trained on digits"]),
 ])
 def test_evaluate_options_exit_2(files, capsys, argv, needles):
     rc, out, err = run_main(capsys, ["evaluate", str(files / "model.pt"), *argv,
@@ -211,11 +225,13 @@ def test_evaluate_options_exit_2(files, capsys, argv, needles):
     ("adir", "is a directory, not a file"),
     ("notes.pt", "not a torch.save archive"),
     ("absent.pt", "does not exist"),
+    ("pickled.pt", "not a brevitas_a2q.train.checkpoint/1 checkpoint (it holds Python objects"),
+    ("model.onnx", "not a brevitas_a2q.train.checkpoint/1 checkpoint (not a torch.save archive"),
 ])
 def test_evaluate_bad_checkpoints(files, capsys, name, needle):
     rc, _, err = run_main(capsys, ["evaluate", str(files / name)])
     assert_clean_error(rc, err, str(files / name), needle)
-    assert "\x1b[" not in err
+    assert "\x1b[" not in err and "weights_only" not in err
 
 
 def test_evaluate_keeps_per_layer_targets_and_can_simulate_one_layer(files, capsys):

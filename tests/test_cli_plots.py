@@ -40,14 +40,39 @@ def test_report_plot_shows_bounds_targets_and_violations(onnx_file):
     assert ax.get_xlabel() and "bits" in ax.get_ylabel()
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
     assert {"data-type bound", "A2Q L1 bound", "A2Q+ L1 bound", "proven (exact range)",
-            "target P", "proven width > target"} <= set(labels)
+            "target P", "proven width, target VIOLATED"} <= set(labels)
     assert all(float(t).is_integer() for t in ax.get_yticks())
     legend_box = ax.get_legend().get_window_extent(fig.canvas.get_renderer())
     assert legend_box.x0 >= ax.get_window_extent(fig.canvas.get_renderer()).x1 - 1  # outside
     texts = [t.get_text() for t in ax.texts]
-    assert any(t.startswith("VIOLATED: needs") and "P=8" in t for t in texts)
+    assert any(t.startswith("VIOLATED\nneeds") and "P=8" in t for t in texts)
     low, high = ax.get_ylim()
     assert low > 0 and high >= 32  # a range that shows the differences and every target
+
+
+def test_report_plot_legend_keeps_its_colours_when_the_first_layer_fails(onnx_file, tmp_path):
+    """The legend is made of fixed handles: "proven (exact range)" stays green when the first
+    layer's proven bar is red; the red entry says what red means; every note lies inside the
+    axes and each layer's target is under its name."""
+    from matplotlib.colors import to_hex
+
+    report = report_model(load_qonnx(onnx_file), ["conv1=8"])
+    fig = accumulator_widths_plot(report)
+    fig.savefig(tmp_path / "first-fails.png")
+    ax = fig.axes[0]
+    legend = ax.get_legend()
+    colours = {text.get_text(): to_hex(handle.get_facecolor())
+               for text, handle in zip(legend.get_texts(), legend.legend_handles, strict=True)
+               if hasattr(handle, "get_facecolor")}
+    assert colours["proven (exact range)"] == "#2ca02c"
+    assert colours["proven width, target VIOLATED"] == "#d62728"
+    renderer = fig.canvas.get_renderer()
+    box = ax.get_window_extent(renderer)
+    for text in ax.texts:
+        extent = text.get_window_extent(renderer)
+        assert box.x0 <= extent.x0 and extent.x1 <= box.x1 and extent.y1 <= box.y1, text
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["conv1\nP=8", "conv2\nP=12",
+                                                           "fc\nP=32"]
 
 
 def test_report_plot_writes_png_only_to_png(onnx_file, tmp_path, capsys):

@@ -77,7 +77,8 @@ def test_evaluate_bad_input(checkpoint, tmp_path, capsys):
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint")
     assert main(["evaluate", str(junk)]) == 2
-    assert "not a readable" in capsys.readouterr().err
+    assert f"is not a {CHECKPOINT_FORMAT} checkpoint (not a torch.save archive)" in \
+        capsys.readouterr().err
     other = tmp_path / "other.pt"
     torch.save({"format": "something/2"}, other)
     assert main(["evaluate", str(other)]) == 2

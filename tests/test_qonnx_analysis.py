@@ -177,3 +177,33 @@ def test_conv_transpose_rows_are_output_channels_and_bound_every_output(group):
             x[0, :, :] = np.where(sign[:, None] > 0, 7.0, 0.0)
         y = execute_onnx(wrapper, {"x": x})["y"]
         assert result.exact_min <= y.min() and y.max() <= result.exact_max
+
+
+def test_nothing_checked_is_never_a_pass(model):
+    """A float ONNX (no quantized weight) and a quantized one without records: ``all_hold`` is
+    None (not True), ``checked`` is 0 and the summary says nothing was checked; with a record it
+    counts what was checked."""
+    k, out = 4, 2
+    mm = helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")
+    graph = helper.make_graph(
+        [mm], "float", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, out])],
+        [helper.make_tensor("w", TensorProto.FLOAT, [k, out], np.ones(k * out).tolist())])
+    float_report = analyze_accumulators(ModelWrapper(qonnx_make_model(graph)))
+    assert len(float_report) == 0 and float_report.all_hold is None
+    assert float_report.checked == 0 and float_report.summary.startswith("nothing checked")
+    assert float_report.to_dict()["all_hold"] is None
+
+    wrapper, q = model
+    unrecorded = analyze_accumulators(wrapper)
+    assert unrecorded.all_hold is None and unrecorded.to_dict()["all_hold"] is None
+    assert (unrecorded.checked, unrecorded.unchecked) == (0, ["mm"])
+    assert "none of the 1 accumulators has a target" in unrecorded.summary
+    plain = unrecorded[0]
+    write_records(wrapper, [AccumulatorRecord(
+        layer="fc", node="mm", op_type="MatMul", weight="w", output="y", variant="a2q",
+        target_bits=plain.bits_a2q_bound, input_bits=4, input_signed=False, weight_bits=4,
+        out_channels=3, dot_length=6, fingerprint=weight_fingerprint(q.T))])
+    checked = analyze_accumulators(wrapper)
+    assert checked.all_hold is True and checked.to_dict()["checked"] == 1
+    assert checked.to_dict()["unchecked"] == []

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from brevitas_a2q import A2QPlusWeightQuant, A2QWeightQuant, export_qonnx
-from brevitas_a2q.analysis.audit import accumulator_report
+from brevitas_a2q.analysis.audit import accumulator_report, learned_norms
 from brevitas_a2q.analysis.qonnx_analysis import analyze_accumulators
 from brevitas_a2q.errors import A2QInputError
 from brevitas_a2q.quant import bounds
@@ -263,6 +263,89 @@ def test_all_zero_layers_get_a_warning_in_audit_and_analysis(tmp_path):
     assert len(analysis.warnings) == 1 and "euclidean_projection_init" in analysis.warnings[0]
     assert analysis.warnings[0] in analysis.table()
     assert analysis.to_dict()["warnings"] == analysis.warnings
+
+
+def _one_layer(rounding: str = "zero", acc_bits: int = 32) -> nn.Module:
+    """8-bit signed input -> A2Q+ conv with K = 3 * 5 * 5 = 75 (ESPCN's first layer)."""
+    from brevitas.nn import QuantConv2d
+
+    return nn.Sequential(
+        QuantIdentity(act_quant=Int8ActPerTensorFloat, return_quant_tensor=True),
+        QuantConv2d(3, 4, 5, bias=False, weight_quant=A2QPlusWeightQuant, weight_bit_width=8,
+                    weight_accumulator_bit_width=acc_bits, weight_rounding=rounding)).eval()
+
+
+def _set_learned_norm(layer: nn.Module, channel: int, target: float) -> None:
+    """Set one output channel's learned norm ``g/s`` to ``target`` (bisection on its raw
+    parameter: g is stored through Brevitas's value restriction, e.g. in log2)."""
+    pre = layer.weight_quant.tensor_quant.pre_scaling_impl
+    lo, hi = -60.0, float(pre.value[channel].max())
+    with torch.no_grad():
+        for _ in range(100):
+            pre.value[channel] = (lo + hi) / 2
+            lo, hi = ((lo + hi) / 2, hi) if learned_norms(layer)[channel] < target else \
+                (lo, (lo + hi) / 2)
+    assert abs(float(learned_norms(layer)[channel]) - target) < 1e-3 * target
+
+
+@pytest.mark.parametrize("rounding", ["zero", "budgeted"])
+def test_zero_channel_warning_says_the_learned_norm_binds_where_it_does(tmp_path, rounding):
+    """ESPCN conv1 at P = 32 (issue 19): T = 1.68e7 is far above K = 75, so T cannot zero a
+    channel; a channel whose learned norm g/s is below 1 is all zero. The warning blames g/s,
+    does not advise a wider P, and advises budgeted rounding only where it is off. The QONNX
+    report (which has no g) says the same from T >= K."""
+    torch.manual_seed(0)
+    model = _one_layer(rounding)
+    x = torch.randn(2, 3, 8, 8)
+    model(x)
+    _set_learned_norm(model[1], 0, 0.1)
+    report = accumulator_report(model, x)
+    (warning,) = report.warnings
+    assert "1 of its 4 output channels have all-zero integer weights" in warning
+    assert "What binds is the learned norm g/s (smallest 0.1)" in warning
+    assert "T >= K = 75" in warning and "not a wider P" in warning
+    assert ("budgeted rounding" in warning) is (rounding == "zero")
+    assert "below what round-to-zero can use" not in warning
+    analysis = analyze_accumulators(export_qonnx(model, x, tmp_path / "m.onnx"))
+    (qonnx_warning,) = analysis.warnings
+    assert "What binds is the learned norm g/s, not the L1 budget T = 1.684e+07" in qonnx_warning
+    assert "T >= K = 75" in qonnx_warning and "if not already on" in qonnx_warning
+
+
+def test_zero_channel_warning_uses_the_trained_target_not_a_checked_one(tmp_path):
+    """``a2q report --target 40`` on a layer trained at P = 9: the warning's T is that of P = 9
+    (what the weights were trained for), not of the P being checked."""
+    from brevitas_a2q.cli.report import report_model
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        QuantIdentity(act_quant=Int8ActPerTensorFloat, return_quant_tensor=True),
+        QuantLinear(64, 4, bias=False, weight_quant=A2QWeightQuant, weight_bit_width=4,
+                    weight_accumulator_bit_width=9)).eval()
+    with torch.no_grad():
+        model[1].weight.copy_(torch.randn(4, 64).sign() * (1 + 0.01 * torch.rand(4, 64)))
+    x = torch.randn(2, 64)
+    wrapper = export_qonnx(model, x, tmp_path / "m.onnx")
+    (recorded,) = report_model(wrapper).warnings
+    (checked_at_40,) = report_model(wrapper, ["40"]).warnings
+    assert checked_at_40 == recorded
+    assert "T = 1.992 (P = 9, 8-bit signed input, a2q) is below K = 64 and may bind" in recorded
+
+
+def test_nothing_checked_is_never_a_pass_in_the_audit(digits):
+    """Plain QAT has no target: ``all_hold`` is None, not True, and the report says what was
+    checked (nothing) and what was not (every layer)."""
+    x = digits[0].tensors[0][:8]
+    plain = accumulator_report(build_cnn("none", acc_bits=None).eval(), x)
+    assert plain.all_hold is None and plain.to_dict()["all_hold"] is None
+    assert plain.to_dict()["checked"] == 0
+    assert plain.to_dict()["unchecked"] == ["conv1", "conv2", "fc"]
+    assert plain.summary.startswith("nothing checked")
+    model = build_cnn("a2q+", acc_bits=16)
+    model.train()
+    model(x)
+    targeted = accumulator_report(model.eval(), x)
+    assert targeted.all_hold is True and targeted.checked == 3 and targeted.unchecked == []
 
 
 def test_builtin_a2q_plus_with_own_input_quant_after_a_quantized_tensor():

@@ -208,30 +208,83 @@ def capture_layer(name: str, layer: nn.Module, inp: object, weight: object = Non
 
 def zero_weight_warning(layer: str, zero_channels: int, out_channels: int, variant: str,
                         target_bits: int | None, input_bits: int | None,
-                        input_signed: bool | None) -> str | None:
+                        input_signed: bool | None, *, dot_length: int | None = None,
+                        learned_norm: float | None = None, rounding: str | None = None) -> str | None:
     """Why a layer has all-zero integer channels and what helps, or None if it has none.
 
-    With A2Q/A2Q+, ``q = round_to_zero(min(g/s, T) * v / ||v||_1)``: a channel is all zero when no
-    single weight's share of the L1 budget ``min(g/s, T)`` reaches 1.
+    With A2Q/A2Q+, ``q = round_to_zero(min(g/s, T) * v / ||v||_1)`` (Colbert et al. 2023,
+    Sec. 4): a channel is all zero when no weight's share of its budget ``min(g/s, T)`` reaches 1.
+    The largest share of ``K`` weights is at least ``1/K``, so a budget of ``K`` or more always
+    leaves a non-zero weight. Which of ``T`` and the learned norm ``g/s`` binds is therefore said
+    from ``learned_norm`` (the smallest ``g/s`` of the all-zero channels, where the layer is at
+    hand), else from ``T >= K`` (then ``g/s`` binds), else left open. ``target_bits`` must be
+    the P the layer was trained for (not one set afterwards to check it). ``rounding``
+    ("zero"/"budgeted", None if unknown) keeps budgeted rounding out of the advice when it is
+    on.
     """
     if zero_channels == 0:
         return None
     what = ("all its integer weights are zero" if zero_channels == out_channels else
             f"{zero_channels} of its {out_channels} output channels have all-zero integer weights")
     text = f"layer {layer!r}: {what} (the layer outputs a constant there)"
-    if variant in ("a2q", "a2q+") and target_bits is not None and input_bits is not None:
-        budget = bounds.l1_norm_bound(target_bits, input_bits, bool(input_signed),
-                                      variant == "a2q+")
-        sign = "signed" if input_signed else "unsigned"
-        text += (f". The L1 budget T = {float(budget):.4g} (P = {target_bits}, {input_bits}-bit "
-                 f"{sign} input, {variant}) is below what round-to-zero can use: no single weight's "
-                 "share of it reaches 1. What helps: Euclidean-projection init "
-                 "(brevitas_a2q.train.euclidean_projection_init), budgeted rounding "
-                 "(weight_rounding=\"budgeted\", a2q train --rounding budgeted; this "
-                 "package's quantizers), a wider P for this layer, "
-                 "per-layer targets (set_accumulator_bit_width overrides, a2q train "
-                 "--layer-acc-bits)")
-    return text
+    if variant not in ("a2q", "a2q+") or target_bits is None or input_bits is None:
+        return text
+    budget = float(bounds.l1_norm_bound(target_bits, input_bits, bool(input_signed),
+                                        variant == "a2q+"))
+    sign = "signed" if input_signed else "unsigned"
+    t_text = (f"the L1 budget T = {budget:.4g} (P = {target_bits}, {input_bits}-bit {sign} "
+              f"input, {variant})")
+    if learned_norm is not None:
+        binds = "g/s" if learned_norm < budget else "T"
+    elif dot_length is not None and budget >= dot_length:
+        binds = "g/s"
+    else:
+        binds = None
+    budgeted = ("" if rounding == "budgeted" else
+                "budgeted rounding (weight_rounding=\"budgeted\", a2q train --rounding "
+                "budgeted; this package's quantizers)" + (", if not already on"
+                                                         if rounding is None else "") + ", ")
+    if binds == "g/s":
+        norm = f" (smallest {learned_norm:.3g})" if learned_norm is not None else ""
+        why = (f"T >= K = {dot_length}, so the budget alone leaves every channel a non-zero "
+               "weight" if dot_length is not None and budget >= dot_length else
+               "T is larger")
+        return (f"{text}. What binds is the learned norm g/s{norm}, not {t_text}: {why}; "
+                "with g/s that small no weight's share of the budget rounds to a non-zero "
+                "integer. What helps: Euclidean-projection init "
+                "(brevitas_a2q.train.euclidean_projection_init) or more training to grow g, "
+                f"{budgeted}not a wider P (T does not bind)")
+    nonzero = "rounds to a non-zero integer"
+    if binds == "T":
+        cause = f"binds: no single weight's share of it {nonzero}"
+    elif dot_length is not None:
+        cause = (f"is below K = {dot_length} and may bind (or the learned norm g/s, which is not "
+                 f"known here): no single weight's share of min(g/s, T) {nonzero}")
+    else:
+        cause = ("or the learned norm g/s binds (not known here): no single weight's share of "
+                 f"min(g/s, T) {nonzero}")
+    return (f"{text}. {t_text[0].upper()}{t_text[1:]} {cause}. What helps: Euclidean-projection "
+            f"init (brevitas_a2q.train.euclidean_projection_init), {budgeted}a wider P for this "
+            "layer, per-layer targets (set_accumulator_bit_width overrides, a2q train "
+            "--layer-acc-bits)")
+
+
+def learned_norms(layer: nn.Module) -> Tensor | None:
+    """Per-output-channel ``g/s`` of an A2Q/A2Q+ layer (ours or Brevitas's built-in): the L1
+    norm the weight normalization asks for before the clamp to ``T``; None for other layers."""
+    pre = getattr(getattr(layer.weight_quant, "tensor_quant", None), "pre_scaling_impl", None)
+    if not isinstance(pre, AccumulatorAwareParameterPreScaling):
+        return None
+    with torch.no_grad():
+        g = pre.restrict_clamp_scaling(pre.value)
+        s = pre.scaling_impl(pre.stats_input_view_shape_impl(layer.weight))
+        return (g / s).detach().reshape(-1).cpu()
+
+
+def layer_rounding(layer: nn.Module) -> str:
+    """"budgeted" or "zero": the integer rounding of a layer's weight quantizer (Brevitas's
+    quantizers round to zero)."""
+    return getattr(getattr(layer.weight_quant, "tensor_quant", None), "rounding", "zero")
 
 
 @dataclass
@@ -253,6 +306,8 @@ class LayerAccumulator:
     target_holds: bool | None  # None: no target, or input not quantized
     out_channels: int = 0
     zero_channels: int = 0  # output channels whose integer weights are all zero
+    zero_channels_norm: float | None = None  # smallest g/s of the all-zero channels (A2Q/A2Q+)
+    rounding: str = "zero"  # integer rounding of the weight quantizer: "zero" or "budgeted"
 
     @classmethod
     def from_capture(cls, cap: LayerCapture) -> LayerAccumulator:
@@ -286,13 +341,26 @@ class LayerAccumulator:
             target_holds=holds,
             out_channels=cap.out_channels,
             zero_channels=int((l1 == 0).sum()),
+            zero_channels_norm=_zero_channels_norm(cap.module, l1 == 0),
+            rounding=layer_rounding(cap.module),
         )
 
     @property
     def warning(self) -> str | None:
         return zero_weight_warning(self.layer, self.zero_channels, self.out_channels,
                                    self.variant, self.target_bits, self.input_bits,
-                                   self.input_signed)
+                                   self.input_signed, dot_length=self.dot_length,
+                                   learned_norm=self.zero_channels_norm, rounding=self.rounding)
+
+
+def _zero_channels_norm(layer: nn.Module, zero) -> float | None:
+    """The smallest ``g/s`` among the channels flagged in ``zero`` (None if none or unknown)."""
+    if not zero.any():
+        return None
+    norms = learned_norms(layer)
+    if norms is None or norms.numel() != len(zero):
+        return None
+    return float(norms[torch.from_numpy(zero)].min())
 
 
 _COLUMNS = (
@@ -306,6 +374,12 @@ _COLUMNS = (
 class AccumulatorReport(list):
     """A list of :class:`LayerAccumulator` that prints as a table and serializes to JSON.
 
+    What was checked: a layer is checked when it has a target P and its input is quantized (so
+    its exact range is known); :attr:`checked` counts those, :attr:`unchecked` names the rest.
+    :attr:`all_hold` is True only when at least one layer was checked and every checked target
+    holds, False when one is violated, None when nothing was checked (plain QAT, no target):
+    never a pass for nothing.
+
     ``warnings``: one line per layer with all-zero integer channels (why, and what helps), also
     printed under the table and included in :meth:`to_dict`.
     """
@@ -315,15 +389,48 @@ class AccumulatorReport(list):
         return [r.warning for r in self if r.warning is not None]
 
     @property
-    def all_hold(self) -> bool:
-        """True unless some layer's exact range exceeds its target."""
-        return all(r.target_holds is not False for r in self)
+    def checked(self) -> int:
+        """How many layers were checked against their target P."""
+        return sum(r.target_holds is not None for r in self)
+
+    @property
+    def unchecked(self) -> list[str]:
+        """The layers not checked: no target P, or an input that is not quantized."""
+        return [r.layer for r in self if r.target_holds is None]
+
+    @property
+    def violated(self) -> bool:
+        """Some layer's exact range exceeds its target."""
+        return any(r.target_holds is False for r in self)
+
+    @property
+    def all_hold(self) -> bool | None:
+        """True: at least one target checked and every one holds; False: one is violated;
+        None: nothing was checked."""
+        if self.violated:
+            return False
+        return True if self.checked else None
+
+    @property
+    def summary(self) -> str:
+        """One line: how many layers were checked, and whether every checked target holds."""
+        if self.violated:
+            bad = ", ".join(r.layer for r in self if r.target_holds is False)
+            return f"{self.checked} of {len(self)} layers checked against a target: VIOLATED: {bad}"
+        if not self.checked:
+            return (f"nothing checked: none of the {len(self)} layers has a target P with a "
+                    "quantized input")
+        return (f"{self.checked} of {len(self)} layers checked against a target, every checked "
+                "target holds")
 
     def to_dicts(self) -> list[dict]:
         return [asdict(r) for r in self]
 
     def to_dict(self) -> dict:
-        return {"layers": self.to_dicts(), "warnings": self.warnings, "all_hold": self.all_hold}
+        """``layers``, ``warnings``, ``all_hold`` (True/False/None, see :attr:`all_hold`),
+        ``checked`` (count), ``unchecked`` (names) and ``summary``."""
+        return {"layers": self.to_dicts(), "warnings": self.warnings, "all_hold": self.all_hold,
+                "checked": self.checked, "unchecked": self.unchecked, "summary": self.summary}
 
     def to_json(self, **kwargs) -> str:
         return json.dumps(self.to_dict(), **kwargs)

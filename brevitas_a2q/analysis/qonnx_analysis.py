@@ -294,7 +294,8 @@ class AccumulatorAnalysis:
     fingerprint: str
     layer: str | None = None  # from the matching record
     variant: str | None = None
-    target_bits: int | None = None
+    target_bits: int | None = None  # the P checked: the record's, or one set by a2q report --target
+    recorded_target_bits: int | None = None  # the P the file records (the one trained for)
     target_holds: bool | None = None  # exact range fits the target (no overflow possible)
     bound_holds: bool | None = None  # the variant's L1 bound admits the weights at the target
     integer_domain: bool = False  # input and weights carry no scale
@@ -339,6 +340,7 @@ def _analyze_node(model: ModelWrapper, node, weights: NodeWeights) -> Accumulato
 def _apply_record(result: AccumulatorAnalysis, record: AccumulatorRecord) -> None:
     result.layer, result.variant, result.target_bits = record.layer, record.variant, \
         record.target_bits
+    result.recorded_target_bits = record.target_bits
     if record.target_bits is None:
         return
     result.target_holds = result.bits_exact_range <= record.target_bits
@@ -350,6 +352,12 @@ def _apply_record(result: AccumulatorAnalysis, record: AccumulatorRecord) -> Non
 
 class AccumulatorReport(list):
     """A list of :class:`AccumulatorAnalysis` (graph order) plus the records no node matched.
+
+    What was checked: a node is checked when it has a target P (from its record, or set by
+    ``a2q report --target``); :attr:`checked` counts those, :attr:`unchecked` names the rest.
+    :attr:`all_hold` is True only when at least one target was checked and every checked one
+    holds, False when one is violated or a record matches no node, and None when nothing was
+    checked (no accumulating node, or none with a target): never a pass for nothing.
 
     ``warnings``: one line per node with all-zero integer channels (why, and what helps), printed
     under the table and included in :meth:`to_dict`.
@@ -363,24 +371,63 @@ class AccumulatorReport(list):
     def warnings(self) -> list[str]:
         found = []
         for r in self:
+            # the P the weights were trained for, not one set afterwards to check them
             text = zero_weight_warning(r.layer or r.node, r.zero_channels, r.out_channels,
-                                       r.variant or "none", r.target_bits, r.input_bits,
-                                       r.input_signed)
+                                       r.variant or "none", r.recorded_target_bits, r.input_bits,
+                                       r.input_signed, dot_length=r.dot_length)
             if text is not None:
                 found.append(text)
         return found
 
     @property
-    def all_hold(self) -> bool:
-        """True unless a recorded target is violated or a record matches no node's weights."""
-        return not self.unmatched_records and all(
-            r.target_holds is not False and r.bound_holds is not False for r in self)
+    def checked(self) -> int:
+        """How many nodes were checked against a target P."""
+        return sum(r.target_bits is not None for r in self)
+
+    @property
+    def unchecked(self) -> list[str]:
+        """The nodes (layer name where known) without a target: not checked."""
+        return [r.layer or r.node for r in self if r.target_bits is None]
+
+    @property
+    def violated(self) -> bool:
+        """A checked target is violated (exact range or the variant's L1 bound exceeds P), or a
+        record matches no node's weights."""
+        return bool(self.unmatched_records) or any(
+            r.target_holds is False or r.bound_holds is False for r in self)
+
+    @property
+    def all_hold(self) -> bool | None:
+        """True: at least one target checked and every one holds; False: :attr:`violated`;
+        None: nothing was checked (see :attr:`summary`)."""
+        if self.violated:
+            return False
+        return True if self.checked else None
+
+    @property
+    def summary(self) -> str:
+        """One line: how many nodes were checked, and whether every checked target holds."""
+        if not self:
+            return ("nothing checked: the model has no accumulating node with quantized weights "
+                    "(MatMul, Conv, ConvTranspose or Gemm fed by a weight Quant node or an "
+                    "integer-annotated initializer)")
+        if self.violated:
+            return (f"{self.checked} of {len(self)} accumulators checked against a target: "
+                    "VIOLATED")
+        if not self.checked:
+            return (f"nothing checked: none of the {len(self)} accumulators has a target "
+                    "(the file records none)")
+        return (f"{self.checked} of {len(self)} accumulators checked against a target, every "
+                "checked target holds")
 
     def to_dict(self) -> dict:
+        """``layers``, ``unmatched_records``, ``warnings``, ``all_hold`` (True/False/None, see
+        :attr:`all_hold`), ``checked`` (count), ``unchecked`` (names) and ``summary``."""
         return {"layers": [asdict(r) | {"proven_datatype": r.proven_datatype} for r in self],
                 "unmatched_records": [r.layer for r in self.unmatched_records],
                 "warnings": self.warnings,
-                "all_hold": self.all_hold}
+                "all_hold": self.all_hold, "checked": self.checked,
+                "unchecked": self.unchecked, "summary": self.summary}
 
     def to_json(self, **kwargs) -> str:
         return json.dumps(self.to_dict(), **kwargs)
@@ -427,13 +474,16 @@ def accumulating_nodes(model: ModelWrapper) -> list[tuple[object, NodeWeights]]:
     return found
 
 
-def analyze_accumulators(model: ModelWrapper) -> AccumulatorReport:
+def analyze_accumulators(model: ModelWrapper, source: str | None = None) -> AccumulatorReport:
     """Analyze every accumulating node of ``model`` and match it to the file's records.
 
-    Records are matched by :func:`brevitas_a2q.analysis.records.weight_fingerprint` (identical weights are
-    matched in order), so they survive renaming, layout changes and conv lowering.
+    Records are matched by :func:`brevitas_a2q.analysis.records.weight_fingerprint` (identical
+    weights are matched in order), so they survive renaming, layout changes and conv lowering.
+    A model without accumulating node (e.g. a float ONNX) gives an empty report whose
+    ``all_hold`` is None (nothing checked), not True. ``source`` (e.g. the file name) is named in
+    the error raised for corrupt records (:func:`~brevitas_a2q.analysis.records.read_records`).
     """
-    pending = list(read_records(model))
+    pending = list(read_records(model, source))
     results = []
     for node, weights in accumulating_nodes(model):
         result = _analyze_node(model, node, weights)

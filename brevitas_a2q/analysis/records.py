@@ -15,14 +15,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
 
+from brevitas_a2q.errors import A2QInputError
+
 METADATA_KEY = "brevitas_a2q.accumulators"
 FORMAT = "brevitas_a2q.accumulators/1"
 VARIANTS = ("a2q", "a2q+", "none")
+TARGET_BITS_RANGE = (2, 64)  # the accumulator widths a target P may take (as the quantizers)
+_FIX = ("re-export the model with brevitas_a2q.export.export_qonnx, or delete the metadata "
+        f"property {METADATA_KEY!r} to analyze the file without its records")
 
 __all__ = [
     "FORMAT",
@@ -76,8 +81,8 @@ class AccumulatorRecord:
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
-            raise ValueError(f"layer {self.layer!r}: variant must be one of {VARIANTS}, "
-                             f"got {self.variant!r}")
+            raise A2QInputError(f"layer {self.layer!r}: variant must be one of {VARIANTS}, "
+                                f"got {self.variant!r}")
 
     @property
     def zero_centered(self) -> bool:
@@ -90,16 +95,70 @@ def write_records(model, records: list[AccumulatorRecord]) -> None:
     model.set_metadata_prop(METADATA_KEY, json.dumps(payload, sort_keys=True))
 
 
-def read_records(model) -> list[AccumulatorRecord]:
-    """Records stored in a qonnx ``ModelWrapper`` (empty if the model carries none)."""
+def read_records(model, source: str | None = None) -> list[AccumulatorRecord]:
+    """Records stored in a qonnx ``ModelWrapper`` (empty if the model carries none).
+
+    Raises :class:`~brevitas_a2q.errors.A2QInputError` naming ``source`` (the file, if given),
+    the record and the fix when the metadata is not JSON, has another format version, or a
+    record lacks a field or holds a value of the wrong type or range (a target P outside
+    :data:`TARGET_BITS_RANGE`, a negative width, ...): such a record cannot be checked, so
+    nothing is reported as holding or violated."""
+    where = f"{source}: " if source else ""
     raw = model.get_metadata_prop(METADATA_KEY)
     if raw is None:
         return []
     try:
         payload = json.loads(raw)
     except json.JSONDecodeError as err:
-        raise ValueError(f"metadata {METADATA_KEY!r} is not valid JSON: {err}") from err
+        raise A2QInputError(f"{where}metadata {METADATA_KEY!r} is not valid JSON ({err}); "
+                            f"{_FIX}") from None
+    if not isinstance(payload, dict):
+        raise A2QInputError(f"{where}metadata {METADATA_KEY!r} is a JSON "
+                            f"{type(payload).__name__}, not an object with format {FORMAT!r}; "
+                            f"{_FIX}")
     if payload.get("format") != FORMAT:
-        raise ValueError(f"metadata {METADATA_KEY!r} has format {payload.get('format')!r}, "
-                         f"this version reads {FORMAT!r}")
-    return [AccumulatorRecord(**entry) for entry in payload["layers"]]
+        raise A2QInputError(f"{where}metadata {METADATA_KEY!r} has format "
+                            f"{payload.get('format')!r}; this version reads {FORMAT!r}: {_FIX}")
+    layers = payload.get("layers")
+    if not isinstance(layers, list):
+        raise A2QInputError(f"{where}metadata {METADATA_KEY!r}: 'layers' must be a list of "
+                            f"records, got {type(layers).__name__}; {_FIX}")
+    return [_record(entry, f"{where}accumulator record {i}") for i, entry in enumerate(layers)]
+
+
+# field -> (types it may hold, predicate on the value, what the predicate requires)
+_TEXT = ((str,), lambda v: True, "a string")
+_WHOLE = ((int,), lambda v: v >= 1, "a whole number of at least 1")
+_CHECKS: dict[str, tuple] = {
+    "layer": _TEXT, "node": _TEXT, "op_type": _TEXT, "weight": _TEXT, "output": _TEXT,
+    "fingerprint": _TEXT,
+    "variant": ((str,), lambda v: v in VARIANTS, f"one of {', '.join(VARIANTS)}"),
+    "target_bits": ((int, type(None)),
+                    lambda v: v is None or TARGET_BITS_RANGE[0] <= v <= TARGET_BITS_RANGE[1],
+                    f"null or a whole number of bits from {TARGET_BITS_RANGE[0]} to "
+                    f"{TARGET_BITS_RANGE[1]}"),
+    "input_bits": _WHOLE, "weight_bits": _WHOLE, "out_channels": _WHOLE, "dot_length": _WHOLE,
+    "input_signed": ((bool,), lambda v: True, "true or false"),
+    "extra": ((dict,), lambda v: True, "an object"),
+}
+
+
+def _record(entry: object, where: str) -> AccumulatorRecord:
+    """One record from its JSON object, every field checked (see :func:`read_records`)."""
+    if not isinstance(entry, dict):
+        raise A2QInputError(f"{where} is a {type(entry).__name__}, not an object; {_FIX}")
+    where = f"{where} (layer {entry['layer']!r})" if isinstance(entry.get("layer"), str) else where
+    required = {f.name for f in fields(AccumulatorRecord)} - {"extra"}
+    missing = sorted(required - set(entry))
+    unknown = sorted(set(entry) - set(_CHECKS))
+    if missing or unknown:
+        what = "; ".join(part for part in (missing and f"lacks {', '.join(missing)}",
+                                           unknown and f"has unknown field(s) "
+                                                       f"{', '.join(unknown)}") if part)
+        raise A2QInputError(f"{where} {what}; {_FIX}")
+    for name, value in entry.items():
+        types, valid, requirement = _CHECKS[name]
+        is_bool = isinstance(value, bool) and bool not in types  # JSON true is not a number
+        if is_bool or not isinstance(value, types) or not valid(value):
+            raise A2QInputError(f"{where}: {name} must be {requirement}, got {value!r}; {_FIX}")
+    return AccumulatorRecord(**entry)

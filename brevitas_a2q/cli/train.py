@@ -47,6 +47,7 @@ QUANTS = ("a2q", "a2q+", "brevitas-a2q", "brevitas-a2q+", "none", "float")
 OURS = ("a2q", "a2q+")
 ACCUMULATOR_AWARE = ("a2q", "a2q+", "brevitas-a2q", "brevitas-a2q+")
 ROUNDINGS = ("zero", "budgeted")
+DEFAULT_ACC_BITS = 16
 # settings that define a run: a checkpoint written with other values cannot be resumed
 CONFIG_KEYS = ("dataset", "arch", "model", "epochs", "lr", "batch_size", "seed", "ep_init",
                "pretrain", "pretrain_epochs", "penalty", "train_limit")
@@ -68,8 +69,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         epilog="example:\n  a2q train --dataset fashion-mnist --quant a2q+ --acc-bits 12 \\\n"
                "      --layer-acc-bits conv1=32 fc=32 --ep-init --pretrain-epochs 1 \\\n"
                "      --epochs 2 --out runs/fmnist-a2q+-12\n\n" + paragraphs(
-                   "exit status: 0 every target holds, 1 a target is violated, 2 bad input, "
-                   "3 internal error, 130 interrupted (Ctrl-C; resume with --resume)"),
+                   "exit status: 0 every target holds (--quant none and float have none to "
+                   "check), 1 a target is violated, 2 bad input, 3 internal error, 130 "
+                   "interrupted (Ctrl-C; resume with --resume)"),
         formatter_class=HelpFormatter,
     )
     data = p.add_argument_group("data")
@@ -101,13 +103,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     model.add_argument("--act-bits", type=bits_type(ACT_BITS), default=4, metavar="N",
                        help=f"hidden activation bits, {ACT_BITS[0]} to {ACT_BITS[1]} "
                             "(default: %(default)s)")
-    model.add_argument("--acc-bits", type=bits_type(ACC_BITS), default=16, metavar="P",
+    model.add_argument("--acc-bits", type=bits_type(ACC_BITS), default=None, metavar="P",
                        help=f"target accumulator bits P of every layer, {ACC_BITS[0]} to "
-                            f"{ACC_BITS[1]} (default: %(default)s)")
+                            f"{ACC_BITS[1]}; for an accumulator-aware --quant only "
+                            f"(default: {DEFAULT_ACC_BITS})")
     model.add_argument("--layer-acc-bits", type=layer_bits, nargs="+", default=[],
                        metavar="LAYER=P",
-                       help="per-layer targets, e.g. conv1=32 fc=32 (CNN layers: conv1 conv2 "
-                            "fc; MLP: fc0 fc1 ...)")
+                       help=f"per-layer targets, P from {ACC_BITS[0]} to {ACC_BITS[1]}, e.g. "
+                            "conv1=32 fc=32 (CNN layers: conv1 conv2 fc; MLP: fc0 fc1 ...)")
     train = p.add_argument_group("training")
     train.add_argument("--epochs", type=positive_int, default=4, help="(default: %(default)s)")
     train.add_argument("--lr", type=positive_float, default=1e-3,
@@ -202,12 +205,20 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.quant == "none" and args.layer_acc_bits:
         raise A2QInputError("--layer-acc-bits needs an accumulator-aware --quant (plain QAT "
                             "has no accumulator target)")
+    if args.quant in ("none", "float") and args.acc_bits is not None:
+        raise A2QInputError(f"--acc-bits needs an accumulator-aware --quant "
+                            f"({', '.join(ACCUMULATOR_AWARE)}); --quant {args.quant} has no "
+                            "accumulator target and would drop P unchecked: drop --acc-bits "
+                            "or choose one of those")
+    if args.acc_bits is None and args.quant in ACCUMULATOR_AWARE:
+        args.acc_bits = DEFAULT_ACC_BITS
     if args.resume and args.overwrite:
         raise A2QInputError("--resume and --overwrite exclude each other")
     if args.data_dir is not None and args.dataset == "digits":
         raise A2QInputError("--data-dir is for IDX data sets (fashion-mnist, mnist); digits "
                             "ships with scikit-learn")
     _check_names("--layer-acc-bits", _layer_acc_bits(args.layer_acc_bits), layer_names(args))
+    _check_targets_admit_weights(args)
     if args.finetune_accumulator is None:
         if args.finetune_layer:
             raise A2QInputError("--finetune-layer needs --finetune-accumulator")
@@ -223,6 +234,36 @@ def _check_args(args: argparse.Namespace) -> None:
                 parse_accumulator(spec)
             except A2QInputError as err:
                 raise A2QInputError(f"{option}: {err}") from None
+
+
+def layer_inputs(args: argparse.Namespace) -> dict[str, tuple[int, bool]]:
+    """``{layer: (N, signed)}``: what each layer of ``build_cnn``/``build_mlp`` multiplies (the
+    first an 8-bit signed quantized image, the others unsigned ``--act-bits`` ReLU outputs)."""
+    names = layer_names(args)
+    return {name: (8, True) if i == 0 else (args.act_bits, False) for i, name in enumerate(names)}
+
+
+def _check_targets_admit_weights(args: argparse.Namespace) -> None:
+    """Refuse a target P whose L1 bound T is below 1 for a layer's input: every weight of that
+    layer would round to zero (A2Q Eq. 15, A2Q+ Eq. 18), named by layer and flag."""
+    if args.quant not in ACCUMULATOR_AWARE:
+        return
+    from brevitas_a2q.quant.bounds import min_accumulator_bits
+
+    zero_centered = args.quant.endswith("+")
+    overrides = _layer_acc_bits(args.layer_acc_bits)
+    for name, (bits, signed) in layer_inputs(args).items():
+        target = overrides.get(name, args.acc_bits)
+        need = min_accumulator_bits(1, bits, signed, zero_centered)
+        if target < need:
+            flag = f"--layer-acc-bits {name}={target}" if name in overrides else \
+                f"--acc-bits {target}"
+            sign = "signed" if signed else "unsigned"
+            raise A2QInputError(
+                f"{flag} is too small for layer {name} ({bits}-bit {sign} input, "
+                f"{args.quant}): below P = {need} its L1 bound admits no non-zero integer "
+                f"weight, so every weight would round to zero; use P >= {need} for {name} "
+                f"(--acc-bits {need}, or --layer-acc-bits {name}={need})")
 
 
 def _model_kwargs(args: argparse.Namespace, image_shape: tuple[int, ...]) -> dict:
@@ -530,10 +571,10 @@ def _finish(args, model, config, state, train, test, example, paths, resumed_at:
         print(json.dumps(results, indent=2))
         for warning in results["warnings"]:  # the table that shows them is not printed
             print(f"a2q train: warning: {warning}", file=sys.stderr)
-        return 0 if report.all_hold else 1
+        return 1 if report.all_hold is False else 0
     m = config["model"]
-    targets = f"P={m['acc_bits']}" + "".join(f", {k}={v}" for k, v in
-                                             (m.get("layer_acc_bits") or {}).items())
+    targets = ("no accumulator target" if m["acc_bits"] is None else f"P={m['acc_bits']}") \
+        + "".join(f", {k}={v}" for k, v in (m.get("layer_acc_bits") or {}).items())
     print(f"\n{args.quant} {args.arch} (W{args.weight_bits}A{args.act_bits}, {targets}) on "
           f"{args.dataset}: {state['epoch']} epochs, {state['train_seconds']:.1f} s training")
     float_acc = results["float_accuracy"]
@@ -549,7 +590,7 @@ def _finish(args, model, config, state, train, test, example, paths, resumed_at:
     print(f"\nexported {paths['model.onnx']}; accumulators of the exported QONNX file:")
     print(exported)
     print(f"\ncheckpoint {paths['model.pt']}, results {paths['results.json']}")
-    return 0 if report.all_hold else 1
+    return 1 if report.all_hold is False else 0  # None: nothing to check (plain QAT)
 
 
 def _train_float(args, config, paths, progress, train, test) -> int:
@@ -582,7 +623,7 @@ def _train_float(args, config, paths, progress, train, test) -> int:
     results = {**config, "quant": "float", "resumed_at_epoch": None, "epochs_done": args.epochs,
                "train_seconds": round(seconds, 2), "init": {}, "history": history,
                "test_accuracy": acc, "float_accuracy": acc, "finetune": None, "layers": [],
-               "all_targets_hold": True, "warnings": [],
+               "all_targets_hold": None, "warnings": [],
                "files": {"results.json": str(paths["results.json"])}}
     with atomic_output(paths["results.json"], overwrite=True) as tmp:
         tmp.write_text(json.dumps(results, indent=2))

@@ -14,6 +14,7 @@ Written by ``a2q train`` and :func:`save_checkpoint`, read by ``a2q evaluate`` a
 from __future__ import annotations
 
 import os
+import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,6 +94,15 @@ def read_payload(path: str | os.PathLike) -> dict:
         raise A2QInputError(f"checkpoint {path} is empty (0 bytes)")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:  # torch's weights_only unpickler refused the file
+        if "unsupported global" in str(err).lower():
+            why = ("it holds Python objects other than tensors and plain values, which a2q does "
+                   "not load: no code from a checkpoint is run")
+        else:
+            why = "not a torch.save archive"
+        raise A2QInputError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint ({why}); write one "
+                            "with `a2q train` or brevitas_a2q.train.checkpoint.save_checkpoint"
+                            ) from err
     except Exception as err:  # torch raises many types for foreign files (KeyError for text)
         raise A2QInputError(f"{path} is not a readable brevitas_a2q checkpoint (torch.load "
                             f"failed: {_first_line(err)})") from err
@@ -109,6 +119,7 @@ def _first_line(err: BaseException) -> str:
     first = lines[0] if lines else ""
     if isinstance(err, KeyError):  # the legacy unpickler reading a byte it has no opcode for
         return "the file is not a torch.save archive"
+    first = first.split(". ")[0]  # torch appends paragraphs of advice to the reason
     return first[:300] if first else type(err).__name__
 
 
