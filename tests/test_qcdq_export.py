@@ -21,6 +21,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from brevitas.export import export_onnx_qcdq
+from brevitas.inject.enum import ScalingPerOutputType
 from brevitas.nn import QuantConv1d, QuantConv2d, QuantConvTranspose2d, QuantLinear
 from brevitas.quant import (
     Int8AccumulatorAwareWeightQuant,
@@ -148,6 +149,29 @@ def test_onnx_qcdq_export_equals_brevitas_builtin_a2q_exported_the_same_way(vari
                                           tmp_path / "ours.onnx")
     theirs_out, theirs_model = export_and_run(make_layer(layer, BUILTIN[variant], True), x,
                                               tmp_path / "builtin.onnx")
+    np.testing.assert_array_equal(file_weight_integers(ours_model),
+                                  file_weight_integers(theirs_model))
+    np.testing.assert_array_equal(ours_out, theirs_out)
+
+
+@pytest.mark.parametrize("layer", ["linear", "conv2d"])
+@pytest.mark.parametrize("variant", sorted(OURS))
+def test_onnx_qcdq_export_with_a_per_tensor_post_scale(variant, layer, tmp_path):
+    """Brevitas's per-tensor keyword (``weight_scaling_per_output_channel=False``): one
+    post-scale in the file; ORT as Brevitas, and as Brevitas's built-in A2Q with a per-tensor
+    post-scale (``scaling_per_output_type = TENSOR``) exported the same way."""
+    builtin = type("PerTensor", (BUILTIN[variant],),
+                   {"scaling_per_output_type": ScalingPerOutputType.TENSOR})
+    x = sample(layer, True)
+    mine = make_layer(layer, OURS[variant], True, quant_output=False,
+                      weight_scaling_per_output_channel=False)
+    with torch.no_grad():
+        expected = mine(x)
+        assert mine.quant_weight(mine.input_quant(x)).scale.numel() == 1
+    ours_out, ours_model = export_and_run(mine, x, tmp_path / "ours.onnx")
+    assert_as_brevitas(ours_out, expected)
+    theirs_out, theirs_model = export_and_run(
+        make_layer(layer, builtin, True, quant_output=False), x, tmp_path / "builtin.onnx")
     np.testing.assert_array_equal(file_weight_integers(ours_model),
                                   file_weight_integers(theirs_model))
     np.testing.assert_array_equal(ours_out, theirs_out)
