@@ -79,7 +79,7 @@ class L1NormBound(nn.Module):
             raise AccumulatorTargetTooSmallError(
                 f"weight_accumulator_bit_width={acc_bits} is too small for {input_bit_width}-bit "
                 f"{sign} inputs: the L1 bound is {float(bound):.3g} < 1, so every weight would "
-                f"round to zero (P >= {needed} admits a non-zero weight).", needed)
+                "round to zero.", needed)
         return bound
 
     def forward(self, acc_bits: int, input_bit_width: int, input_is_signed: bool,
