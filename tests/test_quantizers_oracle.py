@@ -205,5 +205,5 @@ def test_too_small_a_target_is_refused_where_brevitas_gives_zeros():
     theirs(torch.randn(2, *shape))
     assert not theirs.quant_weight(theirs.input_quant(torch.randn(2, *shape))).int().any()
     ours, _, _ = make("linear", A2QWeightQuant, 0, 4, 8, 8, True)
-    with pytest.raises(ValueError, match="weight_accumulator_bit_width >= 9"):
+    with pytest.raises(ValueError, match=r"P >= 9 \(Python: weight_accumulator_bit_width=9"):
         ours(torch.randn(2, *shape))

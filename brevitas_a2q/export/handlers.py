@@ -1,4 +1,5 @@
-"""Brevitas export handlers for this package's weight-quantizer proxy (QONNX, torch QCDQ).
+"""Brevitas export handlers for this package's weight-quantizer proxy (QONNX, ONNX QCDQ, torch
+QCDQ).
 
 Brevitas's exporters pick a proxy's handler by exact class, so ours are registered with each
 export manager when :mod:`brevitas_a2q.quant.quantizers` is imported.
@@ -9,6 +10,10 @@ from __future__ import annotations
 from brevitas.export.onnx.qonnx.function import BrevitasBinaryQuantOp, BrevitasQuantOp
 from brevitas.export.onnx.qonnx.handler import BrevitasDecoupledWeightQuantWithInputProxyHandler
 from brevitas.export.onnx.qonnx.manager import QONNXManager
+from brevitas.export.onnx.standard.qcdq.handler import (
+    StdQCDQCastONNXDecoupledWeightQuantWithInputProxyHandler,
+)
+from brevitas.export.onnx.standard.qcdq.manager import StdQCDQONNXManager
 from brevitas.export.torch.qcdq.handler import (
     TorchQCDQCastDecoupledWeightQuantWithInputProxyHandler,
 )
@@ -18,7 +23,8 @@ from torch import Tensor
 
 from brevitas_a2q.quant.quantizers import A2QWeightQuantProxy
 
-__all__ = ["A2QQONNXWeightHandler", "A2QTorchQCDQWeightHandler", "A2QWeightExportHandler"]
+__all__ = ["A2QONNXQCDQWeightHandler", "A2QQONNXWeightHandler", "A2QTorchQCDQWeightHandler",
+           "A2QWeightExportHandler"]
 
 
 class A2QWeightExportHandler(BrevitasDecoupledWeightQuantWithInputProxyHandler):
@@ -71,6 +77,15 @@ class A2QTorchQCDQWeightHandler(TorchQCDQCastDecoupledWeightQuantWithInputProxyH
     handled_layer = A2QWeightQuantProxy
 
 
+class A2QONNXQCDQWeightHandler(StdQCDQCastONNXDecoupledWeightQuantWithInputProxyHandler):
+    """Handler registered with Brevitas's ``StdQCDQONNXManager`` (``export_onnx_qcdq``, which
+    needs ``dynamo=False`` for any input-aware A2Q quantizer in Brevitas 0.13): as Brevitas's
+    handler for its A2Q, the integer weights ``q`` the layer computes with (from its cached
+    quantized input) are stored, followed by ``DequantizeLinear``; they are exact."""
+
+    handled_layer = A2QWeightQuantProxy
+
+
 def _register(manager, handler) -> None:
     if handler not in manager.handlers:
         manager.handlers = [handler, *manager.handlers]
@@ -78,3 +93,4 @@ def _register(manager, handler) -> None:
 
 _register(QONNXManager, A2QQONNXWeightHandler)
 _register(TorchQCDQManager, A2QTorchQCDQWeightHandler)
+_register(StdQCDQONNXManager, A2QONNXQCDQWeightHandler)

@@ -20,10 +20,15 @@ from fractions import Fraction
 
 import numpy as np
 
+from brevitas_a2q.errors import A2QInputError
+
 MAX_ACCUMULATOR_BITS = 64
+# A signed integer of 1 bit holds only 0 and -1 (narrow: only 0): no accumulator, no A2Q weight.
+MIN_BITS = 2
 
 __all__ = [
     "MAX_ACCUMULATOR_BITS",
+    "MIN_BITS",
     "AccumulatorRange",
     "check_bits",
     "datatype_accumulator_bits",
@@ -37,13 +42,17 @@ __all__ = [
 ]
 
 
-def check_bits(name: str, value: int, low: int = 1, high: int = MAX_ACCUMULATOR_BITS) -> int:
-    """Return ``value`` as an int, or raise ``ValueError`` naming it if it is not in ``[low, high]``."""
+def check_bits(name: str, value: int, low: int = MIN_BITS, high: int = MAX_ACCUMULATOR_BITS,
+               why: str = "") -> int:
+    """Return ``value`` as an int, or raise :class:`~brevitas_a2q.errors.A2QInputError` (a
+    ``ValueError``) naming it if it is not a whole number in ``[low, high]``; ``why`` is appended
+    to the out-of-range message. The default range is that of a *target* accumulator width ``P``
+    a user may set (a 1-bit target admits no non-zero weight)."""
     if isinstance(value, bool) or int(value) != value:
-        raise ValueError(f"{name} must be a whole number of bits, got {value!r}")
+        raise A2QInputError(f"{name} must be a whole number of bits, got {value!r}")
     value = int(value)
     if not low <= value <= high:
-        raise ValueError(f"{name} must be between {low} and {high} bits, got {value}")
+        raise A2QInputError(f"{name} must be between {low} and {high} bits, got {value}{why}")
     return value
 
 
@@ -70,8 +79,8 @@ def l1_norm_bound(
     A2Q+ (Colbert et al. 2024, Eq. 18), for zero-centred channels (``sum(q) = 0``):
     ``T = (2^P - 2) / (2^N - 1)``, whatever the input sign.
     """
-    acc_bits = check_bits("accumulator bit width P", acc_bits)
-    input_bits = check_bits("input bit width N", input_bits)
+    acc_bits = check_bits("accumulator bit width P", acc_bits, low=1)  # the math holds for P = 1
+    input_bits = check_bits("input bit width N", input_bits, low=1)
     if zero_centered:
         return Fraction(2**acc_bits - 2, 2**input_bits - 1)
     return (2 ** (acc_bits - 1) - 1) * Fraction(2) ** (int(bool(input_signed)) - input_bits)
@@ -88,7 +97,7 @@ def min_accumulator_bits(
     approximately balanced: pass :func:`zero_centered_l1_norm` (twice its larger signed half), which
     equals ``||q||_1`` when ``sum(q) = 0`` and keeps the guarantee when it is not.
     """
-    input_bits = check_bits("input bit width N", input_bits)
+    input_bits = check_bits("input bit width N", input_bits, low=1)
     l1_norm = Fraction(l1_norm)
     if l1_norm < 0:
         raise ValueError(f"an L1 norm cannot be negative, got {l1_norm}")
@@ -108,14 +117,14 @@ def datatype_accumulator_bits(
     ``alpha = log2(K) + N + M - 1 - 1_s``, ``P = ceil(alpha + log2(1 + 2^-alpha) + 1)``: the A2Q bound
     applied to the largest L1 norm an ``M``-bit channel of length ``K`` can have, ``K * 2^(M-1)``.
     """
-    dot_length = check_bits("dot-product length K", dot_length, high=2**40)
-    weight_bits = check_bits("weight bit width M", weight_bits)
+    dot_length = check_bits("dot-product length K", dot_length, low=1, high=2**40)
+    weight_bits = check_bits("weight bit width M", weight_bits, low=1)
     return min_accumulator_bits(dot_length * 2 ** (weight_bits - 1), input_bits, input_signed)
 
 
 def input_range(input_bits: int, input_signed: bool, narrow: bool = False) -> tuple[int, int]:
     """Integer range of an ``N``-bit input: ``[-2^(N-1), 2^(N-1)-1]`` signed, ``[0, 2^N-1]`` unsigned."""
-    input_bits = check_bits("input bit width N", input_bits)
+    input_bits = check_bits("input bit width N", input_bits, low=1)
     if input_signed:
         return -(2 ** (input_bits - 1)) + int(narrow), 2 ** (input_bits - 1) - 1
     return 0, 2**input_bits - 1

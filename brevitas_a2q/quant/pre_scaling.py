@@ -42,6 +42,7 @@ from brevitas.core.scaling.pre_scaling import (
 from brevitas.core.zero_point import PreZeroCenterZeroPoint
 from torch import Tensor, nn
 
+from brevitas_a2q.errors import AccumulatorTargetTooSmallError
 from brevitas_a2q.quant.bounds import l1_norm_bound, min_accumulator_bits
 from brevitas_a2q.quant.channels import OutputChannelView
 
@@ -75,10 +76,10 @@ class L1NormBound(nn.Module):
         if bound < 1:
             needed = min_accumulator_bits(1, input_bit_width, input_is_signed, self.zero_centered)
             sign = "signed" if input_is_signed else "unsigned"
-            raise ValueError(
+            raise AccumulatorTargetTooSmallError(
                 f"weight_accumulator_bit_width={acc_bits} is too small for {input_bit_width}-bit "
                 f"{sign} inputs: the L1 bound is {float(bound):.3g} < 1, so every weight would "
-                f"round to zero. Use weight_accumulator_bit_width >= {needed} or narrower inputs.")
+                "round to zero.", needed)
         return bound
 
     def forward(self, acc_bits: int, input_bit_width: int, input_is_signed: bool,

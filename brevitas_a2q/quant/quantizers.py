@@ -11,8 +11,10 @@ width ``N`` and its sign are read at run time from the layer's quantized input, 
 ``input_quant=`` (whose output then gives ``N``, whatever the layer receives) or a preceding layer
 with ``return_quant_tensor=True``. Layers: Linear, Conv1d/2d/3d
 (grouped, depthwise), ConvTranspose1d/2d/3d (channels are always *output* channels), the
-projections of QuantMultiheadAttention; post-scales per channel or, with
-``scaling_per_output_type = ScalingPerOutputType.TENSOR``, per tensor.
+projections of QuantMultiheadAttention; post-scales per channel or per tensor (Brevitas's
+spellings: the layer's ``weight_scaling_per_output_channel=False``, or a quantizer with
+``scaling_per_output_type = ScalingPerOutputType.TENSOR``); the A2Q norm and bound stay per output
+channel either way.
 
 The quantizers compose Brevitas's weight-normalization quantizer
 (``WeightNormPerChannelFloatDecoupled``: learned per-channel ``s`` and ``g`` in the log2 domain,
@@ -29,8 +31,11 @@ weights under the budget, so channels whose every weight is below 1 no longer al
 
 from __future__ import annotations
 
+import inspect
+
 from brevitas.core.bit_width import BitWidthStatefulConst
 from brevitas.core.function_wrapper import RoundSte, RoundToZeroSte
+from brevitas.core.function_wrapper.shape import StatsInputViewShapeImpl
 from brevitas.core.scaling import SCALING_STATS_REDUCE_DIM
 from brevitas.inject import ExtendedInjector, this, value
 from brevitas.inject.enum import ScalingPerOutputType
@@ -41,8 +46,9 @@ from brevitas.quant.base import (
     WeightNormPerChannelFloatDecoupled,
 )
 from brevitas.quant_tensor import IntQuantTensor
+from torch import Tensor, nn
 
-from brevitas_a2q.errors import A2QInputError
+from brevitas_a2q.errors import A2QInputError, A2QInputNotQuantizedError, AccumulatorTargetTooSmallError
 from brevitas_a2q.quant.bounds import check_bits
 from brevitas_a2q.quant.channels import OutputChannelView, OutputChannelZeroCenter
 from brevitas_a2q.quant.guard import AccumulatorGuardedIntQuant
@@ -59,6 +65,8 @@ __all__ = [
 ]
 
 DEFAULT_ACCUMULATOR_BIT_WIDTH = 32
+_ONE_BIT_WEIGHTS = ("; A2Q needs signed weights of weight_bit_width >= 2 (a narrow signed 1-bit "
+                    "integer can only be 0; Brevitas's built-in A2Q gives NaN weights there)")
 
 
 class A2QWeightQuantProxy(DecoupledWeightQuantWithInputProxyFromInjector):
@@ -82,20 +90,37 @@ class A2QWeightQuantProxy(DecoupledWeightQuantWithInputProxyFromInjector):
         return self.tensor_quant.pre_scaling_impl.zero_centered
 
     def forward(self, x, quant_input=None):
-        layer = _describe(self)
-        if self.is_quant_enabled and not isinstance(quant_input, IntQuantTensor) \
-                and self._cached_act is None:
-            raise A2QInputError(
-                f"{layer} uses an accumulator-aware weight quantizer, which needs the integer input "
-                "bit width and sign, but its input is not quantized. Give the layer "
-                "input_quant=... (e.g. brevitas.quant.Int8ActPerTensorFloat) or make the layer "
-                "before it return a quant tensor (return_quant_tensor=True).")
+        if self.is_quant_enabled:
+            self._check_quant_input(quant_input)
         try:
             return super().forward(x, quant_input)
+        except AccumulatorTargetTooSmallError as err:
+            raise AccumulatorTargetTooSmallError(
+                f"{_describe(self)}: {err} {_target_fix(self, err.needed_bits)}",
+                err.needed_bits) from err
         except ValueError as err:
             if isinstance(err, A2QInputError):
                 raise
-            raise A2QInputError(f"{layer}: {err}") from err
+            raise A2QInputError(f"{_describe(self)}: {err}") from err
+
+    def _check_quant_input(self, quant_input) -> None:
+        """Where Brevitas asserts (no cached quantized input, or an input quantized otherwise
+        than to integers), raise :class:`A2QInputNotQuantizedError`, also an ``AssertionError``,
+        saying which layer and what to do."""
+        if quant_input is None or isinstance(quant_input, Tensor):
+            if self._cached_act is not None:
+                return
+            problem = "its input is not quantized"
+        elif isinstance(quant_input, IntQuantTensor):
+            return
+        else:
+            problem = (f"its input is a {type(quant_input).__name__}, not integer-quantized "
+                       "(A2Q's bound needs integer inputs)")
+        raise A2QInputNotQuantizedError(
+            f"{_describe(self)} uses an accumulator-aware weight quantizer, which needs the "
+            f"integer input bit width and sign, but {problem}. Give the layer "
+            "input_quant=... (e.g. brevitas.quant.Int8ActPerTensorFloat) or make the layer "
+            "before it return an integer quant tensor (return_quant_tensor=True).")
 
 
 def _check_grouped_transposed(layer, injector) -> None:
@@ -105,21 +130,51 @@ def _check_grouped_transposed(layer, injector) -> None:
     groups = int(getattr(layer, "groups", 1))
     if not getattr(layer, "transposed", False) or groups == 1:
         return
-    if getattr(injector, "scaling_per_output_type", None) != ScalingPerOutputType.TENSOR:
+    if getattr(injector, "scaling_per_output", None) != ScalingPerOutputType.TENSOR:
         raise A2QInputError(
             f"{type(layer).__name__} with groups={groups}: a per-output-channel weight scale "
             "cannot be laid out on a grouped transposed-convolution weight (in, out/groups, "
             "k...) (Brevitas's built-in A2Q fails here too). Use a per-tensor post-scale: "
-            "subclass the quantizer with scaling_per_output_type = ScalingPerOutputType.TENSOR "
-            "(the A2Q norm stays per output channel)")
+            "weight_scaling_per_output_channel=False on the layer, or a quantizer with "
+            "scaling_per_output_type = ScalingPerOutputType.TENSOR (the A2Q norm stays per "
+            "output channel)")
 
 
 def _describe(proxy: A2QWeightQuantProxy) -> str:
-    """``layer 'features.3' (QuantConv2d, weight 32x16x3x3)``, the name when a model-level helper
-    has recorded it (see :func:`brevitas_a2q.train.name_a2q_layers`)."""
+    """``layer 'features.3' (QuantConv2d, weight 32x16x3x3)``: the name a model-level helper
+    recorded (:func:`brevitas_a2q.analysis.audit.iter_accumulating_layers`), else the one found
+    in the model being run (:func:`_name_in_running_model`), else "a layer"."""
     shape = "x".join(str(d) for d in proxy.tracked_parameter_list[0].shape)
-    where = f"layer {proxy._a2q_layer_name!r} " if proxy._a2q_layer_name else "a layer "
+    name = proxy._a2q_layer_name or _name_in_running_model(proxy.tracked_module_list[0])
+    where = f"layer {name!r} " if name else "a layer "
     return f"{where}({proxy._a2q_layer_type}, weight {shape})"
+
+
+def _name_in_running_model(layer: nn.Module) -> str | None:
+    """The layer's qualified name (``features.2``) in the outermost ``nn.Module`` whose method is
+    on the call stack, or None (the layer called on its own). Only for error messages: PyTorch
+    modules do not know their own names."""
+    name = None
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            owner = frame.f_locals.get("self")
+            if isinstance(owner, nn.Module) and owner is not layer:
+                found = next((n for n, m in owner.named_modules() if m is layer and n), None)
+                name = found or name
+            frame = frame.f_back
+    finally:
+        del frame
+    return name
+
+
+def _target_fix(proxy: A2QWeightQuantProxy, bits: int) -> str:
+    """How to give a layer the target ``P = bits``, in Python and on ``a2q train``'s command
+    line (``--acc-bits`` for every layer, ``--layer-acc-bits NAME=P`` for one)."""
+    name = proxy._a2q_layer_name or _name_in_running_model(proxy.tracked_module_list[0])
+    return (f"Fix: a target P >= {bits} (Python: weight_accumulator_bit_width={bits}; "
+            f"a2q train: --acc-bits {bits} or --layer-acc-bits {name or 'NAME'}={bits}), or "
+            "narrower inputs.")
 
 
 def is_a2q_proxy(proxy) -> bool:
@@ -179,9 +234,25 @@ class A2QWeightQuant(WeightNormPerChannelFloatDecoupled):
 
     @value
     def accumulator_bit_width_impl(accumulator_bit_width, bit_width):
-        check_bits("weight_bit_width", bit_width, high=32)
+        check_bits("weight_bit_width", bit_width, high=32, why=_ONE_BIT_WEIGHTS)
         return BitWidthStatefulConst(check_bits("weight_accumulator_bit_width",
                                                 accumulator_bit_width))
+
+    # Brevitas's weight-norm quantizer reads the post-scale granularity from
+    # scaling_per_output_type only, while the scale's shape follows scaling_per_output, which
+    # honours the layer's weight_scaling_per_output_channel=False: read both from the latter.
+    @value
+    def scaling_stats_input_view_shape_impl(scaling_per_output):
+        """Post-scale statistics over the tensor or over output channels."""
+        if scaling_per_output == ScalingPerOutputType.TENSOR:
+            return StatsInputViewShapeImpl.OVER_TENSOR
+        return StatsInputViewShapeImpl.OVER_OUTPUT_CHANNELS
+
+    @value
+    def stats_reduce_dim(scaling_per_output):
+        """Reduce the post-scale statistics over the whole tensor, or per output channel."""
+        return None if scaling_per_output == ScalingPerOutputType.TENSOR \
+            else SCALING_STATS_REDUCE_DIM
 
     @value
     def pre_scaling_impl():
