@@ -158,7 +158,7 @@ def test_demo_build_cppsim_bit_exact_for_a2q_mlp(exported, tmp_path):
 @pytest.mark.skipif(not CPPSIM_OK, reason=f"C++ simulation unavailable: {CPPSIM_REASON}")
 def test_cppsim_catches_plain_model_forced_to_narrow_accumulators(exported, tmp_path):
     result = build(exported["mlp_none"], tmp_path / "out", verify=["cppsim"], random_count=5,
-                   force_accumulator_bits=10)
+                   force_accumulator_bits=10, allow_overflow_demo=True)
     extreme = next(v for v in result.verification if v.kind == "extreme")
     assert result.verified is False and extreme.matched < extreme.inputs
 
@@ -198,7 +198,7 @@ def test_cppsim_bit_exact_for_a2q_cnn(exported, tmp_path):
 @pytest.mark.skipif(not CPPSIM_OK, reason=f"C++ simulation unavailable: {CPPSIM_REASON}")
 def test_cppsim_catches_plain_cnn_forced_to_the_a2q_width(exported, tmp_path):
     result = build(exported["cnn_none"], tmp_path / "out", verify=["cppsim"], random_count=5,
-                   force_accumulator_bits=12)
+                   force_accumulator_bits=12, allow_overflow_demo=True)
     extreme = next(v for v in result.verification if v.kind == "extreme")
     assert result.verified is False and extreme.matched < extreme.inputs
     _python_layers_are_explained(result)

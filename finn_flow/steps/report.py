@@ -11,7 +11,8 @@ from pathlib import Path
 from brevitas_a2q.io import atomic_output
 from finn_flow.steps.accumulators import LayerWidths
 
-__all__ = ["REPORT_FORMAT", "summary_markdown", "target_verdict", "totals", "write_reports"]
+__all__ = ["REPORT_FORMAT", "plot_figure", "summary_markdown", "target_verdict", "totals",
+           "write_reports"]
 
 REPORT_FORMAT = "finn_flow.steps.accumulators/1"
 
@@ -181,9 +182,11 @@ def _lut_panel(ax, layers: Sequence[LayerWidths], x) -> None:
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2, frameon=False)
 
 
-def _plot(layers: Sequence[LayerWidths], path: Path) -> None:
-    """Two panels: accumulator bits (with targets and exact ranges) and LUT estimates, titled with
-    what was checked (:func:`target_verdict`, shortened)."""
+def plot_figure(layers: Sequence[LayerWidths]):
+    """The figure of ``accumulators.png``: accumulator bits (exact range, width set, FINN's width,
+    data-type bound, each target P as a dashed line; forced widths hatched, those below the exact
+    range labelled FORCED) and FINN's LUT estimates in the table's four columns, legends below the
+    axes, titled with what the widths are (proven, forced, forced below the exact range)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -210,6 +213,13 @@ def _plot(layers: Sequence[LayerWidths], path: Path) -> None:
         status = "a proven width EXCEEDS its target P"
     fig.suptitle(f"Accumulators of the FINN build: {status}", fontsize=11)
     fig.tight_layout()
+    return fig
+
+
+def _plot(layers: Sequence[LayerWidths], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = plot_figure(layers)
     fig.savefig(path, dpi=100, format="png")
     plt.close(fig)
 
