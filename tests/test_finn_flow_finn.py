@@ -104,12 +104,14 @@ def test_two_builds_in_one_process_leave_no_state_behind(exported, tmp_path):
     before = _process_state()
     build(exported["mlp_a2q"], tmp_path / "first", steps=steps())
     assert _process_state() == before
-    assert made[-1].parent == tmp_path / "first" / "finn_build"
+    # generated while building in a temporary folder beside the output, then renamed with it
+    assert (tmp_path / "first" / "finn_build" / made[-1].name).is_dir()
     shutil.rmtree(tmp_path / "first")
     second = build(exported["cnn_a2q"], tmp_path / "second", steps=steps())
     assert _process_state() == before
     assert not (tmp_path / "first").exists()
-    assert made[-1].parent == tmp_path / "second" / "finn_build" and made[-1].is_dir()
+    assert (tmp_path / "second" / "finn_build" / made[-1].name).is_dir()
+    assert {p.name for p in tmp_path.iterdir()} == {"second"}  # no temporary build folder left
     assert len(second.layers) == 3 and all(w.within_target for w in second.layers)
     assert second.reports["finn_estimates"].name == "estimate_layer_resources.json"
     assert second.reports["finn_estimates"].is_file()
