@@ -465,3 +465,20 @@ def test_report_says_what_was_verified(tmp_path):
     paths = write_reports(proven, tmp_path, verification="Verification (hls-arith): all 5 checks "
                                                           "bit-exact.")
     assert "not run" not in paths["summary"].read_text()
+
+
+@pytest.mark.skipif(not finn_available(), reason="FINN not importable")
+@pytest.mark.parametrize("part, ok", [
+    ("xc7z020clg400-1", True), ("xcvu9p-flgb2104-2-i", True), ("xc7a35ticsg324-1L", True),
+    ("xcku115-flvb2104-2-e", True), ("xcve2802-vsvh1760-2MP-e-S", True),
+    ("xcNOSUCH", False), ("xc7z020", False), ("Pynq-Z1", False)])
+def test_fpga_part_check_takes_xilinx_part_numbers_only(part, ok):
+    """Parts outside FINN's board map are accepted when shaped like a Xilinx part number (device,
+    package, speed grade); names and typos are refused before FINN runs."""
+    from finn_flow.options import check_target
+
+    if ok:
+        check_target(None, part, ["estimate"])
+    else:
+        with pytest.raises(A2QInputError, match="--fpga-part"):
+            check_target(None, part, ["estimate"])
