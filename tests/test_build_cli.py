@@ -199,18 +199,3 @@ def test_forced_below_proven_is_an_explicit_demo_and_labelled(files, tmp_path):
     # a layer below its exact range overflows at its extremes: the check says so, exit 1
     assert done.returncode == (1 if result["verified"] is False else 0), done.stderr[-2000:]
     assert result["verified"] is False
-
-
-def test_help_matches_the_code():
-    """--board's default and --outputs bitfile agree; every demo --quant choice is accepted."""
-    from brevitas_a2q.cli.demo import DEMO_QUANTS
-
-    build_help = " ".join(a2q("build", "--help").stdout.split())
-    assert "default: Pynq-Z1)" not in build_help  # bitfile needs --board given explicitly
-    assert "--outputs bitfile needs --board given" in build_help
-    demo_help = " ".join(a2q("demo", "--help").stdout.split())
-    choices = demo_help.split("--quant {", 1)[1].split("}", 1)[0].split(",")
-    assert set(choices) == set(DEMO_QUANTS)
-    for quant in choices:  # the demo builds exactly this model
-        build_cnn(quant, weight_bits=4, act_bits=4, acc_bits=12)
-    assert "only where g++ and finn-hlslib are available, in C++ simulation" in demo_help
