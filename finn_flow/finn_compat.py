@@ -306,11 +306,12 @@ def _interrupts_recorded(state: dict) -> Iterator[None]:
     """Ctrl-C (SIGINT) raises ``KeyboardInterrupt`` as usual and also sets
     ``state["interrupted"]``: FINN+'s ``build_dataflow_cfg`` catches ``KeyboardInterrupt`` and
     returns -1 as for a failed step, so the interrupt would otherwise be lost. Only in the main
-    thread (where Python delivers signals)."""
+    thread (where Python delivers signals), and not where SIGINT is ignored."""
     import signal
     import threading
 
-    if threading.current_thread() is not threading.main_thread():
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # a process told to ignore Ctrl-C
         yield
         return
 
