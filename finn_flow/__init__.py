@@ -3,7 +3,9 @@ A2Q bound, and bit-exact C++ simulation without Xilinx tools.
 
 FINN itself is optional: :func:`finn_available` says whether it can be used here and why not.
 It runs on FINN+ (``finn-plus`` from PyPI) and on upstream FINN dev; :mod:`finn_flow.finn_compat`
-holds every difference between them. Our build steps are in :mod:`finn_flow.steps`.
+holds every difference between them. Our build steps are in :mod:`finn_flow.steps`; the checks of
+build options and models against what FINN accepts, run before FINN starts, in
+:mod:`finn_flow.options`.
 The graph pass (:class:`SetProvenAccumulatorWidths`) and the reports need only qonnx.
 """
 

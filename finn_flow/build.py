@@ -10,7 +10,11 @@ logging) is left as it was found, and works with FINN+ and upstream FINN dev ali
 from __future__ import annotations
 
 import functools
+import json
 import os
+import re
+import shutil
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,10 +33,19 @@ from finn_flow.finn_compat import (
     import_builder,
     run_build,
 )
+from finn_flow.options import (
+    check_brevitas_export,
+    check_forced_width,
+    check_step_names,
+    check_target,
+    check_targets_hold,
+    check_tools,
+    load_folding_config,
+)
 from finn_flow.steps.accumulators import LayerWidths
 from finn_flow.steps.pipeline import insert_a2q_steps, make_accumulator_step, make_verify_step
 from finn_flow.steps.preflight import check_activation_quantizers
-from finn_flow.steps.report import totals
+from finn_flow.steps.report import totals, write_reports
 from finn_flow.steps.streamline import check_residual_adds
 from finn_flow.verify.compare import (
     EXECUTORS,
@@ -85,15 +98,7 @@ class BuildResult:
         lines = []
         firsts = first_differences(self.verification)
         for v in self.verification:
-            status = "bit-exact" if v.ok else "MISMATCH"
-            rel = "-" if v.final_max_rel_diff is None else f"{v.final_max_rel_diff:.2g}"
-            where = "; ".join(f"{stage}: {n}/{v.inputs}" for stage, n in
-                              firsts.get(v.kind, {}).items())
-            where = f"; outputs first differ at {where}" if where and not v.ok else ""
-            if v.hls_arith_agreed is not None:
-                where += f"; hls-arith agreed bit for bit on {v.hls_arith_agreed}/{v.inputs}"
-            lines.append(f"{v.executor} {v.kind}: {v.matched}/{v.inputs} accelerator outputs "
-                         f"bit-exact ({status}; model output vs QONNX rel. diff {rel}{where})")
+            lines.append(v.describe(firsts.get(v.kind, {})))
         if any(v.executor == "hls-arith" for v in self.verification):
             lines.append(f"hls-arith: {EXECUTORS['hls-arith']}")
         if self.layer_extremes:
@@ -166,6 +171,7 @@ def _check_model(model: ModelWrapper, path: Path) -> list:
     """The model's accumulator records, after checking that it is a quantized model FINN can
     take: one input, quantized layers (QONNX Quant nodes)."""
     graph = model.graph
+    check_brevitas_export(model, path)
     if len(graph.input) != 1 or len(graph.output) < 1 or not graph.node:
         raise A2QInputError(f"{path}: FINN builds need a model with one input and nodes; this one "
                             f"has {len(graph.input)} inputs and {len(graph.node)} nodes")
@@ -196,6 +202,12 @@ def _verify_sets(model: ModelWrapper, path: Path, random_count: int,
             raise A2QInputError(
                 f"--verify-inputs has shape {real.shape}, but {path} takes inputs of shape "
                 f"{shape}: give an array of shape (count, {', '.join(map(str, per_input))})")
+        bad = ~np.isfinite(real)
+        if bad.any():
+            first = tuple(int(i) for i in np.argwhere(bad)[0])
+            raise A2QInputError(
+                f"--verify-inputs holds {int(bad.sum())} values that are not finite numbers (NaN "
+                f"or infinity), the first at index {first}: give finite inputs")
         sets["real"] = real
     sets["extreme"] = extreme_inputs(model)
     return sets
@@ -255,6 +267,7 @@ def build(
     steps: Sequence | None = None,
     overwrite: bool = False,
     verbose: bool = False,
+    allow_overflow_demo: bool = False,
 ) -> BuildResult:
     """Build ``model_onnx`` (QONNX, as written by ``brevitas_a2q.export.export_qonnx``) with FINN
     into ``output_dir``.
@@ -272,9 +285,19 @@ def build(
     (:func:`finn_flow.verify.verify_layer_extremes`). ``steps``: a FINN step list (names and callables)
     to use instead of FINN's defaults; ours are inserted where they belong
     (:func:`finn_flow.steps.insert_a2q_steps`). ``force_accumulator_bits`` imposes a width on every
-    layer without proof (to show that the check catches an overflowing model). Raises
-    :class:`~brevitas_a2q.errors.AccumulatorOverflowError` if a layer does not fit its target,
-    :class:`FinnUnavailableError` without FINN, :class:`FinnBuildError` if a FINN step fails.
+    layer without proof; below a layer's proven width (the exact range of its integer weights) it
+    is refused unless ``allow_overflow_demo`` (to show that the check catches an overflowing
+    model), and such layers are labelled in the reports. ``verbose`` shows FINN's console output
+    (its steps, and its traceback on a failure); FINN's log is written either way.
+
+    Everything FINN would reject (board, FPGA part, folding file, step names, outputs needing
+    Vivado) is checked before FINN starts (:mod:`finn_flow.options`). The build runs in a temporary
+    directory beside ``output_dir`` and is renamed to it only when it succeeded: a failed or
+    interrupted build leaves no output directory (a failed FINN step leaves its log as
+    ``<output_dir>.failed-build.log``). Raises
+    :class:`~brevitas_a2q.errors.AccumulatorOverflowError` if a layer does not fit its target
+    (before FINN runs), :class:`FinnUnavailableError` without FINN, :class:`FinnBuildError` if a
+    FINN step fails, ``KeyboardInterrupt`` when interrupted (also inside FINN, which catches it).
     """
     outputs, verify = tuple(outputs), tuple(verify)
     _check_options(outputs, verify, board, fpga_part, clk_ns=clk_ns, target_fps=target_fps,
@@ -282,17 +305,27 @@ def build(
     path = Path(model_onnx).resolve()
     qonnx_model = _load(path)
     _check_model(qonnx_model, path)
+    analysis = check_targets_hold(qonnx_model, path)
+    forced_below = check_forced_width(analysis, force_accumulator_bits, allow_overflow_demo)
     out = Path(output_dir).resolve()
     if out.exists() and not out.is_dir():
         raise A2QInputError(f"output directory {out} is a file")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise A2QInputError(f"output directory {out} is not empty; pass overwrite=True "
                             "(CLI: --overwrite) to build into it")
+    if folding_config is not None:
+        load_folding_config(folding_config)
     verify_sets = _verify_sets(qonnx_model, path, random_count, verify_inputs) \
         if verify else {}
     build_dataflow = import_builder()
     from finn.builder import build_dataflow_config as bdc
 
+    check_target(board, fpga_part, outputs)
+    check_tools(outputs)
+    if steps is None:
+        steps = (bdc.estimate_only_dataflow_steps if set(outputs) == {"estimate"}
+                 else bdc.default_build_dataflow_steps)
+    check_step_names(steps)
     state: dict = {}
     accumulators = make_accumulator_step(
         force_accumulator_bits, lut_estimates,
@@ -301,33 +334,111 @@ def build(
         verify_sets, qonnx_model, executors=verify,
         on_result=lambda results, plan, extremes: state.update(
             verification=results, plan=plan, extremes=extremes)) if verify else None
-    if steps is None:
-        steps = (bdc.estimate_only_dataflow_steps if set(outputs) == {"estimate"}
-                 else bdc.default_build_dataflow_steps)
     step_list = [_recording_errors(step, state) if callable(step) else step
                  for step in insert_a2q_steps(steps, accumulators=accumulators,
                                               verify=verify_step)]
-    out.mkdir(parents=True, exist_ok=True)
-    with build_session(out / "finn_build"):
-        if "cppsim" in verify:
-            prepare_cppsim(out / "finn_build")
-        cfg = bdc.DataflowBuildConfig(
-            output_dir=str(out), synth_clk_period_ns=clk_ns,
-            board=board if board or fpga_part else "Pynq-Z1", fpga_part=fpga_part,
-            shell_flow_type=bdc.ShellFlowType.VIVADO_ZYNQ, target_fps=target_fps,
-            folding_config_file=None if folding_config is None else str(folding_config),
-            generate_outputs=_generate_outputs(bdc, outputs), steps=step_list,
-            save_intermediate_models=True, enable_build_pdb_debug=False, verbose=verbose,
-            **config_options(bdc, verbose))
-        status, error = run_build(build_dataflow, str(path), cfg)
-    error = state.get("error", error)
-    if isinstance(error, A2QInputError):  # ours, e.g. AccumulatorOverflowError: as raised
-        raise error
-    if status != 0:
-        detail = f": {type(error).__name__}: {error}" if error is not None else ""
-        raise FinnBuildError(f"the FINN build failed{detail}; see {out / 'build_dataflow.log'}")
-    return BuildResult(output_dir=out, layers=state.get("layers", []),
-                       reports={**state.get("reports", {}), **_finn_reports(out)},
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
+    try:
+        with build_session(work / "finn_build", console=verbose):
+            if "cppsim" in verify:
+                prepare_cppsim(work / "finn_build")
+            cfg = bdc.DataflowBuildConfig(
+                output_dir=str(work), synth_clk_period_ns=clk_ns,
+                board=board if board or fpga_part else "Pynq-Z1", fpga_part=fpga_part,
+                shell_flow_type=bdc.ShellFlowType.VIVADO_ZYNQ, target_fps=target_fps,
+                folding_config_file=None if folding_config is None else str(folding_config),
+                generate_outputs=_generate_outputs(bdc, outputs), steps=step_list,
+                save_intermediate_models=True, enable_build_pdb_debug=False, verbose=verbose,
+                **config_options(bdc, verbose))
+            status, error = run_build(build_dataflow, str(path), cfg)
+        error = state.get("error", error)
+        if isinstance(error, A2QInputError):  # ours, e.g. AccumulatorOverflowError: as raised
+            raise error
+        if status != 0:
+            raise _finn_failure(work, out, error)
+        result = _result(work, out, state)
+        _finish_reports(result, work, force_accumulator_bits, forced_below)
+    except BaseException:  # failed or interrupted: nothing that looks like a finished build
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    _move_into_place(work, out)
+    return _relocated(result, work, out)
+
+
+def _result(work: Path, out: Path, state: dict) -> BuildResult:
+    return BuildResult(output_dir=work, layers=state.get("layers", []),
+                       reports={**state.get("reports", {}), **_finn_reports(work)},
                        verification=state.get("verification", []),
                        cppsim_layers=state.get("plan", []),
                        layer_extremes=state.get("extremes", []))
+
+
+def _finish_reports(result: BuildResult, work: Path, force_bits: int | None,
+                    forced_below: list[str]) -> None:
+    """Rewrite the accumulator reports with what the finished build verified (the step wrote them
+    before verification ran)."""
+    if not result.layers:
+        return
+    written = json.loads(result.reports["json"].read_text()) if "json" in result.reports else {}
+    extra = {"records": written.get("records"), "forced_bits": force_bits,
+             "forced_below_proven": forced_below}
+    result.reports.update(write_reports(result.layers, work, extra=extra,
+                                        verification=_verification_line(result)))
+
+
+def _verification_line(result: BuildResult) -> str:
+    """One sentence for the reports: what the finished build verified."""
+    if result.verified is None:
+        return ("Verification: not run (build with --verify hls-arith or --verify cppsim to check "
+                "the accelerator bit-exactly).")
+    checks = len(result.verification) + len(result.layer_extremes)
+    failed = sum(not v.ok for v in result.verification) + \
+        sum(not c.ok for c in result.layer_extremes)
+    executors = sorted({v.executor for v in result.verification})
+    if failed:
+        return (f"Verification ({', '.join(executors)}): FAILED, {failed} of {checks} checks "
+                "mismatched (see the build summary).")
+    return f"Verification ({', '.join(executors)}): all {checks} checks bit-exact."
+
+
+def _finn_failure(work: Path, out: Path, error: Exception | None) -> FinnBuildError:
+    """The error for a failed FINN step, naming the step and FINN's message, with FINN's log kept
+    beside ``out`` (the partial build itself is removed)."""
+    log = work / "build_dataflow.log"
+    text = log.read_text(errors="replace") if log.exists() else ""
+    steps = re.findall(r"Running step: (\S+)", text)
+    if error is not None:
+        reason = f"{type(error).__name__}: {error}"
+    else:
+        found = re.findall(r"FINN (?:INTERNAL COMPILER )?ERROR: (.*)", text)
+        reason = found[-1].strip() if found else "FINN gave no reason"
+    kept = out.parent / f"{out.name}.failed-build.log"
+    if log.exists():
+        shutil.copyfile(log, kept)
+    where = f" in {steps[-1]}" if steps else ""
+    log_note = f"; FINN's log: {kept}" if log.exists() else ""
+    return FinnBuildError(f"the FINN build failed{where}: {reason}{log_note}")
+
+
+def _move_into_place(work: Path, out: Path) -> None:
+    """Rename the finished build ``work`` to ``out``, replacing what ``out`` held (only reached
+    with overwrite, or an empty ``out``)."""
+    stale = out.parent / f".{out.name}.replaced-{os.getpid()}"
+    if out.exists():
+        out.rename(stale)
+    work.rename(out)
+    shutil.rmtree(stale, ignore_errors=True)
+    failed_log = out.parent / f"{out.name}.failed-build.log"
+    failed_log.unlink(missing_ok=True)  # from an earlier failed build of the same --out
+
+
+def _relocated(result: BuildResult, work: Path, out: Path) -> BuildResult:
+    """``result`` with its paths under ``out`` instead of the temporary build directory."""
+    def moved(p: Path) -> Path:
+        p = Path(p)
+        return out / p.relative_to(work) if p.is_relative_to(work) else p
+
+    result.output_dir = out
+    result.reports = {k: moved(v) for k, v in result.reports.items()}
+    return result

@@ -32,6 +32,7 @@ from finn_flow.errors import FinnUnavailableError
 __all__ = [
     "FINN_COMMIT",
     "auto_folding_config",
+    "board_parts",
     "FINN_PLUS_VERSION",
     "FINN_REPOSITORY",
     "FinnInstall",
@@ -48,8 +49,11 @@ __all__ = [
     "lut_estimation",
     "run_build",
     "set_cppsim_tools",
+    "step_names",
     "unsigned_identity_quant_supported",
+    "vivado_available",
     "xilinx_tools_configured",
+    "zynq_boards",
 ]
 
 FINN_PLUS_VERSION = "1.6.1"
@@ -237,12 +241,14 @@ def _no_vivado_root_needed() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def build_session(build_dir: str | os.PathLike) -> Iterator[FinnInstall]:
+def build_session(build_dir: str | os.PathLike, console: bool = True) -> Iterator[FinnInstall]:
     """Run one FINN build with its generated code in ``build_dir``, and leave the process as it
     was found: ``os.environ``, FINN+'s global settings, ``sys.stdout``/``sys.stderr`` (both FINNs
     redirect them into the build log), the root logger's handlers and ``warnings.showwarning``
-    (FINN+ captures warnings into its log). FINN's console output (FINN+ prints its steps) goes to
-    stderr, so that a caller's stdout (``--json``) holds only the caller's output."""
+    (FINN+ captures warnings into its log). FINN's console output (FINN+ prints its steps and, on a
+    failed step, a long traceback) goes to stderr with ``console``, so that a caller's stdout
+    (``--json``) holds only the caller's output; without ``console`` it goes only to FINN's build
+    log."""
     install = detect_finn()
     build_dir = Path(build_dir).resolve()
     build_dir.mkdir(parents=True, exist_ok=True)
@@ -252,9 +258,12 @@ def build_session(build_dir: str | os.PathLike) -> Iterator[FinnInstall]:
     saved_handlers, saved_level = root_logger.handlers[:], root_logger.level
     saved_showwarning = warnings.showwarning
     settings_module = None
+    quiet = None if console else open(os.devnull, "w")  # noqa: SIM115 (closed in finally)
     try:
         os.environ["FINN_BUILD_DIR"] = str(build_dir)
-        sys.stdout = sys.stderr
+        sys.stdout = sys.stderr if quiet is None else quiet
+        if quiet is not None:
+            sys.stderr = quiet
         if install.flavour == PLUS:
             import finn.util.settings as settings_module
 
@@ -274,6 +283,8 @@ def build_session(build_dir: str | os.PathLike) -> Iterator[FinnInstall]:
         os.environ.clear()
         os.environ.update(saved_env)
         sys.stdout, sys.stderr = saved_streams
+        if quiet is not None:
+            quiet.close()
         root_logger.handlers[:] = saved_handlers
         root_logger.setLevel(saved_level)
         warnings.showwarning = saved_showwarning
@@ -290,13 +301,82 @@ def config_options(build_dataflow_config: types.ModuleType, verbose: bool) -> di
     return {"console_log_level": level.INFO if verbose else level.NONE}
 
 
+@contextlib.contextmanager
+def _interrupts_recorded(state: dict) -> Iterator[None]:
+    """Ctrl-C (SIGINT) raises ``KeyboardInterrupt`` as usual and also sets
+    ``state["interrupted"]``: FINN+'s ``build_dataflow_cfg`` catches ``KeyboardInterrupt`` and
+    returns -1 as for a failed step, so the interrupt would otherwise be lost. Only in the main
+    thread (where Python delivers signals), and not where SIGINT is ignored."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # a process told to ignore Ctrl-C
+        yield
+        return
+
+    def on_sigint(signum, frame):
+        state["interrupted"] = True
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def run_build(build_dataflow: types.ModuleType, model_file: str, cfg) -> tuple[int, Exception | None]:
     """``build_dataflow_cfg`` as ``(status, exception)``: upstream FINN returns -1 on a failed step;
-    FINN+ re-raises the step's exception when it runs under pytest."""
-    try:
-        return build_dataflow.build_dataflow_cfg(model_file, cfg), None
-    except Exception as err:  # the failed step's own exception (FINN+ under pytest)
-        return -1, err
+    FINN+ re-raises the step's exception when it runs under pytest. An interrupt (Ctrl-C) is raised
+    as ``KeyboardInterrupt`` whether or not FINN caught it."""
+    state: dict = {}
+    with _interrupts_recorded(state):
+        try:
+            status, error = build_dataflow.build_dataflow_cfg(model_file, cfg), None
+        except Exception as err:  # the failed step's own exception (FINN+ under pytest)
+            status, error = -1, err
+    if state.get("interrupted") or isinstance(error, KeyboardInterrupt):
+        raise KeyboardInterrupt
+    return status, error
+
+
+# --- what FINN accepts, for checks before a build ----------------------------------------------
+
+def board_parts() -> dict[str, str]:
+    """FINN's boards and their FPGA parts (``finn.util.basic.part_map``, the map
+    ``DataflowBuildConfig`` resolves ``board`` with)."""
+    from finn.util.basic import part_map
+
+    return dict(part_map)
+
+
+def zynq_boards() -> list[str]:
+    """The boards FINN's Zynq shell flow (``ShellFlowType.VIVADO_ZYNQ``, used for bitfiles here)
+    can build for (``finn.util.basic.pynq_part_map``)."""
+    from finn.util.basic import pynq_part_map
+
+    return list(pynq_part_map)
+
+
+def step_names() -> list[str]:
+    """The step names FINN resolves in a step list (FINN+'s ``build_dataflow_step_lookup``;
+    upstream: the ``step_*`` functions of ``finn.builder.build_dataflow_steps``)."""
+    import finn.builder.build_dataflow_steps as steps
+
+    lookup = getattr(steps, "build_dataflow_step_lookup", None)
+    if lookup:
+        return list(lookup)
+    return [name for name in vars(steps) if name.startswith("step_")
+            and callable(getattr(steps, name))]
+
+
+def vivado_available() -> bool:
+    """Whether Vivado is set up for the outputs that need it (stitched IP, bitfiles): both FINNs
+    read ``$XILINX_VIVADO`` and call ``vivado`` from the PATH."""
+    import shutil
+
+    return bool(os.environ.get("XILINX_VIVADO")) and shutil.which("vivado") is not None
 
 
 # --- what the flow calls ---------------------------------------------------------------------

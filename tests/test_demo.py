@@ -2,6 +2,9 @@
 
 import json
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -9,6 +12,7 @@ from brevitas_a2q.cli import main
 from finn_flow import cppsim_available, finn_available
 
 FINN = finn_available()
+A2Q = Path(sys.executable).with_name("a2q")
 
 
 @pytest.mark.slow
@@ -57,3 +61,24 @@ def test_demo_trains_exports_and_every_target_holds(tmp_path, capsys):
 def test_demo_rejects_bad_settings(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path), "--epochs", "0"]) == 2
     assert "--epochs" in capsys.readouterr().err
+
+
+def _help(command: str) -> str:
+    done = subprocess.run([str(A2Q), command, "--help"], capture_output=True, text=True,
+                          timeout=120, check=True)
+    return done.stdout
+
+
+def test_help_matches_the_code():
+    """--board's default and --outputs bitfile agree; every demo --quant choice is accepted."""
+    from brevitas_a2q.train.models import build_cnn
+
+    build_help = " ".join(_help("build").split())
+    assert "default: Pynq-Z1)" not in build_help  # bitfile needs --board given explicitly
+    assert "--outputs bitfile needs --board given" in build_help
+    demo_help = " ".join(_help("demo").split())
+    choices = demo_help.split("--quant {", 1)[1].split("}", 1)[0].split(",")
+    assert "a2q+" in choices
+    for quant in choices:  # the demo builds exactly this model
+        build_cnn(quant, weight_bits=4, act_bits=4, acc_bits=12)
+    assert "only where g++ and finn-hlslib are available, in C++ simulation" in demo_help

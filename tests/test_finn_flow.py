@@ -394,3 +394,91 @@ def test_readme_lut_table_is_the_committed_benchmark_result():
         assert int(a2q) == base, line
         for shown, key in ((plain, "FINN plain"), (cap, "INT32 (FINN)"), (true, "INT32 (true)")):
             assert shown == f"{v[key] / base:.3f}", (line, key)
+
+
+def _forced_and_proven_layers():
+    q = a2q_weights(12)
+    proven = SetProvenAccumulatorWidths([record_for(q, 12)],
+                                        lut_estimator=lambda node, model: 7)
+    mvau_model(q).transform(proven)
+    forced = SetProvenAccumulatorWidths([record_for(q, 12)], force_bits=6,
+                                        lut_estimator=lambda node, model: 7)
+    mvau_model(q).transform(forced)
+    for w in (*proven.layers, *forced.layers):
+        w.lut_int32_uncapped = 9
+    return proven.layers, forced.layers
+
+
+def test_plot_is_readable_target_exact_range_luts_forced():
+    """accumulators.png: a title saying what the widths are, the target P and the exact range
+    drawn, all four LUT columns of the table, forced widths below the exact range labelled, and
+    both legends outside the data area."""
+    import matplotlib.pyplot as plt
+
+    from finn_flow.steps.report import plot_figure
+
+    proven, forced = _forced_and_proven_layers()
+    for layers, status in ((proven, "proven widths"), (forced, "FORCED below the exact range")):
+        fig = plot_figure(layers)
+        assert status in fig._suptitle.get_text()
+        ax_bits, ax_lut = fig.axes
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        for ax in (ax_bits, ax_lut):
+            legend = ax.get_legend().get_window_extent(renderer)
+            assert not legend.overlaps(ax.get_window_extent(renderer)), ax.get_title()
+        labels = ax_bits.get_legend_handles_labels()[1]
+        assert "target P" in labels and "exact range" in labels
+        assert len(ax_lut.containers) == 4 and set(ax_lut.get_legend_handles_labels()[1]) == {
+            "width set", "FINN's width", "INT32 (FINN model, capped)", "32 bits (uncapped)"}
+        texts = [t.get_text() for t in ax_bits.texts]
+        assert ("FORCED" in texts) == (layers is forced)
+        assert "P=12" in texts
+        plt.close(fig)
+
+
+def test_verification_line_never_reads_as_a_pass_on_a_mismatch():
+    """All accelerator outputs bit-exact but the model outputs off (e.g. NaN): said as MISMATCH
+    first, not "16/16 accelerator outputs bit-exact (MISMATCH ...)"."""
+    from finn_flow.build import BuildResult
+    from finn_flow.verify.compare import VerificationResult
+
+    tail_off = VerificationResult(kind="extreme", inputs=16, matched=16, max_abs_diff=0.0,
+                                  final_max_rel_diff=float("nan"), executor="hls-arith")
+    exact = VerificationResult(kind="random", inputs=4, matched=4, max_abs_diff=0.0,
+                               final_max_rel_diff=1e-7, executor="hls-arith")
+    lines = BuildResult(output_dir=Path("."), layers=[], reports={},
+                        verification=[tail_off, exact]).verification_summary().splitlines()
+    assert lines[0].startswith("hls-arith extreme: MISMATCH:")
+    assert "16/16 accelerator outputs bit-exact" not in lines[0]
+    assert lines[1].startswith("hls-arith random: 4/4 accelerator outputs bit-exact (ok;")
+
+
+def test_report_says_what_was_verified(tmp_path):
+    """A report written by the accumulator step says verification had not run; the finished
+    build's rewrite says what ran."""
+    proven, _ = _forced_and_proven_layers()
+    paths = write_reports(proven, tmp_path)
+    assert "Verification: not run when this report was written" in paths["summary"].read_text()
+    assert json.loads(paths["json"].read_text())["verification"].startswith(
+        "Verification: not run")
+    paths = write_reports(proven, tmp_path, verification="Verification (hls-arith): all 5 checks "
+                                                          "bit-exact.")
+    assert "not run" not in paths["summary"].read_text()
+
+
+@pytest.mark.skipif(not finn_available(), reason="FINN not importable")
+@pytest.mark.parametrize("part, ok", [
+    ("xc7z020clg400-1", True), ("xcvu9p-flgb2104-2-i", True), ("xc7a35ticsg324-1L", True),
+    ("xcku115-flvb2104-2-e", True), ("xcve2802-vsvh1760-2MP-e-S", True),
+    ("xcNOSUCH", False), ("xc7z020", False), ("Pynq-Z1", False)])
+def test_fpga_part_check_takes_xilinx_part_numbers_only(part, ok):
+    """Parts outside FINN's board map are accepted when shaped like a Xilinx part number (device,
+    package, speed grade); names and typos are refused before FINN runs."""
+    from finn_flow.options import check_target
+
+    if ok:
+        check_target(None, part, ["estimate"])
+    else:
+        with pytest.raises(A2QInputError, match="--fpga-part"):
+            check_target(None, part, ["estimate"])

@@ -321,7 +321,8 @@ REAL = load_digits()[1].tensors[0][:8].numpy()
 
 def _build(exported, tmp_path, name, bits=None, verify=("hls-arith",), random_count=8):
     return build(exported[name], tmp_path / "out", verify=verify, verify_inputs=REAL,
-                 random_count=random_count, force_accumulator_bits=bits)
+                 random_count=random_count, force_accumulator_bits=bits,
+                 allow_overflow_demo=bits is not None)
 
 
 @pytest.mark.finn
@@ -422,7 +423,8 @@ def test_cli_verify_hls_arith_exits_1_on_a_forced_plain_model(exported, tmp_path
     from brevitas_a2q.cli import main
 
     rc = main(["build", str(exported["mlp_none"]), "--out", str(tmp_path / "out"), "--verify",
-               "hls-arith", "--force-accumulator-bits", "9", "--random-inputs", "2"])
+               "hls-arith", "--force-accumulator-bits", "9", "--allow-overflow-demo",
+               "--random-inputs", "2"])
     out = capsys.readouterr().out
     assert rc == 1, out
     assert "hls-arith extreme: 0/16 accelerator outputs bit-exact (MISMATCH" in out

@@ -21,10 +21,12 @@ from brevitas_a2q.errors import A2QInputError
 DESCRIPTION = """\
 Build a QONNX model written by brevitas_a2q's export with FINN. Each MVAU/VVAU accumulator is set
 to its tightest proven width and checked against the target P the layer was trained for; reports
-go to DIR. Needs FINN (FINN+ from PyPI, or the Docker image).
+go to DIR. Needs FINN (FINN+ from PyPI, or the Docker image). The build runs in a temporary
+directory beside DIR, renamed to DIR when it succeeds: a failed or interrupted build leaves no DIR
+(a failed FINN step leaves its log as DIR.failed-build.log).
 
-exit status: 0 built (and verified, with --verify), 1 a verification mismatch, 2 bad input,
-3 internal error, 130 interrupted"""
+exit status: 0 built (and verified, with --verify), 1 a check failed (a layer's exact range
+exceeds its target P, or a verification mismatch), 2 bad input, 3 internal error, 130 interrupted"""
 
 
 def add_parser(subparsers) -> None:
@@ -35,8 +37,10 @@ def add_parser(subparsers) -> None:
     parser.add_argument("model", type=Path, help="QONNX model file (.onnx)")
     parser.add_argument("--out", type=Path, required=True, help="output directory")
     target = parser.add_mutually_exclusive_group()
-    target.add_argument("--board", help="FINN board name (default: Pynq-Z1)")
-    target.add_argument("--fpga-part", help="FPGA part, e.g. xc7z020clg400-1")
+    target.add_argument("--board", help="FINN board name, e.g. Pynq-Z1 or ZCU104 (without --board "
+                        "and --fpga-part, estimates are for Pynq-Z1's part; --outputs bitfile "
+                        "needs --board given)")
+    target.add_argument("--fpga-part", help="FPGA part, e.g. xc7z020clg400-1 (estimates only)")
     parser.add_argument("--clk-ns", type=positive_float, default=10.0,
                         help="target clock period in ns (default: %(default)s)")
     fold = parser.add_mutually_exclusive_group()
@@ -61,8 +65,13 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--random-inputs", type=int_range(0), default=20, metavar="COUNT",
                         help="random inputs for --verify (default: %(default)s)")
     parser.add_argument("--force-accumulator-bits", type=bits_type(ACC_BITS), metavar="B",
-                        help="UNSAFE: impose this width on every layer without proof "
-                             "(to show that --verify catches overflow)")
+                        help="impose this width on every layer instead of the proven one; "
+                             "below a layer's proven width (its exact range) it is refused "
+                             "unless --allow-overflow-demo")
+    parser.add_argument("--allow-overflow-demo", action="store_true",
+                        help="UNSAFE: accept --force-accumulator-bits below the proven widths, "
+                             "to demonstrate that --verify catches the overflow; such layers "
+                             "are marked FORCED below their exact range in the reports")
     parser.add_argument("--steps", metavar="FILE.py:NAME",
                         help="your FINN step list (step names and step(model, cfg) functions) "
                              "instead of FINN's defaults, from a Python file or module "
@@ -70,7 +79,10 @@ def add_parser(subparsers) -> None:
                              "steps are inserted where they belong")
     parser.add_argument("--overwrite", action="store_true", help="build into a non-empty --out")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
-    parser.add_argument("--verbose", action="store_true", help="show FINN's step output")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show FINN's console output (its steps and, when a step fails, its "
+                             "traceback); without it FINN's output goes to its log only "
+                             "(DIR/build_dataflow.log)")
     parser.set_defaults(func=run)
 
 
@@ -99,6 +111,12 @@ def load_verify_inputs(path: Path, shape: tuple[int, ...]):
         raise A2QInputError(f"--verify-inputs {path} is not a .npy array ({err})") from None
     if not isinstance(inputs, np.ndarray) or not np.issubdtype(inputs.dtype, np.number):
         raise A2QInputError(f"--verify-inputs {path} must hold one numeric array")
+    bad = ~np.isfinite(inputs)
+    if bad.any():
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise A2QInputError(f"--verify-inputs {path} holds {int(bad.sum())} values that are not "
+                            f"finite numbers (NaN or infinity), the first at index {first}: "
+                            "give finite inputs")
     per_input = shape[1:] if shape[0] == 1 else shape
     # like finn_flow, each input may come flattened: its size must match
     if inputs.ndim < 1 or len(inputs) == 0 or \
@@ -144,35 +162,42 @@ def _check(args: argparse.Namespace):
     """Everything that can be checked without FINN; returns the --verify-inputs array."""
     from brevitas_a2q.cli.report import load_qonnx
     from brevitas_a2q.io import check_input_file, check_output_dir
+    from finn_flow.options import check_brevitas_export, load_folding_config
 
     if "bitfile" in args.outputs and args.board is None:
         raise A2QInputError("--outputs bitfile needs --board (e.g. Pynq-Z1)")
     if args.verify_inputs is not None and not args.verify:
         raise A2QInputError("--verify-inputs needs --verify cppsim or --verify hls-arith")
+    if args.allow_overflow_demo and args.force_accumulator_bits is None:
+        raise A2QInputError("--allow-overflow-demo needs --force-accumulator-bits B")
     if args.folding_config is not None:
         check_input_file(args.folding_config, "--folding-config")
+        load_folding_config(args.folding_config)
     check_output_dir(args.out)
     if args.out.is_dir() and any(args.out.iterdir()) and not args.overwrite:
         raise A2QInputError(f"--out {args.out} is not empty; pass --overwrite to build into it")
-    shape = _input_shape(load_qonnx(args.model))
+    model = load_qonnx(args.model)
+    check_brevitas_export(model, args.model)
+    shape = _input_shape(model)
     if args.verify_inputs is not None:
         return load_verify_inputs(args.verify_inputs, shape)
     return None
 
 
 def run(args: argparse.Namespace) -> int:
-    """Check, build, print the summary; exit 1 if verification failed."""
+    """Check, build, print the summary; exit 1 if a target is violated or verification failed."""
+    import sys
+
+    from brevitas_a2q.cli import one_line
+    from brevitas_a2q.errors import AccumulatorOverflowError
+
     inputs = _check(args)
     steps = load_steps(args.steps) if args.steps else None
-    from finn_flow import build
-
-    result = build(
-        args.model, args.out, board=args.board, fpga_part=args.fpga_part, clk_ns=args.clk_ns,
-        target_fps=args.target_fps,
-        folding_config=str(args.folding_config) if args.folding_config else None,
-        outputs=args.outputs, verify=args.verify, verify_inputs=inputs,
-        random_count=args.random_inputs, force_accumulator_bits=args.force_accumulator_bits,
-        steps=steps, overwrite=args.overwrite, verbose=args.verbose)
+    try:
+        result = _build(args, inputs, steps)
+    except AccumulatorOverflowError as err:  # a check failed (as a2q report says), not bad input
+        print(f"a2q build: target VIOLATED: {one_line(err)}", file=sys.stderr)
+        return 1
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:
@@ -181,3 +206,16 @@ def run(args: argparse.Namespace) -> int:
             print(result.verification_summary())
         print(f"reports in {result.output_dir}")
     return 0 if result.verified is not False else 1
+
+
+def _build(args: argparse.Namespace, inputs, steps):
+    from finn_flow import build
+
+    return build(
+        args.model, args.out, board=args.board, fpga_part=args.fpga_part, clk_ns=args.clk_ns,
+        target_fps=args.target_fps,
+        folding_config=str(args.folding_config) if args.folding_config else None,
+        outputs=args.outputs, verify=args.verify, verify_inputs=inputs,
+        random_count=args.random_inputs, force_accumulator_bits=args.force_accumulator_bits,
+        steps=steps, overwrite=args.overwrite, verbose=args.verbose,
+        allow_overflow_demo=args.allow_overflow_demo)

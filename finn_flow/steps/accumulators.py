@@ -93,12 +93,19 @@ class LayerWidths:
         return DataType[self.finn_datatype].bitwidth()
 
     @property
+    def holds_exact_range(self) -> bool:
+        """Whether the width set holds the exact accumulator range (always, unless forced)."""
+        dt = DataType[self.datatype]
+        return int(dt.min()) <= self.range_min and self.range_max <= int(dt.max())
+
+    @property
     def within_target(self) -> bool | None:
         return None if self.target_bits is None else self.bits <= self.target_bits
 
     def to_dict(self) -> dict:
         out = asdict(self)
-        out.update(bits=self.bits, finn_bits=self.finn_bits, within_target=self.within_target)
+        out.update(bits=self.bits, finn_bits=self.finn_bits, within_target=self.within_target,
+                   holds_exact_range=self.holds_exact_range)
         return out
 
 

@@ -12,6 +12,7 @@ from qonnx.core.modelwrapper import ModelWrapper
 
 from brevitas_a2q.analysis.records import AccumulatorRecord, read_records
 from brevitas_a2q.errors import A2QInputError
+from finn_flow.options import step_a2q_check_folding
 from finn_flow.steps.accumulators import FINN_DOMAIN, LayerWidths, SetProvenAccumulatorWidths
 from finn_flow.steps.exact_thresholds import step_a2q_record_activation_chains
 from finn_flow.steps.report import write_reports
@@ -176,7 +177,8 @@ def insert_a2q_steps(steps: Sequence, *, accumulators: Step = step_a2q_accumulat
                      ties: Step | None = step_a2q_round_half_even,
                      ties_streamlined: Step | None = step_a2q_round_half_even_streamlined,
                      subpixel: Step | None = step_a2q_subpixel_to_deconv,
-                     chains: Step | None = step_a2q_record_activation_chains) -> list:
+                     chains: Step | None = step_a2q_record_activation_chains,
+                     folding_check: Step | None = step_a2q_check_folding) -> list:
     """A FINN step list with ours inserted: ``subpixel`` (sub-pixel convolutions as transposed
     convolutions, :mod:`finn_flow.steps.subpixel`) and ``chains`` (what the exact integer
     thresholds of :mod:`finn_flow.steps.exact_thresholds` are derived from) before
@@ -190,7 +192,9 @@ def insert_a2q_steps(steps: Sequence, *, accumulators: Step = step_a2q_accumulat
     before it; where it has
     ``step_qonnx_to_finn``, ``ties`` after it, and where it has
     ``step_convert_to_hw``, ``ties_streamlined`` before it (round half to even,
-    :mod:`finn_flow.steps.ties`). Steps of ours already in ``steps`` are not added twice.
+    :mod:`finn_flow.steps.ties`); where it has ``step_apply_folding_config``, ``folding_check``
+    before it (the folding file's PE/SIMD against FINN's graph, :mod:`finn_flow.options`). Steps
+    of ours already in ``steps`` are not added twice.
     Raises :class:`~brevitas_a2q.errors.A2QInputError` if an anchor step is missing."""
     out = list(steps)
     names = [_name(s) for s in out]
@@ -200,7 +204,8 @@ def insert_a2q_steps(steps: Sequence, *, accumulators: Step = step_a2q_accumulat
                                 (streamline, "step_streamline", True),
                                 (check, "step_create_dataflow_partition", False),
                                 (ties, "step_qonnx_to_finn", True),
-                                (ties_streamlined, "step_convert_to_hw", False)):
+                                (ties_streamlined, "step_convert_to_hw", False),
+                                (folding_check, "step_apply_folding_config", False)):
         if step is None or _name(step) in names or anchor not in names:
             continue
         out.insert(names.index(anchor) + after, step)

@@ -51,6 +51,29 @@ class VerificationResult:
     def to_dict(self) -> dict:
         return {**asdict(self), "ok": self.ok}
 
+    def describe(self, first_differences: dict[str, int] | None = None) -> str:
+        """One line: how many accelerator outputs were bit-exact and the verdict, never reading
+        as a pass when the set failed. All accelerator outputs bit-exact but the model outputs
+        off the QONNX model beyond float rounding is said as a MISMATCH first.
+        ``first_differences``: inputs per stage where they first differ
+        (:func:`first_differences`)."""
+        rel = "-" if self.final_max_rel_diff is None else f"{self.final_max_rel_diff:.2g}"
+        where = "; ".join(f"{stage}: {n}/{self.inputs}"
+                          for stage, n in (first_differences or {}).items())
+        where = f"; outputs first differ at {where}" if where and not self.ok else ""
+        if self.hls_arith_agreed is not None:
+            where += f"; hls-arith agreed bit for bit on {self.hls_arith_agreed}/{self.inputs}"
+        head = f"{self.executor} {self.kind}:"
+        if self.ok:
+            return (f"{head} {self.matched}/{self.inputs} accelerator outputs bit-exact (ok; "
+                    f"model output vs QONNX rel. diff {rel}{where})")
+        if self.matched == self.inputs:
+            return (f"{head} MISMATCH: the accelerator outputs were bit-exact "
+                    f"({self.matched}/{self.inputs}), but the model outputs differ from the QONNX "
+                    f"model by rel. {rel}, beyond float rounding ({FLOAT_TAIL_TOLERANCE:g}){where}")
+        return (f"{head} {self.matched}/{self.inputs} accelerator outputs bit-exact (MISMATCH; "
+                f"model output vs QONNX rel. diff {rel}{where})")
+
 
 
 def _rel_diffs(expected: np.ndarray, actual: np.ndarray) -> np.ndarray:
