@@ -22,7 +22,7 @@ from finn_flow.errors import FinnBuildError
 from finn_flow.steps.accumulators import FINN_DOMAIN
 from finn_flow.verify.compare import EXECUTORS, VerificationResult, compare
 from finn_flow.verify.cppsim import NodeExecution, PythonFallback, plan_cppsim
-from finn_flow.verify.graph_exec import GraphRunner
+from finn_flow.verify.graph_exec import GraphRunner, one_thread
 from finn_flow.verify.hls_arith import (
     LayerExtremes,
     ToHlsArith,
@@ -96,11 +96,12 @@ class _Dataflow:
         terminal, described by ``label``)."""
         self.runner.set_partition(child, return_full_context=True)
         acc, final = [], []
-        for x in progress(inputs, label):
-            ctx = self.runner.run({self.in_name: x.reshape(self.in_shape)},
-                                  return_full_context=True)
-            acc.append(ctx[self.acc_out])
-            final.append(ctx[self.out_name])
+        with one_thread():
+            for x in progress(inputs, label):
+                ctx = self.runner.run({self.in_name: x.reshape(self.in_shape)},
+                                      return_full_context=True)
+                acc.append(ctx[self.acc_out])
+                final.append(ctx[self.out_name])
         return np.stack(acc), np.stack(final)
 
 
@@ -186,7 +187,8 @@ def verify_layer_extremes(model: ModelWrapper, output_dir: Path) -> list[LayerEx
     channel's exact accumulator minimum and maximum, under hls-arith against exact integer
     arithmetic (:func:`finn_flow.verify.hls_arith.check_layer_extremes`; single-node cppsim is not run).
     Written to ``verification_output/layer_extremes.json``."""
-    checks = check_layer_extremes(model)
+    with one_thread():
+        checks = check_layer_extremes(model)
     verify_dir = output_dir / "verification_output"
     verify_dir.mkdir(exist_ok=True)
     with atomic_output(verify_dir / "layer_extremes.json", overwrite=True) as tmp:

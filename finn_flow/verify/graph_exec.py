@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 from qonnx.core.modelwrapper import ModelWrapper
 
-__all__ = ["GraphRunner"]
+__all__ = ["GraphRunner", "one_thread"]
 
 _PARTITION = "StreamingDataflowPartition"
 
@@ -59,6 +59,59 @@ def _single_node_model(node, graph, opset_version: int):
     return node_model, [x.name for x in node_outputs]
 
 
+def one_thread():
+    """Context manager: numpy's BLAS on one thread. Verification runs many small products one
+    after the other; a BLAS thread pool sized for the whole machine makes each of them many times
+    slower wherever the cores are shared. The integer products of :func:`_exact_mvau` and
+    :func:`finn_flow.verify.hls_arith.exact_matmul` are exact in any order of addition, so the
+    thread count changes none of them (a float product elsewhere may round differently with a
+    different split, as it already does from one machine to another)."""
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=1, user_api="blas")
+
+
+def _is_generic_mvau(node) -> bool:
+    return node.op_type == "MVAU" and node.domain == "finn.custom_op.fpgadataflow"
+
+
+def _exact_mvau(node, context: dict) -> bool:
+    """FINN's generic ``MVAU.execute_node`` (Python model), computed with the product as one 2-D
+    float32 matrix product, where that gives FINN's result bit for bit: float32 integer inputs and
+    weights with ``max|x| * max_j sum_k |w_kj| < 2^24``, so every partial sum is an exact float32
+    integer in any order of addition (FINN's ``np.matmul`` on its 4-D input as well). numpy runs
+    the 2-D product in BLAS, FINN's 4-D one an order of magnitude slower. Returns False (nothing
+    done) where the bound does not hold or the layer is binary/bipolar: FINN's own code runs."""
+    from qonnx.custom_op.general.multithreshold import multithreshold
+    from qonnx.custom_op.registry import getCustomOp
+
+    inst = getCustomOp(node)
+    x, w = context[node.input[0]], context[node.input[1]]
+    if inst.get_nodeattr("binaryXnorMode") or "BIPOLAR" in (
+            inst.get_nodeattr("inputDataType"), inst.get_nodeattr("weightDataType")):
+        return False
+    if x.dtype != np.float32 or w.dtype != np.float32 or w.ndim != 2:
+        return False
+    if not (np.array_equal(x, np.round(x)) and np.array_equal(w, np.round(w))):
+        return False
+    bound = float(np.abs(x).max(initial=0)) * float(np.abs(w).sum(axis=0).max(initial=0))
+    if bound >= 2.0 ** 24:
+        return False
+    shape = tuple(inst.get_normal_input_shape())
+    result = (x.reshape(-1, w.shape[0]) @ w).reshape(shape[:-1] + (w.shape[1],))
+    if inst.get_nodeattr("noActivation") == 0:  # FINN's code from here on
+        odt_is_bipolar = inst.get_nodeattr("outputDataType") == "BIPOLAR"
+        out_scale = 2 if odt_is_bipolar else 1
+        out_bias = -1 if odt_is_bipolar else inst.get_nodeattr("ActVal")
+        if result.ndim == 4:
+            result = result.transpose((0, 3, 1, 2))
+        result = multithreshold(result, context[node.input[2]], out_scale, out_bias)
+        if result.ndim == 4:
+            result = result.transpose((0, 2, 3, 1))
+    context[node.output[0]] = result.reshape(context[node.output[0]].shape)
+    return True
+
+
 class GraphRunner:
     """``model`` prepared for repeated execution (module docstring); :meth:`run` takes the place
     of ``execute_onnx(model, inputs, return_full_exec_context)``."""
@@ -81,6 +134,7 @@ class GraphRunner:
         self._input_names = {x.name for x in self.graph.input}
         self._constant = {x.name for x in self.graph.initializer} - self._input_names
         self._sanitized: set[str] = set()
+        self._datatypes: dict = {}
         opsets = model.get_opset_imports()
         self._opset = [opsets.get(n.domain, self._preferred_opset()) for n in self.graph.node]
         self._per_input: list[int] = []
@@ -107,18 +161,21 @@ class GraphRunner:
             else:
                 self._per_input.append(index)
 
-    def _sanitize(self, names, context: dict) -> None:
+    def _sanitize(self, names, context: dict, done: set | None = None) -> None:
         """qonnx's ``sanitize_quant_values`` on ``names``, skipping what it would leave unchanged:
-        a tensor whose values its integer type allows (rounding error 0), and a constant already
-        checked."""
+        a tensor whose values its integer type allows (rounding error 0), a constant already
+        checked, and a tensor in ``done`` (sanitized as its producer's output in this run and
+        not written since: each tensor has one producer)."""
         from qonnx.util.basic import get_sanitize_quant_tensors, sanitize_quant_values
 
         if get_sanitize_quant_tensors() == 0:
             return
         for name in names:
-            if name in self._sanitized:
+            if name in self._sanitized or (done is not None and name in done):
                 continue
-            dtype = self.model.get_tensor_datatype(name)
+            if name not in self._datatypes:
+                self._datatypes[name] = self.model.get_tensor_datatype(name)
+            dtype = self._datatypes[name]
             if dtype.is_integer():
                 allowed = dtype.allowed(context[name])
                 if not (allowed.all() if isinstance(allowed, np.ndarray) else allowed):
@@ -126,21 +183,26 @@ class GraphRunner:
             if name in self._constant:
                 self._sanitized.add(name)
 
-    def _execute(self, index: int, context: dict) -> None:
+    def _execute(self, index: int, context: dict, done: set | None = None) -> None:
+        """Node ``index`` as ``execute_onnx`` runs it; ``done``: tensors sanitized in this run."""
         node = self.graph.node[index]
-        self._sanitize(node.input, context)
+        self._sanitize(node.input, context, done)
         if node.op_type == _PARTITION:
             self._run_partition(node, context)
         else:
             from qonnx.custom_op.registry import is_custom_op
 
-            if is_custom_op(node.domain, node.op_type):
+            if _is_generic_mvau(node) and _exact_mvau(node, context):
+                pass
+            elif is_custom_op(node.domain, node.op_type):
                 from qonnx.core.execute_custom_node import execute_custom_node
 
                 execute_custom_node(node, context, self.graph, onnx_opset_version=self._opset[index])
             else:
                 self._run_standard(index, node, context)
         self._sanitize(node.output, context)
+        if done is not None:
+            done.update(node.output)
 
     def _run_standard(self, index: int, node, context: dict) -> None:
         """The node through onnxruntime, its session created once."""
@@ -150,7 +212,9 @@ class GraphRunner:
             import onnxruntime as rt
 
             node_model, out_names = _single_node_model(node, self.graph, self._opset[index])
-            self._sessions[index] = (rt.InferenceSession(node_model.SerializeToString()),
+            options = rt.SessionOptions()
+            options.intra_op_num_threads = options.inter_op_num_threads = 1
+            self._sessions[index] = (rt.InferenceSession(node_model.SerializeToString(), options),
                                      out_names)
         session, out_names = self._sessions[index]
         outputs = session.run(None, {name: context[name] for name in node.input})
@@ -204,8 +268,9 @@ class GraphRunner:
                     raise ValueError(f"Shape mismatch for provided input {name}: found "
                                      f"{context[name].shape} expected {value.shape} ")
                 context[name] = value
+        done: set[str] = set()
         for index in self._per_input:
-            self._execute(index, context)
+            self._execute(index, context, done)
         if return_full_context:
             return context
         return {x.name: context[x.name] for x in self.graph.output}

@@ -31,14 +31,15 @@ def run_qonnx(model: ModelWrapper, inputs: np.ndarray, label: str = "verify: QON
     on a terminal."""
     from qonnx.util.cleanup import cleanup_model
 
-    from finn_flow.verify.graph_exec import GraphRunner
+    from finn_flow.verify.graph_exec import GraphRunner, one_thread
 
     model = cleanup_model(model)
     name, shape = _input_info(model)
     out_name = model.graph.output[0].name
     runner = GraphRunner(model)
-    return np.stack([runner.run({name: x.reshape(shape).astype(np.float32)})[out_name]
-                     for x in progress(inputs, label)])
+    with one_thread():
+        return np.stack([runner.run({name: x.reshape(shape).astype(np.float32)})[out_name]
+                         for x in progress(inputs, label)])
 
 
 def random_inputs(model: ModelWrapper, count: int, seed: int = 0,
