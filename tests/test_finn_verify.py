@@ -47,6 +47,7 @@ from finn_flow.verify.hls_arith import (
     HLS_ARITH_DOMAIN,
     ToHlsArith,
     check_layer_extremes,
+    exact_matmul,
     extreme_vectors,
     threshold_step,
     wrap_twos_complement,
@@ -100,6 +101,19 @@ def test_extreme_vectors_reach_each_channels_bounds():
         best = (np.where(q[c] > 0, 127, -128) * q[c]).sum()
         assert (x_max[c] * q[c]).sum() == best == (np.abs(q[c]) * np.where(q[c] > 0, 127, 128)).sum()
         assert (x_min[c] * q[c]).sum() == -(np.abs(q[c]) * np.where(q[c] > 0, 128, 127)).sum()
+
+
+@pytest.mark.parametrize("scale", [1, 2**8, 2**20, 2**28])
+def test_exact_matmul_equals_int64_matmul(scale):
+    """Float32/float64 BLAS where every partial sum is exact, int64 beyond (2^28 * 2^28 * 64 >
+    2^53):
+    equal to numpy's int64 product either way, extremes of the range included."""
+    rng = np.random.default_rng(scale)
+    x = rng.integers(-scale, scale, size=(30, 64), endpoint=True)
+    w = rng.integers(-scale, scale, size=(64, 7), endpoint=True)
+    x[0], w[:, 0] = scale, -scale
+    got = exact_matmul(x, w)
+    assert got.dtype == np.int64 and np.array_equal(got, x.astype(np.int64) @ w.astype(np.int64))
 
 
 def _result(kind, executor, mismatched, reference=(), inputs=4):

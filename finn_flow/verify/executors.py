@@ -19,10 +19,10 @@ from qonnx.core.modelwrapper import ModelWrapper
 from brevitas_a2q.io import atomic_output
 from finn_flow.environment import prepare_cppsim
 from finn_flow.errors import FinnBuildError
-from finn_flow.finn_compat import execute_parent
 from finn_flow.steps.accumulators import FINN_DOMAIN
 from finn_flow.verify.compare import EXECUTORS, VerificationResult, compare
 from finn_flow.verify.cppsim import NodeExecution, PythonFallback, plan_cppsim
+from finn_flow.verify.graph_exec import GraphRunner, one_thread
 from finn_flow.verify.hls_arith import (
     LayerExtremes,
     ToHlsArith,
@@ -30,7 +30,7 @@ from finn_flow.verify.hls_arith import (
     extreme_cases,
     run_hls_arith_case,
 )
-from finn_flow.verify.inputs import run_qonnx
+from finn_flow.verify.inputs import progress, run_qonnx
 
 
 @contextlib.contextmanager
@@ -74,7 +74,9 @@ class Reference:
 
 
 class _Dataflow:
-    """FINN's parent model (``dataflow_parent.onnx``) run with a given dataflow child model."""
+    """FINN's parent model (``dataflow_parent.onnx``) run with a given dataflow child model, as
+    FINN's ``execute_parent`` runs it, each graph prepared once
+    (:class:`finn_flow.verify.graph_exec.GraphRunner`)."""
 
     def __init__(self, output_dir: Path) -> None:
         self.parent = str(output_dir / "intermediate_models" / "dataflow_parent.onnx")
@@ -83,17 +85,23 @@ class _Dataflow:
         partition = next(n for n in parent_model.graph.node
                          if n.op_type == "StreamingDataflowPartition")
         self.acc_out = partition.output[0]
+        self.in_name = parent_model.graph.input[0].name
         self.out_name = parent_model.graph.output[0].name
-        self.in_shape = parent_model.get_tensor_shape(parent_model.graph.input[0].name)
+        self.in_shape = parent_model.get_tensor_shape(self.in_name)
+        self.runner = GraphRunner(parent_model)
 
-    def run(self, child: Path, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``(accelerator outputs, model outputs)`` for every input."""
+    def run(self, child: Path, inputs: np.ndarray, label: str = ""
+            ) -> tuple[np.ndarray, np.ndarray]:
+        """``(accelerator outputs, model outputs)`` for every input (a progress bar on a
+        terminal, described by ``label``)."""
+        self.runner.set_partition(child, return_full_context=True)
         acc, final = [], []
-        for x in inputs:
-            ctx = execute_parent(self.parent, str(child), x.reshape(self.in_shape),
-                                 return_full_ctx=True)
-            acc.append(ctx[self.acc_out])
-            final.append(ctx[self.out_name])
+        with one_thread():
+            for x in progress(inputs, label):
+                ctx = self.runner.run({self.in_name: x.reshape(self.in_shape)},
+                                      return_full_context=True)
+                acc.append(ctx[self.acc_out])
+                final.append(ctx[self.out_name])
         return np.stack(acc), np.stack(final)
 
 
@@ -103,9 +111,9 @@ def reference_outputs(output_dir: Path, verify_sets: dict[str, np.ndarray],
     flow = _Dataflow(output_dir)
     out = {}
     for kind, inputs in verify_sets.items():
-        acc, final = flow.run(flow.reference, inputs)
-        out[kind] = Reference(qonnx=run_qonnx(qonnx_model, inputs), finn_accelerator=acc,
-                              finn_final=final)
+        acc, final = flow.run(flow.reference, inputs, f"verify: FINN graph, {kind} inputs")
+        out[kind] = Reference(qonnx=run_qonnx(qonnx_model, inputs, f"verify: QONNX, {kind} inputs"),
+                              finn_accelerator=acc, finn_final=final)
     return out
 
 
@@ -119,7 +127,7 @@ def _compare_sets(executor: str, child: Path, output_dir: Path,
     results = []
     for kind, inputs in verify_sets.items():
         ref = reference[kind]
-        acc, final = flow.run(child, inputs)
+        acc, final = flow.run(child, inputs, f"verify: {executor}, {kind} inputs")
         result = compare(kind, ref.finn_accelerator, acc, final_expected=ref.qonnx,
                          final_actual=final, executor=executor, final_reference=ref.finn_final)
         if outputs is not None:
@@ -179,7 +187,8 @@ def verify_layer_extremes(model: ModelWrapper, output_dir: Path) -> list[LayerEx
     channel's exact accumulator minimum and maximum, under hls-arith against exact integer
     arithmetic (:func:`finn_flow.verify.hls_arith.check_layer_extremes`; single-node cppsim is not run).
     Written to ``verification_output/layer_extremes.json``."""
-    checks = check_layer_extremes(model)
+    with one_thread():
+        checks = check_layer_extremes(model)
     verify_dir = output_dir / "verification_output"
     verify_dir.mkdir(exist_ok=True)
     with atomic_output(verify_dir / "layer_extremes.json", overwrite=True) as tmp:

@@ -55,6 +55,7 @@ __all__ = [
     "ToHlsArith",
     "check_layer_extremes",
     "extreme_cases",
+    "exact_matmul",
     "extreme_vectors",
     "hls_accumulator_datatype",
     "run_hls_arith_case",
@@ -218,6 +219,19 @@ def extreme_vectors(q: np.ndarray, low: int, high: int) -> tuple[np.ndarray, np.
     return x_max, x_min
 
 
+def exact_matmul(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """``x @ w`` of int64 arrays, exactly (int64). With ``bound = max|x| * max_j sum_k |w_kj|``
+    (the largest partial sum's magnitude), through float32 BLAS where ``bound < 2^24`` and float64
+    BLAS where ``bound < 2^53``: every partial sum is then an integer the float type holds, so
+    every addition is exact whatever the order; in int64 otherwise."""
+    x, w = np.asarray(x, dtype=np.int64), np.asarray(w, dtype=np.int64)
+    bound = float(np.abs(x).max(initial=0)) * float(np.abs(w).sum(axis=0).max(initial=0))
+    for limit, dtype in ((2.0 ** 24, np.float32), (2.0 ** 53, np.float64)):
+        if bound < limit:
+            return (x.astype(dtype) @ w.astype(dtype)).astype(np.int64)
+    return x @ w
+
+
 def _single_node(model: ModelWrapper, node, in_shape: tuple[int, ...],
                  out_shape: tuple[int, ...], attrs: dict) -> ModelWrapper:
     """``node`` alone in a graph with input/output shapes given, its initializers and tensor
@@ -297,7 +311,7 @@ def extreme_cases(model: ModelWrapper) -> list[ExtremeCase]:
         channels, k = q.shape
         if _base(node.op_type) == "MVAU":
             x = np.stack([x_max, x_min], axis=1).reshape(2 * channels, k)
-            exact = x @ q.T
+            exact = exact_matmul(x, q.T)
             in_shape, out_shape = (2 * channels, k), (2 * channels, channels)
             attrs = {"numInputVectors": [2 * channels]}
             feed = x.astype(np.float32)
@@ -330,8 +344,9 @@ def _reached(case: ExtremeCase, acc: np.ndarray) -> tuple[int, int]:
 def run_hls_arith_case(case: ExtremeCase) -> tuple[LayerExtremes, np.ndarray]:
     """``case`` through its node under hls-arith: the check, and the outputs (one row per
     vector)."""
-    from qonnx.core.onnx_exec import execute_onnx
     from qonnx.custom_op.registry import getCustomOp
+
+    from finn_flow.verify.graph_exec import GraphRunner
 
     single = copy.deepcopy(case.single).transform(ToHlsArith())
     snode = single.graph.node[0]
@@ -345,7 +360,7 @@ def run_hls_arith_case(case: ExtremeCase) -> tuple[LayerExtremes, np.ndarray]:
     wrapped = wrap_twos_complement(extremes, acc_type)
     wrapped_channels = sorted({int(c) % case.channels
                                for c in np.flatnonzero(wrapped != extremes)})
-    actual = execute_onnx(single, {snode.input[0]: case.feed})[snode.output[0]]
+    actual = GraphRunner(single).run({snode.input[0]: case.feed})[snode.output[0]]
     actual = actual.reshape(len(case.expected), -1)
     lo, hi = int(case.ch_min.min()), int(case.ch_max.max())
     check = LayerExtremes(

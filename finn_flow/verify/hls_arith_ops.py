@@ -19,7 +19,7 @@ from finn.custom_op.fpgadataflow.vectorvectoractivation import VVAU
 from qonnx.core.datatype import DataType
 
 from finn_flow.errors import FinnBuildError
-from finn_flow.verify.hls_arith import threshold_step, wrap_twos_complement
+from finn_flow.verify.hls_arith import exact_matmul, threshold_step, wrap_twos_complement
 
 __all__ = ["HlsArithMVAU", "HlsArithVVAU", "custom_op"]
 
@@ -39,8 +39,10 @@ class _HlsArithmetic:
         return attrs
 
     def accumulate(self, context: dict, graph) -> np.ndarray:
-        """Exact accumulator values (float64 integers, channels last): FINN's own
-        ``execute_node`` of the layer with ``noActivation`` = 1 on float64 inputs."""
+        """Exact accumulator values (float64 integers, channels last): for an MVAU with integer
+        input type and weights, the exact int64 product of the input vectors and the weights
+        (what FINN's Python model computes with ``np.matmul`` where that is exact); otherwise
+        FINN's own ``execute_node`` of the layer with ``noActivation`` = 1 on float64 inputs."""
         node = self.onnx_node
         if self.get_nodeattr("binaryXnorMode") or DataType[
                 self.get_nodeattr("inputDataType")] == DataType["BIPOLAR"]:
@@ -52,21 +54,41 @@ class _HlsArithmetic:
                                      and x.min() >= idt.min() and x.max() <= idt.max()):
             raise FinnBuildError(f"{node.name}: input values outside its input type {idt.name} "
                                  f"(range [{x.min()}, {x.max()}])")
+        acc = self._integer_matmul(x, context)
+        if acc is None:  # non-integer weights or input type: FINN's own dot products
+            acc = self._finn_dot_products(x, context, graph)
+        if not (np.array_equal(acc, np.round(acc)) and np.all(np.abs(acc) < _EXACT)):
+            raise FinnBuildError(f"{node.name}: the dot products are not exact integers in "
+                                 "float64 (non-integer weights or inputs, or |sum| >= 2^53)")
+        return acc
+
+    def _integer_matmul(self, x: np.ndarray, context: dict) -> np.ndarray | None:
+        """An MVAU's dot products in exact integer arithmetic (one 2-D product over all input
+        vectors, :func:`finn_flow.verify.hls_arith.exact_matmul`), shaped as FINN's output; None
+        for a VVAU, a non-integer input type or non-integer weights."""
+        node = self.onnx_node
+        weights = np.asarray(context[node.input[1]])
+        if not isinstance(self, MVAU) or not DataType[self.get_nodeattr("inputDataType")].is_integer() \
+                or not np.array_equal(weights, np.round(weights)):
+            return None
+        x2d = x.reshape(-1, weights.shape[0]).astype(np.int64)
+        acc = exact_matmul(x2d, weights.astype(np.int64))
+        return acc.astype(np.float64).reshape(context[node.output[0]].shape)
+
+    def _finn_dot_products(self, x: np.ndarray, context: dict, graph) -> np.ndarray:
+        """FINN's own ``execute_node`` of the layer with ``noActivation`` = 1 on float64 inputs."""
+        node = self.onnx_node
         saved_input, saved_output = context[node.input[0]], context[node.output[0]]
         saved_no_act = self.get_nodeattr("noActivation")
         context[node.input[0]] = x
         self.set_nodeattr("noActivation", 1)
         try:
             super().execute_node(context, graph)
-            acc = np.asarray(context[node.output[0]], dtype=np.float64)
+            return np.asarray(context[node.output[0]], dtype=np.float64)
         finally:
             self.set_nodeattr("noActivation", saved_no_act)
             context[node.input[0]] = saved_input
             context[node.output[0]] = saved_output
-        if not (np.array_equal(acc, np.round(acc)) and np.all(np.abs(acc) < _EXACT)):
-            raise FinnBuildError(f"{node.name}: the dot products are not exact integers in "
-                                 "float64 (non-integer weights or inputs, or |sum| >= 2^53)")
-        return acc
 
     def accumulator_datatype(self) -> DataType:
         name = self.get_nodeattr("hlsAccDataType")

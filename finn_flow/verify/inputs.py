@@ -17,16 +17,29 @@ def _input_info(model: ModelWrapper) -> tuple[str, tuple[int, ...]]:
     return name, tuple(model.get_tensor_shape(name))
 
 
-def run_qonnx(model: ModelWrapper, inputs: np.ndarray) -> np.ndarray:
-    """Outputs of the QONNX model (qonnx ``execute_onnx``), one input at a time."""
-    from qonnx.core.onnx_exec import execute_onnx
+def progress(items, label: str):
+    """``items`` with a tqdm progress bar described by ``label``, shown only on a terminal
+    (``disable=None``), as the package's other loops."""
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=label, disable=None, leave=False)
+
+
+def run_qonnx(model: ModelWrapper, inputs: np.ndarray, label: str = "verify: QONNX") -> np.ndarray:
+    """Outputs of the QONNX model, one input at a time, as qonnx's ``execute_onnx`` computes them
+    (:class:`finn_flow.verify.graph_exec.GraphRunner`: the graph prepared once); a progress bar
+    on a terminal."""
     from qonnx.util.cleanup import cleanup_model
+
+    from finn_flow.verify.graph_exec import GraphRunner, one_thread
 
     model = cleanup_model(model)
     name, shape = _input_info(model)
     out_name = model.graph.output[0].name
-    return np.stack([execute_onnx(model, {name: x.reshape(shape).astype(np.float32)})[out_name]
-                     for x in inputs])
+    runner = GraphRunner(model)
+    with one_thread():
+        return np.stack([runner.run({name: x.reshape(shape).astype(np.float32)})[out_name]
+                         for x in progress(inputs, label)])
 
 
 def random_inputs(model: ModelWrapper, count: int, seed: int = 0,
