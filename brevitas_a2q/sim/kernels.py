@@ -20,7 +20,6 @@ round toward zero every step runs, zero padding included, as in the chain (``-0`
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import numpy as np
@@ -128,7 +127,7 @@ def _compile() -> dict:
             if e < min_bits:
                 e = min_bits
             q = i2f(e)
-            r = math.trunc(s / q) * q
+            r = np.trunc(s / q) * q
         if r > maxv:
             return maxv, True
         if r < -maxv:
