@@ -28,7 +28,6 @@ from brevitas_a2q.sim.config import AccumulatorConfig
 
 _KERNELS: dict | None = None
 _FAILED: str | None = None
-_EXP_MASK = 0x7FF << 52
 
 
 def available() -> bool:
@@ -70,7 +69,8 @@ def forward(x: np.ndarray, w_t: np.ndarray, rows: np.ndarray, chunk: int, cfg: A
     """The chain for ``rows`` of ``x`` (R, K) against ``w_t`` (K, O), both float64 C-contiguous.
     Returns ``y`` (len(rows), O) and per-row counts (len(rows), 4): overflow events, outputs
     with an overflow, swamping events, underflow events."""
-    return _kernels()["forward"](x, w_t, rows, chunk, *format_params(cfg))
+    mode, *params = format_params(cfg)
+    return _kernels()["forward"][mode](x, w_t, rows, chunk, *params)
 
 
 def backward(x: np.ndarray, w_t: np.ndarray, xg: np.ndarray, wg_t: np.ndarray, g: np.ndarray,
@@ -81,200 +81,20 @@ def backward(x: np.ndarray, w_t: np.ndarray, xg: np.ndarray, wg_t: np.ndarray, g
     ``recursive`` mask of the chain of addends ``x``, ``w_t`` (module docstring of
     :mod:`brevitas_a2q.sim`). ``g`` is (len(rows), O); ``n_blocks`` row blocks run in
     parallel, each with its own ``gw_t`` accumulator."""
-    return _kernels()["backward"](x, w_t, xg, wg_t, g, rows, chunk, recursive, n_blocks,
-                                  *format_params(cfg))
+    mode, *params = format_params(cfg)
+    return _kernels()["backward"][mode][int(recursive)](x, w_t, xg, wg_t, g, rows, chunk,
+                                                        n_blocks, *params)
 
 
 def _compile() -> dict:
+    import os
+
     import numba
-    from llvmlite import ir
-    from numba import njit, prange, types
-    from numba.extending import intrinsic
 
-    @intrinsic
-    def f2i(typingctx, x):
-        def codegen(context, builder, signature, args):
-            return builder.bitcast(args[0], ir.IntType(64))
+    if "NUMBA_THREADING_LAYER" not in os.environ:
+        # numba's own thread pool: its OpenMP layer's idle threads spin and slowed torch's
+        # (also OpenMP) matrix products by 20x here after a kernel had run
+        numba.config.THREADING_LAYER = "workqueue"
+    from brevitas_a2q.sim import _jit
 
-        return types.int64(types.float64), codegen
-
-    @intrinsic
-    def i2f(typingctx, x):
-        def codegen(context, builder, signature, args):
-            return builder.bitcast(args[0], ir.DoubleType())
-
-        return types.float64(types.int64), codegen
-
-    opts = {"cache": True, "nogil": True, "error_model": "numpy", "boundscheck": False}
-
-    @njit(inline="always", **opts)
-    def rnd(s, mode, lo, hi, man_bits, min_bits, magic, maxv):
-        """A(s): (rounded, overflowed)."""
-        if mode == 0:
-            if s > hi:
-                return hi, True
-            if s < lo:
-                return lo, True
-            return s, False
-        e = f2i(s) & _EXP_MASK
-        if mode == 1:
-            if e < min_bits:
-                e = min_bits
-            c = i2f(e) * magic
-            r = (s + c) - c
-        else:
-            e = e - (man_bits << 52)
-            if e < min_bits:
-                e = min_bits
-            q = i2f(e)
-            r = np.trunc(s / q) * q
-        if r > maxv:
-            return maxv, True
-        if r < -maxv:
-            return -maxv, True
-        return r, False
-
-    @njit(inline="always", **opts)
-    def chain_row(x, w_t, r, chunk, acc, total, over_any, counts, ev, comb, last_step, last_comb,
-                  record, mode, lo, hi, man_bits, min_bits, magic, maxv):
-        """Row ``r``'s chain into ``total`` (O,). With ``record`` 1 (immediate) stores step
-        events in ``ev`` (K, O) and chunk-combination events in ``comb`` (nC, O); 2
-        (recursive) the last event's step per chunk in ``last_step`` (nC, O) and the last
-        combination event in ``last_comb`` (O,)."""
-        k_len = x.shape[1]
-        outs = w_t.shape[1]
-        n_chunks = (k_len + chunk - 1) // chunk
-        skip_zero = mode != 2
-        n_over = 0
-        n_swamp = 0
-        n_under = 0
-        for o in range(outs):
-            over_any[o] = False
-        for c in range(n_chunks):
-            for o in range(outs):
-                acc[o] = 0.0
-            if record == 2:
-                for o in range(outs):
-                    last_step[c, o] = -1
-            for j in range(chunk):
-                k = c * chunk + j
-                xk = 0.0
-                if k >= k_len and skip_zero:
-                    break  # zero padding: no change, no event (module docstring)
-                if k < k_len:
-                    xk = x[r, k]
-                    if record == 1:
-                        for o in range(outs):
-                            ev[k, o] = False
-                    if xk == 0.0 and skip_zero:
-                        continue
-                for o in range(outs):
-                    a = acc[o]
-                    s = a + xk * w_t[k, o] if k < k_len else a + 0.0
-                    q, over = rnd(s, mode, lo, hi, man_bits, min_bits, magic, maxv)
-                    swamp = mode != 0 and q == a and s != a and not over
-                    under = mode != 0 and q == 0.0 and s != 0.0
-                    n_over += over
-                    n_swamp += swamp
-                    n_under += under
-                    over_any[o] |= over
-                    if record == 1 and k < k_len:
-                        ev[k, o] = over or swamp or under
-                    elif record == 2 and (over or swamp or under):
-                        last_step[c, o] = j
-                    acc[o] = q
-            if c == 0:
-                for o in range(outs):
-                    total[o] = acc[o]
-                if record == 2:
-                    for o in range(outs):
-                        last_comb[o] = -1
-                continue
-            for o in range(outs):
-                a = total[o]
-                s = a + acc[o]
-                q, over = rnd(s, mode, lo, hi, man_bits, min_bits, magic, maxv)
-                swamp = mode != 0 and q == a and s != a and not over
-                under = mode != 0 and q == 0.0 and s != 0.0
-                n_over += over
-                n_swamp += swamp
-                n_under += under
-                over_any[o] |= over
-                event = over or swamp or under
-                if record == 1:
-                    comb[c, o] = event
-                elif record == 2 and event:
-                    last_comb[o] = c
-                total[o] = q
-        n_any = 0
-        for o in range(outs):
-            n_any += over_any[o]
-        counts[0] += n_over
-        counts[1] += n_any
-        counts[2] += n_swamp
-        counts[3] += n_under
-
-    @njit(parallel=True, **opts)
-    def forward_rows(x, w_t, rows, chunk, mode, lo, hi, man_bits, min_bits, magic, maxv):
-        outs = w_t.shape[1]
-        n = rows.shape[0]
-        y = np.empty((n, outs))
-        counts = np.zeros((n, 4), dtype=np.int64)
-        dummy_b = np.zeros((1, 1), dtype=np.bool_)
-        dummy_i = np.zeros((1, 1), dtype=np.int32)
-        dummy_1 = np.zeros(1, dtype=np.int32)
-        for i in prange(n):
-            acc = np.empty(outs)
-            over_any = np.empty(outs, dtype=np.bool_)
-            chain_row(x, w_t, rows[i], chunk, acc, y[i], over_any, counts[i], dummy_b, dummy_b,
-                      dummy_i, dummy_1, 0, mode, lo, hi, man_bits, min_bits, magic, maxv)
-        return y, counts
-
-    @njit(parallel=True, **opts)
-    def backward_rows(x, w_t, xg, wg_t, g, rows, chunk, recursive, n_blocks, mode, lo, hi,
-                      man_bits, min_bits, magic, maxv):
-        k_len, outs = w_t.shape
-        n_chunks = (k_len + chunk - 1) // chunk
-        n = rows.shape[0]
-        gx = np.zeros((n, k_len))
-        gw_parts = np.zeros((n_blocks, k_len, outs))
-        record = 2 if recursive else 1
-        per_block = (n + n_blocks - 1) // n_blocks
-        for b in prange(n_blocks):
-            acc = np.empty(outs)
-            total = np.empty(outs)
-            over_any = np.empty(outs, dtype=np.bool_)
-            counts = np.zeros(4, dtype=np.int64)
-            ev = np.zeros((k_len if not recursive else 1, outs), dtype=np.bool_)
-            comb = np.zeros((n_chunks if not recursive else 1, outs), dtype=np.bool_)
-            last_step = np.zeros((n_chunks if recursive else 1, outs), dtype=np.int32)
-            last_comb = np.zeros(outs if recursive else 1, dtype=np.int32)
-            keep_g = np.empty(outs)
-            gw = gw_parts[b]
-            for i in range(b * per_block, min(n, (b + 1) * per_block)):
-                r = rows[i]
-                chain_row(x, w_t, r, chunk, acc, total, over_any, counts, ev, comb, last_step,
-                          last_comb, record, mode, lo, hi, man_bits, min_bits, magic, maxv)
-                for c in range(n_chunks):
-                    for j in range(chunk):
-                        k = c * chunk + j
-                        if k >= k_len:
-                            break
-                        for o in range(outs):
-                            if recursive:
-                                keep = j > last_step[c, o] and c > last_comb[o]
-                            else:
-                                keep = not ev[k, o] and not (c > 0 and comb[c, o])
-                            keep_g[o] = g[i, o] if keep else 0.0
-                        xk = xg[r, k]
-                        s = 0.0
-                        for o in range(outs):
-                            s += keep_g[o] * wg_t[k, o]
-                            gw[k, o] += keep_g[o] * xk
-                        gx[i, k] = s
-        gw_t = gw_parts[0].copy()
-        for b in range(1, n_blocks):
-            gw_t += gw_parts[b]
-        return gx, gw_t
-
-    return {"forward": forward_rows, "backward": backward_rows, "numba": numba}
+    return {"forward": _jit.FORWARD, "backward": _jit.BACKWARD}
