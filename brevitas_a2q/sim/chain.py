@@ -95,26 +95,28 @@ def _run_chain(x: Tensor, w: Tensor, cfg: AccumulatorConfig, record: str | None 
         res = _run_fast(x, w, cfg, chunk)
         if res is not None:
             return res
+    dev = x.device
     x3, w3, n_chunks = _chunked(x, w, chunk)
-    res = _ChainResult(y=torch.empty(rows, outs, dtype=torch.float64))
+    res = _ChainResult(y=torch.empty(rows, outs, dtype=torch.float64, device=dev))
     if record == "immediate":
-        res.combine_event = torch.zeros(rows, outs, n_chunks, dtype=torch.bool)
+        res.combine_event = torch.zeros(rows, outs, n_chunks, dtype=torch.bool, device=dev)
     if record == "recursive":
-        res.last_step_event = torch.full((rows, outs, n_chunks), -1, dtype=torch.int16)
-        res.last_combine_event = torch.full((rows, outs), -1, dtype=torch.int16)
+        res.last_step_event = torch.full((rows, outs, n_chunks), -1, dtype=torch.int16,
+                                          device=dev)
+        res.last_combine_event = torch.full((rows, outs), -1, dtype=torch.int16, device=dev)
     if grad is not None:
         xg3, wg3, _ = _chunked(grad_factors[0], grad_factors[1], chunk)
-        gx3 = torch.zeros(rows, chunk, n_chunks, dtype=torch.float64)
-        gw3 = torch.zeros(outs, chunk, n_chunks, dtype=torch.float64)
+        gx3 = torch.zeros(rows, chunk, n_chunks, dtype=torch.float64, device=dev)
+        gw3 = torch.zeros(outs, chunk, n_chunks, dtype=torch.float64, device=dev)
     n_over = n_swamp = n_under = n_over_out = 0
     need_event = record is not None or grad is not None
     for rb in _row_blocks(rows, outs * n_chunks):
         xb = x3[rb]
-        acc = torch.zeros(xb.shape[0], outs, n_chunks, dtype=torch.float64)
+        acc = torch.zeros(xb.shape[0], outs, n_chunks, dtype=torch.float64, device=dev)
         # per-element event counters, summed once per block (cheaper than a reduction per step)
-        c_over = torch.zeros(acc.shape, dtype=torch.int32)
-        c_swamp = torch.zeros(acc.shape, dtype=torch.int32) if cfg.kind == "float" else None
-        c_under = torch.zeros(acc.shape, dtype=torch.int32) if cfg.kind == "float" else None
+        c_over = torch.zeros(acc.shape, dtype=torch.int32, device=dev)
+        c_swamp = torch.zeros_like(c_over) if cfg.kind == "float" else None
+        c_under = torch.zeros_like(c_over) if cfg.kind == "float" else None
         if grad is not None:
             g = grad[rb].unsqueeze(-1) * keep_chunk[rb]  # (rb, O, nC)
         for j in range(chunk):

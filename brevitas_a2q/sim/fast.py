@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from brevitas_a2q.sim import kernels
 from brevitas_a2q.sim.chain import _ChainResult, _int_range, _run_chain
 from brevitas_a2q.sim.config import AccumulatorConfig
 from brevitas_a2q.sim.float_format import FloatFormat
@@ -51,6 +52,46 @@ def _l1_bound(x: Tensor, w: Tensor) -> Tensor:
     return x.abs() @ w.abs().amax(0)
 
 
+def _int_safe_rows(x: Tensor, w: Tensor, cfg: AccumulatorConfig) -> Tensor:
+    """Rows whose every partial sum stays in the integer range (:func:`_l1_bound`), so that
+    their chain has no event and equals the exact product; all rows for floating point: none
+    is provably event-free (every addition rounds)."""
+    if cfg.kind == "float":
+        return torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+    return _l1_bound(x, w) <= _int_range(cfg.bits)[1]
+
+
+def kernel_threads() -> int:
+    """Run the numba kernels on as many threads as torch uses (the benchmarks compare both
+    at the same count)."""
+    import numba
+
+    n = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    numba.set_num_threads(n)
+    return n
+
+
+def _run_kernel(x: Tensor, w: Tensor, cfg: AccumulatorConfig, chunk: int) -> _ChainResult:
+    """:func:`_run_chain` through the numba kernel (:mod:`.kernels`): the exact product for the
+    rows :func:`_int_safe_rows` proves event-free, the compiled chain for the others."""
+    safe = _int_safe_rows(x, w, cfg)
+    y = torch.empty(x.shape[0], w.shape[0], dtype=torch.float64)
+    if bool(safe.any()):
+        y[safe] = (x[safe] @ w.t()).add_(0.0)
+    rows = (~safe).nonzero().squeeze(1)
+    res = _ChainResult(y=y)
+    if len(rows):
+        kernel_threads()
+        xn = x.detach().contiguous().numpy()
+        wn = w.detach().t().contiguous().numpy()
+        part, counts = kernels.forward(xn, wn, rows.numpy(), chunk, cfg)
+        y[rows] = torch.from_numpy(part)
+        total = counts.sum(0)
+        res.overflow_events, res.overflow_outputs = int(total[0]), int(total[1])
+        res.swamping_events, res.underflow_events = int(total[2]), int(total[3])
+    return res
+
+
 def _run_fast(x: Tensor, w: Tensor, cfg: AccumulatorConfig, chunk: int) -> _ChainResult | None:
     """:func:`_run_chain` without ``record``/``grad``, bit for bit, or None where that needs
     per-step masks. Integer saturation: rows with ``L <= 2^(P-1) - 1`` (:func:`_l1_bound`)
@@ -59,16 +100,18 @@ def _run_fast(x: Tensor, w: Tensor, cfg: AccumulatorConfig, chunk: int) -> _Chai
     rows, outs = x.shape[0], w.shape[0]
     if rows == 0 or outs == 0 or x.shape[1] == 0:
         return None
+    if x.device.type == "cpu" and kernels.available():
+        return _run_kernel(x, w, cfg, chunk)
     if cfg.kind == "float":
         return _run_fast_float(x, w, cfg, chunk)
-    safe = _l1_bound(x, w) <= _int_range(cfg.bits)[1]
+    safe = _int_safe_rows(x, w, cfg)
     if not bool(safe.any()):
         return None
     # exact (integers below 2^53); + 0.0 turns a -0 into the chain's +0
     if bool(safe.all()):
         return _ChainResult(y=(x @ w.t()).add_(0.0))
     res = _run_chain(x[~safe], w, cfg, fast=False)
-    y = torch.empty(rows, outs, dtype=torch.float64)
+    y = torch.empty(rows, outs, dtype=torch.float64, device=x.device)
     y[safe], y[~safe] = (x[safe] @ w.t()).add_(0.0), res.y
     res.y = y
     return res
@@ -84,25 +127,25 @@ def _lanes(x: Tensor, chunk: int, nonzeros: tuple[Tensor, Tensor] | None
     their values), zero operands are left out (the rest moved up,
     zero-padded): adding an exact zero changes nothing (round to nearest never yields -0, so
     ``a + (+-0) == a`` bit for bit) and has no event, so this is exact."""
-    width = x.shape[1]
+    width, dev = x.shape[1], x.device
     lanes = x.reshape(-1, chunk)
     n_lanes = lanes.shape[0]
     if nonzeros is None:
-        cols = (torch.arange(chunk, dtype=torch.int32)[:, None]
-                + (torch.arange(n_lanes, dtype=torch.int32) * chunk % width)[None])
+        cols = (torch.arange(chunk, dtype=torch.int32, device=dev)[:, None]
+                + (torch.arange(n_lanes, dtype=torch.int32, device=dev) * chunk % width)[None])
         return lanes.t().contiguous(), cols, None, [chunk] * n_lanes
     flat, values = nonzeros  # flat = lane * C + k
     lane = flat // chunk
     steps = torch.bincount(lane, minlength=n_lanes)
     order = torch.argsort(steps, descending=True)
     slot = torch.empty_like(order)
-    slot[order] = torch.arange(n_lanes)
-    pos = torch.arange(len(flat)) - (steps.cumsum(0) - steps)[lane]  # step within the lane
+    slot[order] = torch.arange(n_lanes, device=dev)
+    pos = torch.arange(len(flat), device=dev) - (steps.cumsum(0) - steps)[lane]  # step within the lane
     dest = pos * n_lanes + slot[lane]
     longest = int(steps.max()) if n_lanes else 0
-    vals = torch.zeros(longest, n_lanes, dtype=x.dtype)
+    vals = torch.zeros(longest, n_lanes, dtype=x.dtype, device=dev)
     vals.view(-1)[dest] = values
-    cols = torch.zeros(longest, n_lanes, dtype=torch.int32)
+    cols = torch.zeros(longest, n_lanes, dtype=torch.int32, device=dev)
     cols.view(-1)[dest] = (flat % width).to(torch.int32)
     return vals, cols, slot, steps[order].tolist()
 
@@ -121,6 +164,7 @@ def _run_fast_float(x: Tensor, w: Tensor, cfg: AccumulatorConfig,
     rows, k = x.shape
     outs = w.shape[0]
     fmt = cfg.float_format
+    dev = x.device
     n_chunks = math.ceil(k / chunk)
     pad = n_chunks * chunk - k
     if pad:
@@ -171,11 +215,11 @@ def _run_fast_float(x: Tensor, w: Tensor, cfg: AccumulatorConfig,
     del nonzero, nonzeros, flat
     w_cols = w.t().contiguous()  # (nC * C, O)
     n_lanes = rows * n_chunks
-    sorted_parts = torch.empty(n_lanes, outs, dtype=torch.float64)
+    sorted_parts = torch.empty(n_lanes, outs, dtype=torch.float64, device=dev)
     step = max(1, _FAST_BLOCK_ELEMENTS // outs)
     size = min(step, n_lanes) * outs
-    bufs = [torch.empty(size, dtype=torch.float64) for _ in range(5)]
-    scratch = torch.empty(size, dtype=torch.int64)
+    bufs = [torch.empty(size, dtype=torch.float64, device=dev) for _ in range(5)]
+    scratch = torch.empty(size, dtype=torch.int64, device=dev)
     for start in range(0, n_lanes, step):
         stop = min(n_lanes, start + step)
         acc, s, out, diff, wg = (b[:(stop - start) * outs].view(-1, outs) for b in bufs)
@@ -192,9 +236,9 @@ def _run_fast_float(x: Tensor, w: Tensor, cfg: AccumulatorConfig,
     if n_chunks == 1:
         y = sorted_parts if slot is None else sorted_parts.index_select(0, slot)
     else:  # add the chunk results in order; chunk c of row r is sorted lane slot[r * nC + c]
-        lane_of = torch.arange(rows * n_chunks) if slot is None else slot
+        lane_of = torch.arange(rows * n_chunks, device=dev) if slot is None else slot
         lane_of = lane_of.view(rows, n_chunks).t().contiguous()
-        y = torch.empty(rows, outs, dtype=torch.float64)
+        y = torch.empty(rows, outs, dtype=torch.float64, device=dev)
         for start in range(0, rows, step):
             stop = min(rows, start + step)
             total, part, s, out, diff = (b[:(stop - start) * outs].view(-1, outs) for b in bufs)

@@ -19,9 +19,9 @@ def _recursive_grads(x: Tensor, w: Tensor, g: Tensor, chunk: int, last_step: Ten
     rows, k = x.shape
     outs = w.shape[0]
     x3, w3, n_chunks = _chunked(x, w, chunk)
-    gx3 = torch.zeros(rows, chunk, n_chunks, dtype=x.dtype)
-    gw3 = torch.zeros(outs, chunk, n_chunks, dtype=x.dtype)
-    chunk_ids = torch.arange(n_chunks)
+    gx3 = torch.zeros(rows, chunk, n_chunks, dtype=x.dtype, device=x.device)
+    gw3 = torch.zeros(outs, chunk, n_chunks, dtype=x.dtype, device=x.device)
+    chunk_ids = torch.arange(n_chunks, device=x.device)
     for rb in _row_blocks(rows, outs * n_chunks):
         keep_chunk = chunk_ids > last_combine[rb].unsqueeze(-1)  # (rb, O, nC)
         gb = g[rb].unsqueeze(-1) * keep_chunk
@@ -70,17 +70,20 @@ def simulate_matmul(x_val: Tensor, w_val: Tensor, x_scale: Tensor | float,
     integers. Returns the real-valued result (R, O) in ``x_val``'s dtype, differentiable per
     ``cfg.gradient``, and the event counts.
     """
-    x_scale = torch.as_tensor(x_scale, dtype=torch.float64).reshape(())
-    w_scale = torch.as_tensor(w_scale, dtype=torch.float64).reshape(-1)
+    dev = x_val.device
+    x_scale = torch.as_tensor(x_scale, dtype=torch.float64, device=dev).reshape(())
+    w_scale = torch.as_tensor(w_scale, dtype=torch.float64, device=dev).reshape(-1)
     if cfg.kind == "int":
         ax = torch.round(x_val.detach().double() / x_scale)
         aw = torch.round(w_val.detach().double() / w_scale[:, None])
     else:
         ax, aw = x_val.detach().double(), w_val.detach().double()
+    jit = not cfg.is_wrap and cfg.gradient != "ste" and _use_kernels(x_val)
     if cfg.is_wrap:
         chain = _wrap_chain(ax, aw, cfg.bits)
     else:
         record = cfg.gradient if cfg.gradient != "ste" and torch.is_grad_enabled() else None
+        record = None if jit else record  # the kernel recomputes the events in backward
         with torch.no_grad():
             chain = _run_chain(ax, aw, cfg, record=record)
     y = chain.y
@@ -96,4 +99,54 @@ def simulate_matmul(x_val: Tensor, w_val: Tensor, x_scale: Tensor | float,
         exact = x_val @ w_val.t()
         ste = exact + (y - exact).detach()
         return torch.where(chain.overflowed, y, ste), chain
+    if jit:
+        return _KernelFineGrained.apply(x_val, w_val, y, ax, aw, cfg), chain
     return _FineGrainedChain.apply(x_val, w_val, y, ax, aw, cfg, chain), chain
+
+
+def _use_kernels(x: Tensor) -> bool:
+    from brevitas_a2q.sim import kernels
+
+    return x.device.type == "cpu" and kernels.available()
+
+
+class _KernelFineGrained(torch.autograd.Function):
+    """As :class:`_FineGrainedChain`, with the backward pass in the numba kernel
+    (:func:`brevitas_a2q.sim.kernels.backward`), which recomputes each row's events: the exact
+    gradient (dense matrix products) for the rows proven event-free
+    (:func:`brevitas_a2q.sim.fast._int_safe_rows`), the masked one for the others."""
+
+    @staticmethod
+    def forward(ctx, x_val, w_val, y_sim, addend_x, addend_w, cfg):
+        ctx.cfg = cfg
+        ctx.save_for_backward(x_val, w_val, addend_x, addend_w)
+        return y_sim.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        from brevitas_a2q.sim import kernels
+        from brevitas_a2q.sim.fast import _int_safe_rows, kernel_threads
+
+        x_val, w_val, ax, aw = ctx.saved_tensors
+        cfg = ctx.cfg
+        k = x_val.shape[1]
+        chunk = min(cfg.chunk_size or k, k) if k else 1
+        safe = _int_safe_rows(ax, aw, cfg)
+        rows = (~safe).nonzero().squeeze(1)
+        gx = torch.zeros(x_val.shape, dtype=torch.float64)
+        gw = torch.zeros(w_val.shape, dtype=torch.float64)
+        if bool(safe.any()):
+            gs = g[safe].double()
+            gx[safe] = gs @ w_val.double()
+            gw += gs.t() @ x_val[safe].double()
+        if len(rows):
+            n_blocks = min(kernel_threads(), len(rows))
+            xn = ax.contiguous().numpy()
+            gx_rows, gw_t = kernels.backward(
+                xn, aw.t().contiguous().numpy(), x_val.detach().double().contiguous().numpy(),
+                w_val.detach().double().t().contiguous().numpy(),
+                g[rows].double().contiguous().numpy(), rows.numpy(), chunk, cfg,
+                cfg.gradient == "recursive", n_blocks)
+            gx[rows] = torch.from_numpy(gx_rows)
+            gw += torch.from_numpy(gw_t).t()
+        return gx.to(x_val.dtype), gw.to(w_val.dtype), None, None, None, None

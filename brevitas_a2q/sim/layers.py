@@ -117,7 +117,7 @@ def _simulated_forward(name: str, layer: nn.Module, cfg: AccumulatorConfig,
                                     f"quantizer; {cfg.spec} with a bias or a float accumulator "
                                     "gives values off the integer grid. Give it output_quant=...")
             shape = (1, -1) + (1,) * (y.dim() - 2)
-            return IntQuantTensor(y, (x_scale * w_scale).reshape(shape), torch.zeros(()),
+            return IntQuantTensor(y, (x_scale * w_scale).reshape(shape), torch.zeros((), device=y.device),
                                   cfg.bits, True, layer.training)
         return y
 

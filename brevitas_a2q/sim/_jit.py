@@ -1,0 +1,343 @@
+"""numba kernels of :mod:`brevitas_a2q.sim.kernels` (imported only through it, which falls back
+when numba is missing). One compiled function per rounding mode (0 integer saturation, 1 round
+to nearest even, 2 round toward zero) and gradient mode, so that the mode is a constant inside
+the vectorized loops."""
+
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
+
+
+@intrinsic
+def f2i(typingctx, x):
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(64))
+
+    return types.int64(types.float64), codegen
+
+
+@intrinsic
+def i2f(typingctx, x):
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.DoubleType())
+
+    return types.float64(types.int64), codegen
+
+
+EXP_MASK = 0x7FF << 52
+opts = {"cache": True, "nogil": True, "error_model": "numpy", "boundscheck": False}
+
+
+@njit(inline="always", **opts)
+def rnd(s, mode, lo, hi, man_bits, min_bits, magic, maxv):
+    """A(s): (rounded, overflowed)."""
+    if mode == 0:
+        if s > hi:
+            return hi, True
+        if s < lo:
+            return lo, True
+        return s, False
+    e = f2i(s) & EXP_MASK
+    if mode == 1:
+        if e < min_bits:
+            e = min_bits
+        c = i2f(e) * magic
+        r = (s + c) - c
+    else:
+        e = e - (man_bits << 52)
+        if e < min_bits:
+            e = min_bits
+        q = i2f(e)
+        r = np.trunc(s / q) * q
+    if r > maxv:
+        return maxv, True
+    if r < -maxv:
+        return -maxv, True
+    return r, False
+
+
+TILE = 8  # rows advanced together: each step's weight row w_t[k] is read once per tile
+
+
+@njit(inline="always", **opts)
+def add_events(a, s, mode, lo, hi, man_bits, min_bits, magic, maxv):
+    """One accumulator addition: ``(A(s), overflow, swamping, underflow)``."""
+    q, over = rnd(s, mode, lo, hi, man_bits, min_bits, magic, maxv)
+    swamp = mode != 0 and q == a and s != a and not over
+    under = mode != 0 and q == 0.0 and s != 0.0
+    return q, over, swamp, under
+
+
+@njit(inline="always", **opts)
+def chunk_steps(x, w_t, rows, t0, nt, c, chunk, acc, over_any, counts, ev, last_step, record,
+                mode, lo, hi, man_bits, min_bits, magic, maxv):
+    """The chain of chunk ``c`` for rows ``rows[t0:t0 + nt]`` into ``acc`` (TILE, O), from 0.
+    ``record`` 1: step events into ``ev`` (TILE, chunk, O); 2: the last event's step into
+    ``last_step`` (TILE, nC, O)."""
+    k_len, outs = w_t.shape
+    skip_zero = mode != 2
+    for t in range(nt):
+        for o in range(outs):
+            acc[t, o] = 0.0
+        if record == 2:
+            for o in range(outs):
+                last_step[t, c, o] = -1
+        if record == 1:
+            for j in range(chunk):
+                for o in range(outs):
+                    ev[t, j, o] = False
+    for j in range(chunk):
+        k = c * chunk + j
+        if k >= k_len and skip_zero:
+            break  # zero padding: no change, no event (kernels module docstring)
+        for t in range(nt):
+            xk = x[rows[t0 + t], k] if k < k_len else 0.0
+            if xk == 0.0 and skip_zero:
+                continue
+            n_over = 0
+            n_swamp = 0
+            n_under = 0
+            for o in range(outs):
+                a = acc[t, o]
+                s = a + xk * w_t[k, o] if k < k_len else a + 0.0
+                q, over, swamp, under = add_events(a, s, mode, lo, hi, man_bits, min_bits,
+                                                   magic, maxv)
+                n_over += over
+                n_swamp += swamp
+                n_under += under
+                over_any[t, o] |= over
+                if record == 1:
+                    ev[t, j, o] = over or swamp or under
+                elif record == 2 and (over or swamp or under):
+                    last_step[t, c, o] = j
+                acc[t, o] = q
+            counts[t, 0] += n_over
+            counts[t, 2] += n_swamp
+            counts[t, 3] += n_under
+
+
+@njit(inline="always", **opts)
+def combine(acc, total, nt, c, over_any, counts, comb, last_comb, record, mode, lo, hi,
+            man_bits, min_bits, magic, maxv):
+    """Add chunk ``c``'s results ``acc`` to ``total`` (c = 0: copy). ``record`` 1: the events
+    into ``comb`` (TILE, O); 2: ``c`` into ``last_comb`` (TILE, O) where one occurred."""
+    outs = acc.shape[1]
+    for t in range(nt):
+        if c == 0:
+            for o in range(outs):
+                total[t, o] = acc[t, o]
+                if record == 1:
+                    comb[t, o] = False
+                elif record == 2:
+                    last_comb[t, o] = -1
+            continue
+        n_over = 0
+        n_swamp = 0
+        n_under = 0
+        for o in range(outs):
+            a = total[t, o]
+            q, over, swamp, under = add_events(a, a + acc[t, o], mode, lo, hi, man_bits,
+                                               min_bits, magic, maxv)
+            n_over += over
+            n_swamp += swamp
+            n_under += under
+            over_any[t, o] |= over
+            event = over or swamp or under
+            if record == 1:
+                comb[t, o] = event
+            elif record == 2 and event:
+                last_comb[t, o] = c
+            total[t, o] = q
+        counts[t, 0] += n_over
+        counts[t, 2] += n_swamp
+        counts[t, 3] += n_under
+
+
+@njit(inline="always", **opts)
+def count_outputs(over_any, nt, counts):
+    for t in range(nt):
+        n_any = 0
+        for o in range(over_any.shape[1]):
+            n_any += over_any[t, o]
+            over_any[t, o] = False
+        counts[t, 1] += n_any
+
+
+@njit(inline="always", **opts)
+def _forward_body(x, w_t, rows, chunk, mode, lo, hi, man_bits, min_bits, magic, maxv):
+    k_len, outs = w_t.shape
+    n_chunks = (k_len + chunk - 1) // chunk
+    n = rows.shape[0]
+    y = np.empty((n, outs))
+    counts = np.zeros((n, 4), dtype=np.int64)
+    no_b = np.zeros((1, 1, 1), dtype=np.bool_)
+    no_i = np.zeros((1, 1, 1), dtype=np.int32)
+    for tile in prange((n + TILE - 1) // TILE):
+        t0 = tile * TILE
+        nt = min(TILE, n - t0)
+        acc = np.empty((TILE, outs))
+        total = y[t0:t0 + nt]
+        over_any = np.zeros((TILE, outs), dtype=np.bool_)
+        tc = counts[t0:t0 + nt]
+        for c in range(n_chunks):
+            chunk_steps(x, w_t, rows, t0, nt, c, chunk, acc, over_any, tc, no_b, no_i, 0, mode,
+                        lo, hi, man_bits, min_bits, magic, maxv)
+            combine(acc, total, nt, c, over_any, tc, no_b[0], no_i[0], 0, mode, lo, hi,
+                    man_bits, min_bits, magic, maxv)
+        count_outputs(over_any, nt, tc)
+    return y, counts
+
+
+@njit(inline="always", **opts)
+def grad_step(t, i, r, k, keep_g, xg, wg_t, gx, gw, part):
+    """``gx[i, k] = sum_o keep_g[t, o] wg[o, k]``; ``gw_t[k] += keep_g[t] * xg[r, k]``."""
+    outs = wg_t.shape[1]
+    xk = xg[r, k]
+    for u in range(8):
+        part[u] = 0.0
+    for o0 in range(0, outs - outs % 8, 8):
+        for u in range(8):  # eight independent sums: a vectorizable reduction
+            part[u] += keep_g[t, o0 + u] * wg_t[k, o0 + u]
+    s = 0.0
+    for u in range(8):
+        s += part[u]
+    for o in range(outs - outs % 8, outs):
+        s += keep_g[t, o] * wg_t[k, o]
+    gx[i, k] = s
+    if xk != 0.0:
+        for o in range(outs):
+            gw[k, o] += keep_g[t, o] * xk
+
+
+@njit(inline="always", **opts)
+def _backward_body(x, w_t, xg, wg_t, g, rows, chunk, recursive, n_blocks, mode, lo, hi,
+                   man_bits, min_bits, magic, maxv):
+    """Immediate: per chunk, its step events and its combination event, then its products'
+    gradients. Recursive: the whole chain (last event per chunk, last combination event),
+    then every product's gradient."""
+    k_len, outs = w_t.shape
+    n_chunks = (k_len + chunk - 1) // chunk
+    n = rows.shape[0]
+    gx = np.zeros((n, k_len))
+    gw_parts = np.zeros((n_blocks, k_len, outs))
+    n_tiles = (n + TILE - 1) // TILE
+    per_block = (n_tiles + n_blocks - 1) // n_blocks
+    for b in prange(n_blocks):
+        acc = np.empty((TILE, outs))
+        total = np.empty((TILE, outs))
+        over_any = np.zeros((TILE, outs), dtype=np.bool_)
+        counts = np.zeros((TILE, 4), dtype=np.int64)
+        ev = np.zeros((TILE, chunk if not recursive else 1, outs), dtype=np.bool_)
+        comb = np.zeros((TILE, outs), dtype=np.bool_)
+        last_step = np.zeros((TILE, n_chunks if recursive else 1, outs), dtype=np.int32)
+        last_comb = np.zeros((TILE, outs), dtype=np.int32)
+        keep_g = np.empty((TILE, outs))
+        part = np.empty(8)
+        gw = gw_parts[b]
+        for tile in range(b * per_block, min(n_tiles, (b + 1) * per_block)):
+            t0 = tile * TILE
+            nt = min(TILE, n - t0)
+            if recursive:
+                for c in range(n_chunks):
+                    chunk_steps(x, w_t, rows, t0, nt, c, chunk, acc, over_any, counts, ev,
+                                last_step, 2, mode, lo, hi, man_bits, min_bits, magic, maxv)
+                    combine(acc, total, nt, c, over_any, counts, comb, last_comb, 2, mode, lo,
+                            hi, man_bits, min_bits, magic, maxv)
+                for c in range(n_chunks):
+                    for j in range(chunk):
+                        k = c * chunk + j
+                        if k >= k_len:
+                            break
+                        for t in range(nt):
+                            for o in range(outs):
+                                keep = j > last_step[t, c, o] and c > last_comb[t, o]
+                                keep_g[t, o] = g[t0 + t, o] if keep else 0.0
+                            grad_step(t, t0 + t, rows[t0 + t], k, keep_g, xg, wg_t, gx, gw,
+                                      part)
+                continue
+            for c in range(n_chunks):
+                chunk_steps(x, w_t, rows, t0, nt, c, chunk, acc, over_any, counts, ev,
+                            last_step, 1, mode, lo, hi, man_bits, min_bits, magic, maxv)
+                combine(acc, total, nt, c, over_any, counts, comb, last_comb, 1, mode, lo, hi,
+                        man_bits, min_bits, magic, maxv)
+                for j in range(chunk):
+                    k = c * chunk + j
+                    if k >= k_len:
+                        break
+                    for t in range(nt):
+                        for o in range(outs):
+                            keep = not ev[t, j, o] and not comb[t, o]
+                            keep_g[t, o] = g[t0 + t, o] if keep else 0.0
+                        grad_step(t, t0 + t, rows[t0 + t], k, keep_g, xg, wg_t, gx, gw, part)
+    gw_t = gw_parts[0].copy()
+    for b in range(1, n_blocks):
+        gw_t += gw_parts[b]
+    return gx, gw_t
+
+
+@njit(parallel=True, **opts)
+def forward_int(x, w_t, rows, chunk, lo, hi, man_bits, min_bits, magic, maxv):
+    return _forward_body(x, w_t, rows, chunk, 0, lo, hi, man_bits, min_bits, magic, maxv)
+
+
+@njit(parallel=True, **opts)
+def forward_nearest(x, w_t, rows, chunk, lo, hi, man_bits, min_bits, magic, maxv):
+    return _forward_body(x, w_t, rows, chunk, 1, lo, hi, man_bits, min_bits, magic, maxv)
+
+
+@njit(parallel=True, **opts)
+def forward_toward_zero(x, w_t, rows, chunk, lo, hi, man_bits, min_bits, magic, maxv):
+    return _forward_body(x, w_t, rows, chunk, 2, lo, hi, man_bits, min_bits, magic, maxv)
+
+
+FORWARD = (forward_int, forward_nearest, forward_toward_zero)
+
+
+@njit(parallel=True, **opts)
+def backward_int_immediate(x, w_t, xg, wg_t, g, rows, chunk, n_blocks, lo, hi, man_bits,
+                             min_bits, magic, maxv):
+    return _backward_body(x, w_t, xg, wg_t, g, rows, chunk, False, n_blocks, 0, lo, hi,
+                          man_bits, min_bits, magic, maxv)
+
+
+@njit(parallel=True, **opts)
+def backward_int_recursive(x, w_t, xg, wg_t, g, rows, chunk, n_blocks, lo, hi, man_bits,
+                             min_bits, magic, maxv):
+    return _backward_body(x, w_t, xg, wg_t, g, rows, chunk, True, n_blocks, 0, lo, hi,
+                          man_bits, min_bits, magic, maxv)
+
+
+@njit(parallel=True, **opts)
+def backward_nearest_immediate(x, w_t, xg, wg_t, g, rows, chunk, n_blocks, lo, hi, man_bits,
+                             min_bits, magic, maxv):
+    return _backward_body(x, w_t, xg, wg_t, g, rows, chunk, False, n_blocks, 1, lo, hi,
+                          man_bits, min_bits, magic, maxv)
+
+
+@njit(parallel=True, **opts)
+def backward_nearest_recursive(x, w_t, xg, wg_t, g, rows, chunk, n_blocks, lo, hi, man_bits,
+                             min_bits, magic, maxv):
+    return _backward_body(x, w_t, xg, wg_t, g, rows, chunk, True, n_blocks, 1, lo, hi,
+                          man_bits, min_bits, magic, maxv)
+
+
+@njit(parallel=True, **opts)
+def backward_toward_zero_immediate(x, w_t, xg, wg_t, g, rows, chunk, n_blocks, lo, hi, man_bits,
+                             min_bits, magic, maxv):
+    return _backward_body(x, w_t, xg, wg_t, g, rows, chunk, False, n_blocks, 2, lo, hi,
+                          man_bits, min_bits, magic, maxv)
+
+
+@njit(parallel=True, **opts)
+def backward_toward_zero_recursive(x, w_t, xg, wg_t, g, rows, chunk, n_blocks, lo, hi, man_bits,
+                             min_bits, magic, maxv):
+    return _backward_body(x, w_t, xg, wg_t, g, rows, chunk, True, n_blocks, 2, lo, hi,
+                          man_bits, min_bits, magic, maxv)
+
+
+BACKWARD = ((backward_int_immediate, backward_int_recursive),
+            (backward_nearest_immediate, backward_nearest_recursive),
+            (backward_toward_zero_immediate, backward_toward_zero_recursive))

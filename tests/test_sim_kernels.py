@@ -1,0 +1,161 @@
+"""The compiled (numba) accumulation chain against the step-by-step torch chain
+(:func:`brevitas_a2q.sim.chain._run_chain`, the oracle): bit-identical values and every event
+count on random and adversarial inputs (rounding ties, subnormals, overflow at the largest value,
+saturation at the range's ends, zeros and negative zeros, ragged chunks), and the fine-grained
+gradients equal to the chain's masked sums. Also: the package imports and simulates without
+numba, and says so once."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from brevitas_a2q.sim import kernels
+from brevitas_a2q.sim.chain import _run_chain
+from brevitas_a2q.sim.config import parse_accumulator
+from brevitas_a2q.sim.gradients import _recursive_grads, simulate_matmul
+
+pytestmark = pytest.mark.skipif(not kernels.available(),
+                                reason="needs numba (the kernels did not compile here)")
+
+COUNTS = ("overflow_events", "overflow_outputs", "swamping_events", "underflow_events")
+INT_SPECS = ["int8-sat", "int9-sat-c1", "int10-sat-c4", "int12-sat-c7", "int6-sat-c64"]
+FLOAT_SPECS = ["fp8-e3m4", "fp12-e4m7", "fp12-e4m7-c16", "fp10-e3m6-rz", "fp9-e3m5-c5-rz",
+               "fp6-e2m3-c3", "fp12-e4m7-b3"]
+
+
+def _int_operands(gen, rows, outs, k, bits):
+    """Integers whose partial sums wander across the range's ends: large same-sign runs, exact
+    hits of +-2^(P-1) and 2^(P-1) - 1, zeros."""
+    hi = 2 ** (bits - 1)
+    x = torch.randint(-hi // 4, hi // 4 + 1, (rows, k), generator=gen).double()
+    x[torch.rand(rows, k, generator=gen) < 0.3] = 0.0
+    w = torch.randint(-7, 8, (outs, k), generator=gen).double()
+    x[0] = 1.0
+    w[0] = 1.0
+    x[0, 0] = hi - 1  # the chain reaches exactly 2^(P-1) - 1, then 2^(P-1)
+    if rows > 1:
+        x[1] = -1.0
+        x[1, 0] = -(hi - 2)  # exactly -2^(P-1), then one below
+    return x, w
+
+
+def _float_operands(gen, rows, outs, k, cfg):
+    """float32-representable values around the format's edges: ties between neighbours
+    (1 + 2^-(M+1)), the subnormal spacing and below, the largest value and beyond, signed
+    zeros."""
+    fmt = cfg.float_format
+    m, emin, emax = fmt.man_bits, fmt.min_exponent, fmt.max_exponent
+    exps = torch.randint(emin - m - 2, emax + 1, (rows, k), generator=gen).double()
+    mant = torch.tensor([1.0, 1.5, 1 + 2.0**-m, 1 + 2.0 ** -(m + 1), 1.75])
+    pick = torch.randint(0, len(mant), (rows, k), generator=gen)
+    sign = torch.randint(0, 2, (rows, k), generator=gen).double() * 2 - 1
+    x = sign * mant[pick].double() * torch.exp2(exps)
+    x[torch.rand(rows, k, generator=gen) < 0.2] = 0.0
+    x[torch.rand(rows, k, generator=gen) < 0.05] = -0.0
+    w = torch.tensor([0.0, -0.0, 1.0, -1.0, 0.5, 2.0, -0.25, 3.0]).double()[
+        torch.randint(0, 8, (outs, k), generator=gen)]
+    x = x.float().double()  # every product is then exact in float64
+    return x, w
+
+
+def _operands(spec, seed, rows=9, outs=6, k=41):
+    cfg = parse_accumulator(spec)
+    gen = torch.Generator().manual_seed(seed)
+    if cfg.kind == "int":
+        return cfg, *_int_operands(gen, rows, outs, k, cfg.bits)
+    return cfg, *_float_operands(gen, rows, outs, k, cfg)
+
+
+def _same(a, b):
+    assert torch.equal(a.y.view(torch.int64), b.y.view(torch.int64)), "values differ (bits)"
+    for count in COUNTS:
+        assert getattr(a, count) == getattr(b, count), count
+
+
+@pytest.mark.parametrize("spec", INT_SPECS + FLOAT_SPECS)
+@pytest.mark.parametrize("seed", range(5))
+def test_kernel_forward_is_the_chain_bit_for_bit(spec, seed):
+    cfg, x, w = _operands(spec, seed)
+    kernel, oracle = _run_chain(x, w, cfg), _run_chain(x, w, cfg, fast=False)
+    _same(kernel, oracle)
+    if seed == 0:  # the adversarial operands do exercise the events
+        assert oracle.overflow_events + oracle.swamping_events + oracle.underflow_events > 0
+
+
+@pytest.mark.parametrize("spec", ["int8-sat", "int8-sat-c3", "fp8-e3m4", "fp8-e3m4-c5-rz"])
+@pytest.mark.parametrize("k", [1, 2, 5, 16])
+def test_kernel_forward_edge_shapes(spec, k):
+    # K below, at and above the chunk; one row; a single output
+    for rows, outs in [(1, 1), (3, 2)]:
+        cfg, x, w = _operands(spec, k, rows=rows, outs=outs, k=k)
+        _same(_run_chain(x, w, cfg), _run_chain(x, w, cfg, fast=False))
+
+
+def test_kernel_forward_random_gaussian_float32():
+    # the layers' floating-point case: float32 activations and weights, nothing engineered
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(64, 300, generator=gen).relu().float().double()
+    w = (torch.randn(20, 300, generator=gen) * 0.1).float().double()
+    for spec in ["fp12-e4m7", "fp12-e4m7-c16", "fp10-e5m4-c8", "fp16-e5m10-rz"]:
+        cfg = parse_accumulator(spec)
+        _same(_run_chain(x, w, cfg), _run_chain(x, w, cfg, fast=False))
+
+
+def _oracle_grads(ax, aw, xv, wv, g, cfg):
+    k = ax.shape[1]
+    chunk = min(cfg.chunk_size or k, k)
+    if cfg.gradient == "recursive":
+        rec = _run_chain(ax, aw, cfg, record="recursive")
+        return _recursive_grads(xv, wv, g, chunk, rec.last_step_event, rec.last_combine_event)
+    rec = _run_chain(ax, aw, cfg, record="immediate")
+    res = _run_chain(ax, aw, cfg, grad=g, grad_factors=(xv, wv), keep_chunk=~rec.combine_event)
+    return res.grad_x, res.grad_w
+
+
+@pytest.mark.parametrize("mode", ["immediate", "recursive"])
+@pytest.mark.parametrize("spec", ["int8-sat", "int10-sat-c4", "int9-sat-c1", "fp8-e3m4",
+                                  "fp12-e4m7-c16", "fp9-e3m5-c5-rz", "fp6-e2m3-c3"])
+@pytest.mark.parametrize("seed", range(3))
+def test_kernel_gradients_equal_the_chain_masks(spec, mode, seed):
+    cfg, x, w = _operands(spec, seed)
+    cfg = parse_accumulator(spec, gradient=mode)
+    # real-valued factors: integers times power-of-two scales for int, the values for float
+    xs, ws = (0.5, torch.full((w.shape[0],), 0.25, dtype=torch.float64)) if cfg.kind == "int" \
+        else (1.0, torch.ones(w.shape[0], dtype=torch.float64))
+    xv = (x * xs).requires_grad_(True)
+    wv = (w * ws[:, None]).requires_grad_(True)
+    g = torch.randn(x.shape[0], w.shape[0], generator=torch.Generator().manual_seed(seed),
+                    dtype=torch.float64)
+    y, _ = simulate_matmul(xv, wv, xs, ws, cfg)
+    y.backward(g)
+    gx, gw = _oracle_grads(x, w, xv.detach(), wv.detach(), g, cfg)
+    full_x, full_w = g @ wv.detach(), g.t() @ xv.detach()
+    assert not torch.allclose(gx, full_x), "the case must cut some gradient"
+    torch.testing.assert_close(xv.grad, gx, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(wv.grad, gw, rtol=1e-12, atol=1e-12)
+    del full_w
+
+
+def test_package_works_without_numba_and_says_so_once():
+    code = (
+        "import sys, warnings; sys.modules['numba'] = None\n"
+        "import torch\n"
+        "from brevitas_a2q.sim.chain import _run_chain\n"
+        "from brevitas_a2q.sim.config import parse_accumulator\n"
+        "x = torch.randint(-20, 20, (4, 30)).double(); w = torch.randint(-7, 8, (3, 30)).double()\n"
+        "cfg = parse_accumulator('int8-sat')\n"
+        "with warnings.catch_warnings(record=True) as seen:\n"
+        "    warnings.simplefilter('always')\n"
+        "    a = _run_chain(x, w, cfg); b = _run_chain(x, w, cfg)\n"
+        "c = _run_chain(x, w, cfg, fast=False)\n"
+        "assert torch.equal(a.y, c.y) and a.overflow_events == c.overflow_events\n"
+        "msgs = [str(m.message) for m in seen if 'numba' in str(m.message)]\n"
+        "print(len(msgs)); print(msgs[0])\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.splitlines()
+    assert out[0] == "1"
+    assert "torch chain" in out[1]
