@@ -18,9 +18,11 @@ from qonnx.core.modelwrapper import ModelWrapper
 from test_exact_thresholds import Block, D, _dec  # tests/ is on sys.path
 
 from brevitas_a2q import export_qonnx
+from finn_flow import build, finn_available
 from finn_flow.verify.exact import ExactModel
 from finn_flow.verify.inputs import extreme_inputs, random_inputs, run_qonnx
 
+FINN_OK, FINN_REASON = finn_available()
 TIE_CASE = Path(__file__).resolve().parents[2] / "shared" / "cases" / "espcn_plain_deconv_tie.onnx"
 needs_tie_case = pytest.mark.skipif(not TIE_CASE.exists(),
                                     reason=f"the shared tie case is not at {TIE_CASE}")
@@ -93,3 +95,17 @@ def test_a_wrong_exact_level_is_unexplained_not_rounding(tmp_path):
     layer.table.thresholds = [t - 40 for t in layer.table.thresholds]  # far from any boundary
     result = exact.evaluate(random_inputs(model, 4, seed=1))
     assert sum(result.unexplained.values()) > 0
+
+
+@needs_tie_case
+@pytest.mark.finn
+@pytest.mark.slow
+@pytest.mark.skipif(not FINN_OK, reason=f"FINN not importable: {FINN_REASON}")
+def test_tie_case_builds_and_verifies_against_the_exact_evaluation(tmp_path):
+    """The shared case's accelerator equals the exact evaluation on every input; QONNX's one
+    float32-rounded pixel is reported as such, not as a mismatch."""
+    result = build(TIE_CASE, tmp_path / "out", verify=["hls-arith"], random_count=2)
+    assert result.verified is True, result.verification_summary()
+    extreme = next(v for v in result.verification if v.kind == "extreme")
+    assert extreme.reference == "exact" and extreme.matched == extreme.inputs
+    assert (extreme.qonnx_float32_rounding, extreme.qonnx_unexplained) == (1, 0)

@@ -168,7 +168,7 @@ def test_subpixel_target_is_proven_per_sub_pixel_channel(tmp_path):
     assert sub.extra["subpixel_groups"] == 4
     assert result.verified is True, result.verification_summary()
     forced = build(path, tmp_path / "forced", verify=["hls-arith"], random_count=2,
-                   force_accumulator_bits=sub.bits_exact - 1)
+                   force_accumulator_bits=sub.bits_exact - 1, allow_overflow_demo=True)
     assert forced.verified is False
     forced_sub = next(c for c in forced.layer_extremes if c.node == sub.finn_node)
     assert not forced_sub.ok and forced_sub.wrapped_channels

@@ -39,14 +39,21 @@ class VerificationResult:
     final_mismatched_indices: list[int] = field(default_factory=list)  # beyond float rounding
     # cppsim with hls-arith run too: inputs whose accelerator outputs agree bit for bit
     hls_arith_agreed: int | None = None
+    # what the model outputs are compared with: "exact" (finn_flow.verify.exact) or "QONNX"
+    reference: str = "QONNX"
+    # with the exact reference: QONNX float32 values that differ from the exact evaluation within
+    # float32 error of a rounding boundary (explained), and beyond it (unexplained: a failure)
+    qonnx_float32_rounding: int = 0
+    qonnx_unexplained: int = 0
 
     @property
     def ok(self) -> bool:
-        """Every accelerator output bit-exact, and the model outputs equal to the QONNX model's
-        up to float rounding in FINN's float tail (relative 1e-5)."""
+        """Every accelerator output bit-exact, the model outputs equal to the reference's up to
+        float rounding in FINN's float tail (relative 1e-5), and no QONNX difference from the
+        exact evaluation left unexplained."""
         tail_ok = self.final_max_rel_diff is None or \
             self.final_max_rel_diff <= FLOAT_TAIL_TOLERANCE
-        return self.matched == self.inputs and tail_ok
+        return self.matched == self.inputs and tail_ok and self.qonnx_unexplained == 0
 
     def to_dict(self) -> dict:
         return {**asdict(self), "ok": self.ok}
@@ -63,16 +70,23 @@ class VerificationResult:
         where = f"; outputs first differ at {where}" if where and not self.ok else ""
         if self.hls_arith_agreed is not None:
             where += f"; hls-arith agreed bit for bit on {self.hls_arith_agreed}/{self.inputs}"
-        head = f"{self.executor} {self.kind}:"
+        if self.reference == "exact":
+            where += (f"; QONNX float32 rounding: {self.qonnx_float32_rounding} value(s) within "
+                      "float32 error of a rounding boundary")
+            if self.qonnx_unexplained:
+                where += f", {self.qonnx_unexplained} QONNX difference(s) UNEXPLAINED"
+        head, ref = f"{self.executor} {self.kind}:", self.reference
+        if ref == "exact":
+            ref = "the exact evaluation"
         if self.ok:
             return (f"{head} {self.matched}/{self.inputs} accelerator outputs bit-exact (ok; "
-                    f"model output vs QONNX rel. diff {rel}{where})")
+                    f"model output vs {ref} rel. diff {rel}{where})")
         if self.matched == self.inputs:
             return (f"{head} MISMATCH: the accelerator outputs were bit-exact "
-                    f"({self.matched}/{self.inputs}), but the model outputs differ from the QONNX "
-                    f"model by rel. {rel}, beyond float rounding ({FLOAT_TAIL_TOLERANCE:g}){where}")
+                    f"({self.matched}/{self.inputs}), but the model outputs differ from {ref} "
+                    f"by rel. {rel}, beyond float rounding ({FLOAT_TAIL_TOLERANCE:g}){where}")
         return (f"{head} {self.matched}/{self.inputs} accelerator outputs bit-exact (MISMATCH; "
-                f"model output vs QONNX rel. diff {rel}{where})")
+                f"model output vs {ref} rel. diff {rel}{where})")
 
 
 
@@ -137,7 +151,7 @@ def first_differences(results: list[VerificationResult]) -> dict[str, dict[str, 
         tail = set().union(*(r.final_mismatched_indices for r in same_kind))
         counts = {STAGE_CONVERSION: len(conversion), STAGE_WIDTHS: len(widths - conversion),
                   cppsim_stage: len(cppsim - conversion - widths),
-                  "the float tail after the accelerator (model output vs QONNX)":
+                  "the float tail after the accelerator (model output vs the reference)":
                       len(tail - conversion - widths - cppsim)}
         counts = {stage: n for stage, n in counts.items() if n}
         if counts:

@@ -211,8 +211,8 @@ class ExactModel:
         qonnx = np.rint(context[quant.output[0]].astype(np.float64) / scale.astype(np.float64))
         differ = np.argwhere(qonnx != exact)
         if differ.size:
-            explained = sum(self._within_float32_error(layer, acc.numpy(), magnitude.numpy(),
-                                                       tuple(i), qonnx, exact) for i in differ)
+            explained = int(sum(self._within_float32_error(layer, acc.numpy(), magnitude.numpy(),
+                                                           tuple(i), qonnx, exact) for i in differ))
             name = quant.name
             result.float32_rounding[name] = result.float32_rounding.get(name, 0) + explained
             unexplained = len(differ) - explained

@@ -22,6 +22,7 @@ from finn_flow.errors import FinnBuildError
 from finn_flow.steps.accumulators import FINN_DOMAIN
 from finn_flow.verify.compare import EXECUTORS, VerificationResult, compare
 from finn_flow.verify.cppsim import NodeExecution, PythonFallback, plan_cppsim
+from finn_flow.verify.exact import ExactEvaluation, ExactModel
 from finn_flow.verify.graph_exec import GraphRunner, one_thread
 from finn_flow.verify.hls_arith import (
     LayerExtremes,
@@ -71,6 +72,7 @@ class Reference:
     qonnx: np.ndarray
     finn_accelerator: np.ndarray
     finn_final: np.ndarray
+    exact: ExactEvaluation | None = None  # None where the exact evaluation does not apply
 
 
 class _Dataflow:
@@ -109,12 +111,30 @@ def reference_outputs(output_dir: Path, verify_sets: dict[str, np.ndarray],
                       qonnx_model: ModelWrapper) -> dict[str, Reference]:
     """Per input set, the outputs every executor is compared with (:class:`Reference`)."""
     flow = _Dataflow(output_dir)
+    exact = _exact_model(qonnx_model)
     out = {}
     for kind, inputs in verify_sets.items():
         acc, final = flow.run(flow.reference, inputs, f"verify: FINN graph, {kind} inputs")
         out[kind] = Reference(qonnx=run_qonnx(qonnx_model, inputs, f"verify: QONNX, {kind} inputs"),
-                              finn_accelerator=acc, finn_final=final)
+                              finn_accelerator=acc, finn_final=final,
+                              exact=_evaluate(exact, inputs))
     return out
+
+
+def _evaluate(exact: ExactModel | None, inputs: np.ndarray) -> ExactEvaluation | None:
+    try:
+        return None if exact is None else exact.evaluate(inputs)
+    except ValueError:  # an input off a quantizer's grid where the evaluation assumed one
+        return None
+
+
+def _exact_model(qonnx_model: ModelWrapper) -> ExactModel | None:
+    """The exact evaluation of the model (:mod:`finn_flow.verify.exact`), or None where its graph
+    is beyond it (the comparison then stays with QONNX's float32 execution, and says so)."""
+    try:
+        return ExactModel(qonnx_model)
+    except (ValueError, KeyError, StopIteration, TypeError):  # A2QInputError is a ValueError
+        return None
 
 
 def _compare_sets(executor: str, child: Path, output_dir: Path,
@@ -128,8 +148,13 @@ def _compare_sets(executor: str, child: Path, output_dir: Path,
     for kind, inputs in verify_sets.items():
         ref = reference[kind]
         acc, final = flow.run(child, inputs, f"verify: {executor}, {kind} inputs")
-        result = compare(kind, ref.finn_accelerator, acc, final_expected=ref.qonnx,
+        expected = ref.qonnx if ref.exact is None else ref.exact.outputs.reshape(ref.qonnx.shape)
+        result = compare(kind, ref.finn_accelerator, acc, final_expected=expected,
                          final_actual=final, executor=executor, final_reference=ref.finn_final)
+        if ref.exact is not None:
+            result.reference = "exact"
+            result.qonnx_float32_rounding = int(sum(ref.exact.float32_rounding.values()))
+            result.qonnx_unexplained = int(sum(ref.exact.unexplained.values()))
         if outputs is not None:
             outputs[kind] = acc
         if agree_with is not None and kind in agree_with:
