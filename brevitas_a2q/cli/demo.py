@@ -118,7 +118,7 @@ def _run(args: argparse.Namespace, paths: dict[str, Path]) -> int:
         "finn": {"ok": finn_ok, "summary": finn_text},
         "files": {k: str(v) for k, v in paths.items()},
     }
-    ok = report.all_hold and finn_ok
+    ok = report.all_hold is not False and finn_ok  # None: no target to check (--quant none)
     with atomic_output(paths["results.json"], overwrite=args.overwrite) as tmp:
         tmp.write_text(json.dumps(results, indent=2))
     if args.json:
