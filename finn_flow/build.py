@@ -35,11 +35,13 @@ from finn_flow.finn_compat import (
 )
 from finn_flow.options import (
     check_brevitas_export,
+    check_float_inputs,
     check_forced_width,
     check_step_names,
     check_target,
     check_targets_hold,
     check_tools,
+    declare_input_type,
     load_folding_config,
 )
 from finn_flow.steps.accumulators import LayerWidths
@@ -268,6 +270,7 @@ def build(
     overwrite: bool = False,
     verbose: bool = False,
     allow_overflow_demo: bool = False,
+    input_type: str | None = None,
 ) -> BuildResult:
     """Build ``model_onnx`` (QONNX, as written by ``brevitas_a2q.export.export_qonnx``) with FINN
     into ``output_dir``.
@@ -287,7 +290,10 @@ def build(
     (:func:`finn_flow.steps.insert_a2q_steps`). ``force_accumulator_bits`` imposes a width on every
     layer without proof; below a layer's proven width (the exact range of its integer weights) it
     is refused unless ``allow_overflow_demo`` (to show that the check catches an overflowing
-    model), and such layers are labelled in the reports. ``verbose`` shows FINN's console output
+    model), and such layers are labelled in the reports. ``input_type`` (a qonnx integer datatype
+    name, e.g. ``"UINT8"``) declares the model input integer, as FINN's image flows do, for a
+    model whose first layer reads the float input directly (a float stem: "the input is already
+    8-bit RGB"); verification inputs are then drawn from that type. ``verbose`` shows FINN's console output
     (its steps, and its traceback on a failure); FINN's log is written either way.
 
     Everything FINN would reject (board, FPGA part, folding file, step names, outputs needing
@@ -304,7 +310,10 @@ def build(
                    random_count=random_count, force_accumulator_bits=force_accumulator_bits)
     path = Path(model_onnx).resolve()
     qonnx_model = _load(path)
+    if input_type is not None:
+        declare_input_type(qonnx_model, input_type)
     _check_model(qonnx_model, path)
+    check_float_inputs(qonnx_model, path)
     analysis = check_targets_hold(qonnx_model, path)
     forced_below = check_forced_width(analysis, force_accumulator_bits, allow_overflow_demo)
     out = Path(output_dir).resolve()
@@ -351,7 +360,11 @@ def build(
                 generate_outputs=_generate_outputs(bdc, outputs), steps=step_list,
                 save_intermediate_models=True, enable_build_pdb_debug=False, verbose=verbose,
                 **config_options(bdc, verbose))
-            status, error = run_build(build_dataflow, str(path), cfg)
+            finn_input = path
+            if input_type is not None:  # FINN reads the model with its input declared integer
+                finn_input = work / "model_input_declared.onnx"
+                qonnx_model.save(str(finn_input))
+            status, error = run_build(build_dataflow, str(finn_input), cfg)
         error = state.get("error", error)
         if isinstance(error, A2QInputError):  # ours, e.g. AccumulatorOverflowError: as raised
             raise error

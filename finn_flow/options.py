@@ -24,12 +24,14 @@ from brevitas_a2q.errors import A2QInputError, AccumulatorOverflowError
 __all__ = [
     "FOLDING_DIVISORS",
     "check_brevitas_export",
+    "check_float_inputs",
     "check_folding_against_graph",
     "check_forced_width",
     "check_step_names",
     "check_target",
     "check_targets_hold",
     "check_tools",
+    "declare_input_type",
     "load_folding_config",
     "step_a2q_check_folding",
 ]
@@ -238,3 +240,42 @@ def check_forced_width(report, force_bits: int | None, allow_overflow_demo: bool
             "build it anyway to demonstrate the overflow (with --verify), or force at least "
             f"{max(a.bits_exact_range for a in report)} bits")
     return below
+
+
+def declare_input_type(model: ModelWrapper, input_type: str) -> None:
+    """Annotate the graph input with the integer qonnx datatype ``input_type`` (``--input-type``),
+    as FINN's image flows declare 8-bit image inputs: the model then builds with a first layer
+    that reads the float input directly (a float stem), on inputs of that type."""
+    from qonnx.core.datatype import DataType
+
+    try:
+        dtype = DataType[input_type.upper()]
+    except KeyError:
+        dtype = None
+    if dtype is None or not dtype.is_integer() or dtype.bitwidth() > 32:
+        raise A2QInputError(f"--input-type {input_type!r} is not an integer qonnx datatype of at "
+                            "most 32 bits; use e.g. UINT8 (8-bit images) or INT8")
+    model.set_tensor_datatype(model.graph.input[0].name, dtype)
+
+
+def check_float_inputs(model: ModelWrapper, path: str | os.PathLike) -> None:
+    """Refuse, naming the layer and the fix, a layer recorded at export with a float input (a float
+    stem) whose input is still not integer: FINN builds integer inputs only."""
+    from brevitas_a2q.analysis.qonnx_analysis import accumulating_nodes, node_input_datatype
+    from brevitas_a2q.analysis.records import read_records, weight_fingerprint
+
+    floats = {r.fingerprint: r.layer for r in read_records(model, str(path))
+              if r.input_bits is None}
+    for node, weights in accumulating_nodes(model) if floats else ():
+        layer = floats.get(weight_fingerprint(weights.int_weights))
+        if layer is None:
+            continue
+        try:
+            node_input_datatype(model, node.input[0], node)
+        except A2QInputError:
+            raise A2QInputError(
+                f"{path}: layer {layer!r} reads a float input (a float stem, no input quantizer), "
+                "and FINN builds integer inputs only: if the model input only takes integer "
+                "values, declare their type with --input-type (build(input_type=...)), e.g. "
+                "UINT8 for 8-bit images, as FINN's image flows do; else quantize the input "
+                "(input_quant=...)") from None

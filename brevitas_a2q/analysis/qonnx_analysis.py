@@ -363,9 +363,11 @@ class AccumulatorReport(list):
     under the table and included in :meth:`to_dict`.
     """
 
-    def __init__(self, results=(), unmatched_records=()) -> None:
+    def __init__(self, results=(), unmatched_records=(), float_inputs=()) -> None:
         super().__init__(results)
         self.unmatched_records: list[AccumulatorRecord] = list(unmatched_records)
+        # layers recorded at export with a float input and no target (a float stem): not integer
+        self.float_inputs: list[str] = list(float_inputs)
 
     @property
     def warnings(self) -> list[str]:
@@ -386,14 +388,16 @@ class AccumulatorReport(list):
 
     @property
     def unchecked(self) -> list[str]:
-        """The nodes (layer name where known) without a target: not checked."""
-        return [r.layer or r.node for r in self if r.target_bits is None]
+        """The nodes (layer name where known) without a target, float-input layers and records
+        without a target that match no node: not checked."""
+        return [r.layer or r.node for r in self if r.target_bits is None] + self.float_inputs + \
+            [r.layer for r in self.unmatched_records if r.target_bits is None]
 
     @property
     def violated(self) -> bool:
         """A checked target is violated (exact range or the variant's L1 bound exceeds P), or a
-        record matches no node's weights."""
-        return bool(self.unmatched_records) or any(
+        record with a target matches no node's weights (one without a target is only noted)."""
+        return any(r.target_bits is not None for r in self.unmatched_records) or any(
             r.target_holds is False or r.bound_holds is False for r in self)
 
     @property
@@ -425,6 +429,7 @@ class AccumulatorReport(list):
         :attr:`all_hold`), ``checked`` (count), ``unchecked`` (names) and ``summary``."""
         return {"layers": [asdict(r) | {"proven_datatype": r.proven_datatype} for r in self],
                 "unmatched_records": [r.layer for r in self.unmatched_records],
+                "float_inputs": self.float_inputs,
                 "warnings": self.warnings,
                 "all_hold": self.all_hold, "checked": self.checked,
                 "unchecked": self.unchecked, "summary": self.summary}
@@ -449,8 +454,15 @@ class AccumulatorReport(list):
                  for k, _ in cols] for r in self]
         lines = [text_table([t for _, t in cols], rows)]
         for rec in self.unmatched_records:
-            lines.append(f"record {rec.layer!r} (target {rec.target_bits}) matches no node's "
-                         "integer weights: the file's weights differ from what was exported")
+            if rec.target_bits is None:
+                lines.append(f"note: record {rec.layer!r} (no target) matches no node's integer "
+                             "weights; nothing was to be checked for it")
+            else:
+                lines.append(f"record {rec.layer!r} (target {rec.target_bits}) matches no node's "
+                             "integer weights: the file's weights differ from what was exported")
+        for layer in self.float_inputs:
+            lines.append(f"note: layer {layer!r} has a float input (recorded at export, no "
+                         "target): its accumulator is not integer and was not checked")
         lines += [f"warning: {w}" for w in self.warnings]
         return "\n".join(lines)
 
@@ -484,15 +496,23 @@ def analyze_accumulators(model: ModelWrapper, source: str | None = None) -> Accu
     the error raised for corrupt records (:func:`~brevitas_a2q.analysis.records.read_records`).
     """
     pending = list(read_records(model, source))
-    results = []
+    results, float_inputs = [], []
     for node, weights in accumulating_nodes(model):
-        result = _analyze_node(model, node, weights)
-        match = next((r for r in pending if r.fingerprint == result.fingerprint), None)
+        fingerprint = weight_fingerprint(weights.int_weights)
+        match = next((r for r in pending if r.fingerprint == fingerprint), None)
+        try:
+            result = _analyze_node(model, node, weights)
+        except A2QInputError:
+            if match is None or match.input_bits is not None or match.target_bits is not None:
+                raise
+            pending.remove(match)  # recorded at export as a float-input layer (a float stem)
+            float_inputs.append(match.layer)
+            continue
         if match is not None:
             pending.remove(match)
             _apply_record(result, match)
         results.append(result)
-    return AccumulatorReport(results, pending)
+    return AccumulatorReport(results, pending, float_inputs)
 
 
 def accumulator_analysis(model: ModelWrapper) -> dict:

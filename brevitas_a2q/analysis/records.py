@@ -137,8 +137,10 @@ _CHECKS: dict[str, tuple] = {
                     lambda v: v is None or TARGET_BITS_RANGE[0] <= v <= TARGET_BITS_RANGE[1],
                     f"null or a whole number of bits from {TARGET_BITS_RANGE[0]} to "
                     f"{TARGET_BITS_RANGE[1]}"),
-    "input_bits": _WHOLE, "weight_bits": _WHOLE, "out_channels": _WHOLE, "dot_length": _WHOLE,
-    "input_signed": ((bool,), lambda v: True, "true or false"),
+    "input_bits": ((int, type(None)), lambda v: v is None or v >= 1,
+                   "null (a float input) or a whole number of at least 1"),
+    "weight_bits": _WHOLE, "out_channels": _WHOLE, "dot_length": _WHOLE,
+    "input_signed": ((bool, type(None)), lambda v: True, "true, false or null (a float input)"),
     "extra": ((dict,), lambda v: True, "an object"),
 }
 
@@ -161,4 +163,7 @@ def _record(entry: object, where: str) -> AccumulatorRecord:
         is_bool = isinstance(value, bool) and bool not in types  # JSON true is not a number
         if is_bool or not isinstance(value, types) or not valid(value):
             raise A2QInputError(f"{where}: {name} must be {requirement}, got {value!r}; {_FIX}")
+    if entry["input_bits"] is None and entry["target_bits"] is not None:
+        raise A2QInputError(f"{where}: a float input (input_bits null) cannot have a target "
+                            f"(target_bits {entry['target_bits']}); {_FIX}")
     return AccumulatorRecord(**entry)

@@ -72,6 +72,11 @@ def add_parser(subparsers) -> None:
                         help="UNSAFE: accept --force-accumulator-bits below the proven widths, "
                              "to demonstrate that --verify catches the overflow; such layers "
                              "are marked FORCED below their exact range in the reports")
+    parser.add_argument("--input-type", metavar="TYPE",
+                        help="declare the model input integer (a qonnx datatype, e.g. UINT8 for "
+                             "8-bit images), as FINN's image flows do: needed where the first "
+                             "layer reads the float input directly (a float stem); verification "
+                             "inputs are then drawn from that type")
     parser.add_argument("--steps", metavar="FILE.py:NAME",
                         help="your FINN step list (step names and step(model, cfg) functions) "
                              "instead of FINN's defaults, from a Python file or module "
@@ -218,4 +223,4 @@ def _build(args: argparse.Namespace, inputs, steps):
         outputs=args.outputs, verify=args.verify, verify_inputs=inputs,
         random_count=args.random_inputs, force_accumulator_bits=args.force_accumulator_bits,
         steps=steps, overwrite=args.overwrite, verbose=args.verbose,
-        allow_overflow_demo=args.allow_overflow_demo)
+        allow_overflow_demo=args.allow_overflow_demo, input_type=args.input_type)

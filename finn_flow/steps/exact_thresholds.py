@@ -160,6 +160,11 @@ def _input_scale(model: ModelWrapper, tensor: str) -> np.ndarray | None:
     return params[0]
 
 
+def _gemm_trans_b(node) -> bool:
+    attr = get_by_name(node.attribute, "transB")
+    return attr is not None and attr.i == 1
+
+
 def _weight_rows(model: ModelWrapper, node) -> tuple[np.ndarray, np.ndarray] | None:
     """Integer weight rows (per output channel) and per-channel weight scales of ``node``."""
     quant = model.find_producer(node.input[1])
@@ -174,7 +179,9 @@ def _weight_rows(model: ModelWrapper, node) -> tuple[np.ndarray, np.ndarray] | N
     if node.op_type == "ConvTranspose":
         rows = q.transpose(1, 0, *range(2, q.ndim)).reshape(q.shape[1], -1)
         scale = scale.reshape(-1) if scale.size == 1 else scale.transpose(1, 0, 2, 3).reshape(-1)
-    elif node.op_type in ("MatMul", "Gemm"):
+    elif node.op_type == "Gemm" and _gemm_trans_b(node):  # weight (out, in)
+        rows, scale = q.reshape(q.shape[0], -1), scale.reshape(-1)
+    elif node.op_type in ("MatMul", "Gemm"):  # weight (in, out)
         rows, scale = q.reshape(q.shape[0], -1).T, scale.reshape(-1)
     else:
         rows, scale = q.reshape(q.shape[0], -1), scale.reshape(-1)

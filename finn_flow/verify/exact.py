@@ -37,6 +37,7 @@ from finn_flow.steps.exact_thresholds import (
     ActivationChain,
     LevelTable,
     _float,
+    _gemm_trans_b,
     _input_scale,
     _quant_params,
     _value,
@@ -143,9 +144,8 @@ class ExactModel:
         weights = np.rint(values / model.get_initializer(weight_quant.input[1]))
         if node.op_type == "MatMul":
             weights = weights.reshape(weights.shape[0], -1)
-        elif node.op_type == "Gemm":
-            trans_b = get_by_name(node.attribute, "transB")
-            weights = weights.T if trans_b is not None and trans_b.i else weights
+        elif node.op_type == "Gemm" and _gemm_trans_b(node):
+            weights = weights.T
         producer = model.find_producer(node.input[0])
         while producer is not None and producer.op_type in PASS_THROUGH:
             producer = model.find_producer(producer.input[0])

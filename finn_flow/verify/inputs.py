@@ -44,10 +44,20 @@ def run_qonnx(model: ModelWrapper, inputs: np.ndarray, label: str = "verify: QON
 
 def random_inputs(model: ModelWrapper, count: int, seed: int = 0,
                   low: float = 0.0, high: float = 1.0) -> np.ndarray:
-    """``count`` inputs uniform in ``[low, high)`` shaped like the model's input."""
+    """``count`` inputs uniform in ``[low, high)`` shaped like the model's input, or uniform over
+    the integers of the input's qonnx datatype where it has an integer one (``--input-type``)."""
     _, shape = _input_info(model)
     rng = np.random.default_rng(seed)
+    declared = integer_input_range(model)
+    if declared is not None:
+        return rng.integers(declared[0], declared[1] + 1, size=(count, *shape)).astype(np.float32)
     return rng.uniform(low, high, size=(count, *shape)).astype(np.float32)
+
+
+def integer_input_range(model: ModelWrapper) -> tuple[int, int] | None:
+    """``(min, max)`` of the graph input's integer qonnx datatype, or None for a float input."""
+    dtype = model.get_tensor_datatype(model.graph.input[0].name)
+    return (int(dtype.min()), int(dtype.max())) if dtype.is_integer() else None
 
 
 def _first_accumulating_weight(model: ModelWrapper) -> tuple[object, np.ndarray]:
@@ -89,11 +99,14 @@ def extreme_inputs(model: ModelWrapper, channels: int = 8, amplitude: float = 1e
             raise A2QInputError(f"first layer {node.name!r} reads {rows.shape[1]} values, not the "
                                 f"{int(np.prod(shape[1:]))} of the graph input")
     order = np.argsort(-np.abs(rows).sum(axis=1))[:channels]
+    declared = integer_input_range(model)  # an integer input: its own extremes
     out = []
     for c in order:
         for sign in (1.0, -1.0):
             x = np.zeros(shape, dtype=np.float32)
             pattern = sign * amplitude * np.sign(rows[c])
+            if declared is not None:
+                pattern = np.where(pattern > 0, declared[1], np.where(pattern < 0, declared[0], 0))
             if node.op_type == "Conv":
                 _, _, kh, kw = weight.shape
                 h0, w0 = (shape[2] - kh) // 2, (shape[3] - kw) // 2
