@@ -51,6 +51,7 @@ __all__ = [
     "InputChain",
     "exact_integer_thresholds",
     "faces_accumulator",
+    "input_levels",
     "float_input_thresholds",
     "read_input_chains",
     "record_input_chains",
@@ -147,17 +148,23 @@ def _quant_params(model: ModelWrapper, quant) -> tuple[np.ndarray, int, int] | N
     return scale, low, high
 
 
-def _input_scale(model: ModelWrapper, tensor: str) -> np.ndarray | None:
-    """The scale of the activation Quant whose levels reach ``tensor`` unchanged."""
-    producer = model.find_producer(tensor)
+def input_levels(model: ModelWrapper, tensor: str) -> tuple[float, int, int] | None:
+    """``(scale, lowest level, highest level)`` of the integers reaching ``tensor`` unchanged: an
+    activation Quant's (through layout and max-pool ops), or the graph input's integer datatype
+    (``--input-type``, scale 1); None otherwise."""
+    producer, source = model.find_producer(tensor), tensor
     while producer is not None and producer.op_type in PASS_THROUGH:
-        producer = model.find_producer(producer.input[0])
-    if producer is None or producer.op_type != "Quant" or _init(model, producer.input[0]) is not None:
+        source = producer.input[0]
+        producer = model.find_producer(source)
+    if producer is None:
+        dtype = model.get_tensor_datatype(source)
+        return (1.0, int(dtype.min()), int(dtype.max())) if dtype.is_integer() else None
+    if producer.op_type != "Quant" or _init(model, producer.input[0]) is not None:
         return None
     params = _quant_params(model, producer)
     if params is None or np.asarray(params[0]).size != 1:
         return None
-    return params[0]
+    return float(np.asarray(params[0]).reshape(-1)[0]), params[1], params[2]
 
 
 def _gemm_trans_b(node) -> bool:
@@ -240,12 +247,12 @@ def record_activation_chains(model: ModelWrapper) -> dict[str, ActivationChain]:
             producer = model.find_producer(producer.input[0])
         if params is None or producer is None:
             continue
-        s_x, weights = _input_scale(model, producer.input[0]), _weight_rows(model, producer)
+        levels, weights = input_levels(model, producer.input[0]), _weight_rows(model, producer)
         ops = _chain_ops(model, producer, quant)
-        if s_x is None or weights is None or ops is None:
+        if levels is None or weights is None or ops is None:
             continue
         rows, s_w = weights
-        scale = [str(_fraction(np.asarray(s_x).reshape(-1)[0]) * _fraction(s)) for s in s_w]
+        scale = [str(_fraction(levels[0]) * _fraction(s)) for s in s_w]
         chains[quant.output[0]] = ActivationChain(
             layer_node=producer.name, fingerprint=weight_fingerprint(rows), scale=scale, ops=ops,
             quant_scale=_per_channel(params[0]), low=params[1], high=params[2])

@@ -33,15 +33,13 @@ from qonnx.util.cleanup import cleanup_model
 
 from brevitas_a2q.quant.bounds import exact_accumulator_range
 from finn_flow.steps.exact_thresholds import (
-    PASS_THROUGH,
     ActivationChain,
     LevelTable,
     _float,
     _gemm_trans_b,
-    _input_scale,
-    _quant_params,
     _value,
     _weight_rows,
+    input_levels,
     level_table,
     record_activation_chains,
     record_input_chains,
@@ -146,15 +144,11 @@ class ExactModel:
             weights = weights.reshape(weights.shape[0], -1)
         elif node.op_type == "Gemm" and _gemm_trans_b(node):
             weights = weights.T
-        producer = model.find_producer(node.input[0])
-        while producer is not None and producer.op_type in PASS_THROUGH:
-            producer = model.find_producer(producer.input[0])
-        _, low, high = _quant_params(model, producer)
+        scale, low, high = input_levels(model, node.input[0])
         lo, hi = exact_accumulator_range(rows, low, high).overall
         table = level_table(chain, rows.shape[0], lo, hi)
         if table is None:
             return "its level is not non-decreasing in the accumulator (a negative scale)"
-        scale = float(np.asarray(_input_scale(model, node.input[0])).reshape(-1)[0])
         return _Layer(quant, chain, node, torch.from_numpy(weights), scale, table, rows.shape[1])
 
     def evaluate(self, inputs: np.ndarray) -> ExactEvaluation:
