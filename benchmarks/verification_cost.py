@@ -12,15 +12,15 @@ none: "the input is already 8-bit RGB"); Euclidean-projection init, BN at its in
 variant (``QuantResNet`` with ``num_blocks=[1, 1, 1, 1]``) instead.
 
 One :func:`finn_flow.build` (estimate outputs, FINN's default folding, ``verify=("hls-arith",)``,
-``random_count`` at its default unless ``--random-inputs`` is given) and FINN's own per-step times (``report/time_per_step.json``,
-whole seconds): the verification step ``step_a2q_verify_hls_arith`` (QONNX model, FINN's graph
-before specialization and the hls-arith dataflow graph on every default input, plus every
-MVAU/VVAU alone at its accumulators' extremes) against the sum of FINN's own steps
-(``step_*`` not ours) and against the whole build without verification (FINN's steps plus
-finn_flow's ``step_a2q_*``). Prints the ratios and writes ``--results`` (default
-``benchmarks/results/verification_cost.json``). The machine's load is recorded: both sides are
-measured in the same run, so a loaded machine slows both. Needs FINN; prints "skipped: <why>"
-without.
+``random_count`` at its default unless ``--random-inputs`` is given) and FINN's own per-step times
+(``report/time_per_step.json``, whole seconds): the verification step
+``step_a2q_verify_hls_arith`` (QONNX model, FINN's graph before specialization and the hls-arith
+dataflow graph on every default input, plus every MVAU/VVAU alone at its accumulators' extremes)
+against the sum of FINN's own steps (``step_*`` not ours) and against the whole build without
+verification (FINN's steps plus finn_flow's ``step_a2q_*``). Prints the ratios and writes
+``--results`` (default ``benchmarks/results/verification_cost.json``). The machine's load is
+recorded: both sides are measured in the same run, so a loaded machine slows both. Needs FINN;
+prints "skipped: <why>" without.
 """
 
 from __future__ import annotations

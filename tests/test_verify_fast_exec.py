@@ -58,9 +58,17 @@ def _assert_same_context(expected: dict, actual: dict) -> None:
 
 
 @pytest.mark.parametrize("name", NETWORKS)
-def test_dataflow_runs_equal_execute_parent_tensor_for_tensor(builds, name):
+def test_dataflow_runs_equal_execute_parent_tensor_for_tensor(builds, name, monkeypatch):
+    """Every tensor, FINN's graph before specialization (its MVAUs through the 2-D product) and
+    the hls-arith graph."""
     from finn_flow.finn_compat import execute_parent
+    from finn_flow.verify import graph_exec
     from finn_flow.verify.executors import _Dataflow
+
+    fast = []
+    original = graph_exec._exact_mvau
+    monkeypatch.setattr(graph_exec, "_exact_mvau",
+                        lambda node, context: fast.append(original(node, context)) or fast[-1])
 
     qonnx_model, result = builds[name]
     out = result.output_dir
@@ -75,6 +83,7 @@ def test_dataflow_runs_equal_execute_parent_tensor_for_tensor(builds, name):
             actual = flow.runner.run({flow.in_name: x.reshape(flow.in_shape)},
                                      return_full_context=True)
             _assert_same_context(expected, actual)
+    assert fast and all(fast)  # every generic MVAU took the 2-D product
 
 
 @pytest.mark.parametrize("name", NETWORKS)

@@ -85,6 +85,8 @@ def _exact_mvau(node, context: dict) -> bool:
     from qonnx.custom_op.general.multithreshold import multithreshold
     from qonnx.custom_op.registry import getCustomOp
 
+    from finn_flow.verify.hls_arith import integer_weights_info
+
     inst = getCustomOp(node)
     x, w = context[node.input[0]], context[node.input[1]]
     if inst.get_nodeattr("binaryXnorMode") or "BIPOLAR" in (
@@ -92,10 +94,10 @@ def _exact_mvau(node, context: dict) -> bool:
         return False
     if x.dtype != np.float32 or w.dtype != np.float32 or w.ndim != 2:
         return False
-    if not (np.array_equal(x, np.round(x)) and np.array_equal(w, np.round(w))):
+    info = integer_weights_info(w)
+    if info is None or not np.array_equal(x, np.round(x)):
         return False
-    bound = float(np.abs(x).max(initial=0)) * float(np.abs(w).sum(axis=0).max(initial=0))
-    if bound >= 2.0 ** 24:
+    if float(np.abs(x).max(initial=0)) * info["l1"] * (1 + 2.0 ** -20) >= 2.0 ** 24:
         return False
     shape = tuple(inst.get_normal_input_shape())
     result = (x.reshape(-1, w.shape[0]) @ w).reshape(shape[:-1] + (w.shape[1],))

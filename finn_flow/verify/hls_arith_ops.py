@@ -19,7 +19,12 @@ from finn.custom_op.fpgadataflow.vectorvectoractivation import VVAU
 from qonnx.core.datatype import DataType
 
 from finn_flow.errors import FinnBuildError
-from finn_flow.verify.hls_arith import exact_matmul, threshold_step, wrap_twos_complement
+from finn_flow.verify.hls_arith import (
+    exact_matmul,
+    integer_weights_info,
+    threshold_step,
+    wrap_twos_complement,
+)
 
 __all__ = ["HlsArithMVAU", "HlsArithVVAU", "custom_op"]
 
@@ -67,12 +72,11 @@ class _HlsArithmetic:
         vectors, :func:`finn_flow.verify.hls_arith.exact_matmul`), shaped as FINN's output; None
         for a VVAU, a non-integer input type or non-integer weights."""
         node = self.onnx_node
-        weights = np.asarray(context[node.input[1]])
+        weights = context[node.input[1]]
         if not isinstance(self, MVAU) or not DataType[self.get_nodeattr("inputDataType")].is_integer() \
-                or not np.array_equal(weights, np.round(weights)):
+                or weights.ndim != 2 or integer_weights_info(weights) is None:
             return None
-        x2d = x.reshape(-1, weights.shape[0]).astype(np.int64)
-        acc = exact_matmul(x2d, weights.astype(np.int64))
+        acc = exact_matmul(x.reshape(-1, weights.shape[0]), weights)
         return acc.astype(np.float64).reshape(context[node.output[0]].shape)
 
     def _finn_dot_products(self, x: np.ndarray, context: dict, graph) -> np.ndarray:
