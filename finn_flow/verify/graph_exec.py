@@ -19,10 +19,14 @@ size, so :class:`GraphRunner` does these once per graph:
 
 Every node still executes per input, in graph order, with the same code: FINN's and qonnx's
 custom ops through ``execute_custom_node``, standard ops through onnxruntime, and every
-non-constant integer-annotated tensor sanitized before and after each node (qonnx's
-``sanitize_quant_values`` wherever a value is not allowed by its type, so rounding, its warning
-and its error are qonnx's own). The outputs are the same arrays ``execute_onnx`` gives
-(``tests/test_verify_fast_exec.py`` checks them against ``execute_onnx`` and ``execute_parent``).
+non-constant integer-annotated tensor sanitized as qonnx does (qonnx's ``sanitize_quant_values``
+wherever a value is not allowed by its type, so rounding, its warning and its error are qonnx's
+own). Two things are computed differently with the same result: FINN's generic MVAU multiplies
+as one 2-D matrix product where every partial sum is an exact float32 integer
+(:func:`_exact_mvau`; FINN's 4-D ``np.matmul`` gives the same bits, an order of magnitude
+slower), and onnxruntime sessions and numpy's BLAS run on one thread (:func:`one_thread`).
+``tests/test_verify_fast_exec.py`` checks every tensor against ``execute_onnx`` and
+``execute_parent`` on real networks.
 """
 
 from __future__ import annotations

@@ -20,8 +20,9 @@ type, as the hardware does, and reports both (``hls_arith.json``, ``modeled_laye
 FINN can execute in Python: every layer becomes FINN's generic layer (its ``execute_node`` is FINN's
 Python model), except each MVAU/VVAU, which becomes the op of the same name in
 :mod:`finn_flow.verify.hls_arith_ops` with ``hlsAccDataType`` set from the graph (what FINN's HLS code
-generation declares it with). That op runs FINN's own exact dot product and applies only the wrap
-(:func:`wrap_twos_complement`) and the threshold step (:func:`threshold_step`) of finn-hlslib.
+generation declares it with). That op computes the exact dot products (an MVAU's as one exact
+integer matrix product, :func:`exact_matmul`; a VVAU's with FINN's own Python model) and applies
+only the wrap (:func:`wrap_twos_complement`) and the threshold step (:func:`threshold_step`) of finn-hlslib.
 This is a *model* of finn-hlslib's arithmetic that runs wherever FINN does (CI included); cppsim
 compiles the real HLS code and stays the authority where it runs.
 
