@@ -3,12 +3,13 @@ finn-hlslib's accumulator arithmetic (see :mod:`finn_flow.verify.hls_arith`).
 
 qonnx's registry imports this module when it executes a node of this domain; it needs FINN. Each op
 is FINN's generic layer (same attributes; exact dot products: an MVAU's as one exact integer matrix
-product, a VVAU's with FINN's own Python ``execute_node``) plus ``hlsAccDataType``, the type the HLS code accumulates in, and only the two steps
-finn-hlslib does differently from FINN's Python model are reimplemented here: the accumulator wraps
-modulo ``2^P`` in two's complement (``mac.hpp``: ``res += mul(...)`` with ``res`` of the
-accumulator type), and each threshold is compared with the *wrapped* accumulator
-(``activations.hpp``: ``ThresholdsActivation::activate`` adds ``comp::less_equal(threshold, accu)``
-to ``ActVal``; FINN instantiates it with ``less_equal``, i.e. ``accu >= threshold``).
+product, a VVAU's with FINN's own Python ``execute_node``) plus ``hlsAccDataType``, the type the HLS
+code accumulates in, and only the two steps finn-hlslib does differently from FINN's Python model
+are reimplemented here: the accumulator wraps modulo ``2^P`` in two's complement (``mac.hpp``: ``res
++= mul(...)`` with ``res`` of the accumulator type), and each threshold is compared with the
+*wrapped* accumulator (``activations.hpp``: ``ThresholdsActivation::activate`` adds
+``comp::less_equal(threshold, accu)`` to ``ActVal``; FINN instantiates it with ``less_equal``, i.e.
+``accu >= threshold``).
 """
 
 from __future__ import annotations
