@@ -112,6 +112,12 @@ def measure(out: Path, blocks: int, random_count: int | None = None) -> dict:
         "layer_extreme_vectors": sum(c.vectors for c in result.layer_extremes),
         "verification_passed": all(r.ok for r in result.verification)
         and all(c.ok for c in result.layer_extremes),
+        "outcome": {r.kind: {"inputs": r.inputs, "accelerator_equal_to_finn_graph": r.matched,
+                             "model_outputs_differing_from_qonnx": len(r.final_mismatched_indices),
+                             "finn_graph_differing_from_qonnx": len(r.reference_mismatched_indices)}
+                    for r in result.verification}
+        | {"layer_extremes_ok": f"{sum(c.ok for c in result.layer_extremes)}/"
+                                f"{len(result.layer_extremes)}"},
         "seconds": {"export": round(export_s, 1), "build_total_wall": round(build_s, 1),
                     "finn_steps": finn_s, "finn_flow_steps_without_verification": sum(ours.values()),
                     "verification": verify_s},
