@@ -85,7 +85,7 @@ def measure(out: Path, blocks: int, random_count: int | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     onnx = out / f"resnet18_blocks{blocks}.onnx"
     start = time.perf_counter()
-    export_qonnx(resnet18(blocks), torch.rand(1, 3, 32, 32), onnx)
+    export_qonnx(resnet18(blocks), torch.rand(1, 3, 32, 32), onnx, overwrite=True)
     export_s = time.perf_counter() - start
     default = inspect.signature(build).parameters["random_count"].default
     random_count = default if random_count is None else random_count
