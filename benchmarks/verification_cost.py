@@ -12,15 +12,15 @@ none: "the input is already 8-bit RGB"); Euclidean-projection init, BN at its in
 variant (``QuantResNet`` with ``num_blocks=[1, 1, 1, 1]``) instead.
 
 One :func:`finn_flow.build` (estimate outputs, FINN's default folding, ``verify=("hls-arith",)``,
-``random_count`` at its default unless ``--random-inputs`` is given) and FINN's own per-step times (``report/time_per_step.json``,
-whole seconds): the verification step ``step_a2q_verify_hls_arith`` (QONNX model, FINN's graph
-before specialization and the hls-arith dataflow graph on every default input, plus every
-MVAU/VVAU alone at its accumulators' extremes) against the sum of FINN's own steps
-(``step_*`` not ours) and against the whole build without verification (FINN's steps plus
-finn_flow's ``step_a2q_*``). Prints the ratios and writes ``--results`` (default
-``benchmarks/results/verification_cost.json``). The machine's load is recorded: both sides are
-measured in the same run, so a loaded machine slows both. Needs FINN; prints "skipped: <why>"
-without.
+``random_count`` at its default unless ``--random-inputs`` is given) and FINN's own per-step times
+(``report/time_per_step.json``, whole seconds): the verification step
+``step_a2q_verify_hls_arith`` (QONNX model, FINN's graph before specialization and the hls-arith
+dataflow graph on every default input, plus every MVAU/VVAU alone at its accumulators' extremes)
+against the sum of FINN's own steps (``step_*`` not ours) and against the whole build without
+verification (FINN's steps plus finn_flow's ``step_a2q_*``). Prints the ratios and writes
+``--results`` (default ``benchmarks/results/verification_cost.json``). The machine's load is
+recorded: both sides are measured in the same run, so a loaded machine slows both. Needs FINN;
+prints "skipped: <why>" without.
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def measure(out: Path, blocks: int, random_count: int | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     onnx = out / f"resnet18_blocks{blocks}.onnx"
     start = time.perf_counter()
-    export_qonnx(resnet18(blocks), torch.rand(1, 3, 32, 32), onnx)
+    export_qonnx(resnet18(blocks), torch.rand(1, 3, 32, 32), onnx, overwrite=True)
     export_s = time.perf_counter() - start
     default = inspect.signature(build).parameters["random_count"].default
     random_count = default if random_count is None else random_count
@@ -112,6 +112,12 @@ def measure(out: Path, blocks: int, random_count: int | None = None) -> dict:
         "layer_extreme_vectors": sum(c.vectors for c in result.layer_extremes),
         "verification_passed": all(r.ok for r in result.verification)
         and all(c.ok for c in result.layer_extremes),
+        "outcome": {r.kind: {"inputs": r.inputs, "accelerator_equal_to_finn_graph": r.matched,
+                             "model_outputs_differing_from_qonnx": len(r.final_mismatched_indices),
+                             "finn_graph_differing_from_qonnx": len(r.reference_mismatched_indices)}
+                    for r in result.verification}
+        | {"layer_extremes_ok": f"{sum(c.ok for c in result.layer_extremes)}/"
+                                f"{len(result.layer_extremes)}"},
         "seconds": {"export": round(export_s, 1), "build_total_wall": round(build_s, 1),
                     "finn_steps": finn_s, "finn_flow_steps_without_verification": sum(ours.values()),
                     "verification": verify_s},

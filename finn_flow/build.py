@@ -263,7 +263,7 @@ def build(
     outputs: Sequence[str] = ("estimate",),
     verify: Sequence[str] = (),
     verify_inputs: np.ndarray | None = None,
-    random_count: int = 20,
+    random_count: int = 100,
     force_accumulator_bits: int | None = None,
     lut_estimates: bool = True,
     steps: Sequence | None = None,

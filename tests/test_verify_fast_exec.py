@@ -4,7 +4,8 @@ FINN's ``execute_parent`` give one input at a time: every tensor of the executio
 random and extreme inputs, for the QONNX model, FINN's graph before specialization and the
 hls-arith dataflow graph of real networks (tests/finn_models.py: a residual CNN with
 DuplicateStreams/AddStreams and a depthwise-separable one with a VVAU), and the verification's
-results equal those computed with the one-at-a-time execution.
+results equal those computed with the one-at-a-time execution. Quantization annotations are
+sanitized as qonnx sanitizes them (same values, same error).
 """
 
 from __future__ import annotations
@@ -21,8 +22,14 @@ from finn_flow import build, finn_available
 from finn_flow.verify.inputs import extreme_inputs, random_inputs, run_qonnx
 
 FINN_OK, FINN_REASON = finn_available()
-pytestmark = [pytest.mark.finn, pytest.mark.slow,
-              pytest.mark.skipif(not FINN_OK, reason=f"FINN not importable: {FINN_REASON}")]
+
+
+def needs_finn(test):
+    """Marks ``finn`` and ``slow``; skipped, naming what is missing, where FINN is not importable."""
+    for mark in (pytest.mark.finn, pytest.mark.slow,
+                 pytest.mark.skipif(not FINN_OK, reason=f"FINN not importable: {FINN_REASON}")):
+        test = mark(test)
+    return test
 
 NETWORKS = ("resnet", "dwsep_residual")
 
@@ -57,10 +64,19 @@ def _assert_same_context(expected: dict, actual: dict) -> None:
         assert np.array_equal(e, a), name
 
 
+@needs_finn
 @pytest.mark.parametrize("name", NETWORKS)
-def test_dataflow_runs_equal_execute_parent_tensor_for_tensor(builds, name):
+def test_dataflow_runs_equal_execute_parent_tensor_for_tensor(builds, name, monkeypatch):
+    """Every tensor, FINN's graph before specialization (its MVAUs through the 2-D product) and
+    the hls-arith graph."""
     from finn_flow.finn_compat import execute_parent
+    from finn_flow.verify import graph_exec
     from finn_flow.verify.executors import _Dataflow
+
+    fast = []
+    original = graph_exec._exact_mvau
+    monkeypatch.setattr(graph_exec, "_exact_mvau",
+                        lambda node, context: fast.append(original(node, context)) or fast[-1])
 
     qonnx_model, result = builds[name]
     out = result.output_dir
@@ -75,8 +91,10 @@ def test_dataflow_runs_equal_execute_parent_tensor_for_tensor(builds, name):
             actual = flow.runner.run({flow.in_name: x.reshape(flow.in_shape)},
                                      return_full_context=True)
             _assert_same_context(expected, actual)
+    assert fast and all(fast)  # every generic MVAU took the 2-D product
 
 
+@needs_finn
 @pytest.mark.parametrize("name", NETWORKS)
 def test_qonnx_runs_equal_execute_onnx(builds, name):
     from qonnx.core.onnx_exec import execute_onnx
@@ -93,6 +111,7 @@ def test_qonnx_runs_equal_execute_onnx(builds, name):
     assert actual.dtype == expected.dtype and np.array_equal(actual, expected)
 
 
+@needs_finn
 @pytest.mark.parametrize("name", NETWORKS)
 def test_verification_results_equal_one_at_a_time_execution(builds, name, monkeypatch):
     """The whole hls-arith verification with the prepared runner and with qonnx's/FINN's own
@@ -134,3 +153,48 @@ def test_verification_results_equal_one_at_a_time_execution(builds, name, monkey
                             reference_outputs(out, sets, qonnx_model))[0]
     assert [r.to_dict() for r in fast] == [r.to_dict() for r in slow]
     assert all(r.to_dict()["inputs"] for r in fast)
+
+
+def _relu_graph(annotation: str):
+    """x -> Relu -> y -> Relu -> z, x and y annotated with ``annotation`` (qonnx sanitizes both)."""
+    from onnx import TensorProto, helper
+    from qonnx.core.datatype import DataType
+    from qonnx.util.basic import qonnx_make_model
+
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"]), helper.make_node("Relu", ["y"], ["z"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 4])],
+        value_info=[helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    model = ModelWrapper(qonnx_make_model(graph))
+    for name in ("x", "y"):
+        model.set_tensor_datatype(name, DataType[annotation])
+    return model
+
+
+@pytest.mark.parametrize("values, fails", [
+    ([1.0, -2.0, 3.0, 0.0], False),  # allowed by INT4: unchanged
+    ([1.0000001, -2.0, 3.0, 0.0], False),  # within qonnx's error threshold: rounded
+    ([0.4, -2.0, 3.0, 0.0], True),  # beyond it: qonnx raises
+    ([9.0, -2.0, 3.0, 0.0], False),  # out of INT4's range but integer: qonnx lets it through
+])
+def test_sanitizing_is_qonnx_own(values, fails):
+    """The quantization annotations are checked as ``execute_onnx`` checks them: same values
+    out, an error where it raises one."""
+    from qonnx.core.onnx_exec import execute_onnx
+
+    from finn_flow.verify.graph_exec import GraphRunner
+
+    model = _relu_graph("INT4")
+    x = np.asarray([values], dtype=np.float32)
+    runner = GraphRunner(model)
+    if fails:
+        with pytest.raises(Exception, match="Rounding error is too high"):
+            execute_onnx(model, {"x": x})
+        with pytest.raises(Exception, match="Rounding error is too high"):
+            runner.run({"x": x})
+        return
+    expected = execute_onnx(model, {"x": x}, return_full_exec_context=True)
+    actual = runner.run({"x": x}, return_full_context=True)
+    for name in ("x", "y", "z"):
+        assert np.array_equal(expected[name], actual[name]), name

@@ -62,7 +62,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--verify-inputs", type=Path, metavar="NPY",
                         help=".npy array of real inputs for --verify, shaped like the model's "
                              "input with any batch size")
-    parser.add_argument("--random-inputs", type=int_range(0), default=20, metavar="COUNT",
+    parser.add_argument("--random-inputs", type=int_range(0), default=100, metavar="COUNT",
                         help="random inputs for --verify (default: %(default)s)")
     parser.add_argument("--force-accumulator-bits", type=bits_type(ACC_BITS), metavar="B",
                         help="impose this width on every layer instead of the proven one; "

@@ -20,8 +20,9 @@ type, as the hardware does, and reports both (``hls_arith.json``, ``modeled_laye
 FINN can execute in Python: every layer becomes FINN's generic layer (its ``execute_node`` is FINN's
 Python model), except each MVAU/VVAU, which becomes the op of the same name in
 :mod:`finn_flow.verify.hls_arith_ops` with ``hlsAccDataType`` set from the graph (what FINN's HLS code
-generation declares it with). That op runs FINN's own exact dot product and applies only the wrap
-(:func:`wrap_twos_complement`) and the threshold step (:func:`threshold_step`) of finn-hlslib.
+generation declares it with). That op computes the exact dot products (an MVAU's as one exact
+integer matrix product, :func:`exact_matmul`; a VVAU's with FINN's own Python model) and applies
+only the wrap (:func:`wrap_twos_complement`) and the threshold step (:func:`threshold_step`) of finn-hlslib.
 This is a *model* of finn-hlslib's arithmetic that runs wherever FINN does (CI included); cppsim
 compiles the real HLS code and stays the authority where it runs.
 
@@ -35,6 +36,7 @@ Only qonnx and numpy are imported here; executing a converted graph needs FINN.
 from __future__ import annotations
 
 import copy
+import weakref
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -58,6 +60,7 @@ __all__ = [
     "exact_matmul",
     "extreme_vectors",
     "hls_accumulator_datatype",
+    "integer_weights_info",
     "run_hls_arith_case",
     "threshold_step",
     "wrap_twos_complement",
@@ -219,17 +222,57 @@ def extreme_vectors(q: np.ndarray, low: int, high: int) -> tuple[np.ndarray, np.
     return x_max, x_min
 
 
+_WEIGHTS: dict[int, tuple[weakref.ref, dict]] = {}
+
+
+def integer_weights_info(w: np.ndarray) -> dict | None:
+    """For a weight matrix ``w`` (``(K, N)``) with integer values: ``{"l1": max_j sum_k |w_kj|,
+    "float32": w as float32, "float64": ...}`` (the conversions made when first asked); None for
+    non-integer values. Remembered per array object while it lives (weights are constants of the
+    graph executed again and again; an array written in place after the first call is not
+    supported)."""
+    hit = _WEIGHTS.get(id(w))
+    if hit is not None and hit[0]() is w:
+        return hit[1]
+    info = None
+    if np.array_equal(w, np.round(w)):
+        info = {"l1": float(np.abs(w).astype(np.float64).sum(axis=0).max(initial=0)),
+                "array": w}
+    if len(_WEIGHTS) > 4096:  # forget arrays that no longer exist
+        for key in [k for k, (ref, _) in _WEIGHTS.items() if ref() is None]:
+            del _WEIGHTS[key]
+    try:
+        _WEIGHTS[id(w)] = (weakref.ref(w), info)
+    except TypeError:  # not weak-referenceable: not remembered
+        pass
+    return info
+
+
+def _as(info: dict, dtype) -> np.ndarray:
+    key = np.dtype(dtype).name
+    if key not in info:
+        info[key] = np.asarray(info["array"], dtype=dtype)
+    return info[key]
+
+
 def exact_matmul(x: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """``x @ w`` of int64 arrays, exactly (int64). With ``bound = max|x| * max_j sum_k |w_kj|``
-    (the largest partial sum's magnitude), through float32 BLAS where ``bound < 2^24`` and float64
-    BLAS where ``bound < 2^53``: every partial sum is then an integer the float type holds, so
-    every addition is exact whatever the order; in int64 otherwise."""
-    x, w = np.asarray(x, dtype=np.int64), np.asarray(w, dtype=np.int64)
-    bound = float(np.abs(x).max(initial=0)) * float(np.abs(w).sum(axis=0).max(initial=0))
+    """``x @ w`` of integer-valued arrays (``x`` ``(M, K)``, ``w`` ``(K, N)``), exactly, as int64.
+    With ``bound = max|x| * max_j sum_k |w_kj|`` (the largest partial sum's magnitude), through
+    float32 BLAS where ``bound < 2^24`` and float64 BLAS where ``bound < 2^53``: every partial sum
+    is then an integer the float type holds, so every addition is exact whatever the order; in
+    int64 otherwise. ``w``'s conversions are remembered (:func:`integer_weights_info`)."""
+    x = np.asarray(x)
+    if not np.array_equal(x, np.round(x)):
+        raise ValueError("exact_matmul: x has non-integer values")
+    info = integer_weights_info(w)
+    if info is None:
+        raise ValueError("exact_matmul: w has non-integer values")
+    # a margin for the float64 rounding of the L1 sum itself
+    bound = float(np.abs(x).max(initial=0)) * info["l1"] * (1 + 2.0 ** -20)
     for limit, dtype in ((2.0 ** 24, np.float32), (2.0 ** 53, np.float64)):
         if bound < limit:
-            return (x.astype(dtype) @ w.astype(dtype)).astype(np.int64)
-    return x @ w
+            return (x.astype(dtype) @ _as(info, dtype)).astype(np.int64)
+    return x.astype(np.int64) @ _as(info, np.int64)
 
 
 def _single_node(model: ModelWrapper, node, in_shape: tuple[int, ...],

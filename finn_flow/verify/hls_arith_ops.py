@@ -2,13 +2,14 @@
 finn-hlslib's accumulator arithmetic (see :mod:`finn_flow.verify.hls_arith`).
 
 qonnx's registry imports this module when it executes a node of this domain; it needs FINN. Each op
-is FINN's generic layer (same attributes, FINN's own Python ``execute_node`` for the exact dot
-products) plus ``hlsAccDataType``, the type the HLS code accumulates in, and only the two steps
-finn-hlslib does differently from FINN's Python model are reimplemented here: the accumulator wraps
-modulo ``2^P`` in two's complement (``mac.hpp``: ``res += mul(...)`` with ``res`` of the
-accumulator type), and each threshold is compared with the *wrapped* accumulator
-(``activations.hpp``: ``ThresholdsActivation::activate`` adds ``comp::less_equal(threshold, accu)``
-to ``ActVal``; FINN instantiates it with ``less_equal``, i.e. ``accu >= threshold``).
+is FINN's generic layer (same attributes; exact dot products: an MVAU's as one exact integer matrix
+product, a VVAU's with FINN's own Python ``execute_node``) plus ``hlsAccDataType``, the type the HLS
+code accumulates in, and only the two steps finn-hlslib does differently from FINN's Python model
+are reimplemented here: the accumulator wraps modulo ``2^P`` in two's complement (``mac.hpp``: ``res
++= mul(...)`` with ``res`` of the accumulator type), and each threshold is compared with the
+*wrapped* accumulator (``activations.hpp``: ``ThresholdsActivation::activate`` adds
+``comp::less_equal(threshold, accu)`` to ``ActVal``; FINN instantiates it with ``less_equal``, i.e.
+``accu >= threshold``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,12 @@ from finn.custom_op.fpgadataflow.vectorvectoractivation import VVAU
 from qonnx.core.datatype import DataType
 
 from finn_flow.errors import FinnBuildError
-from finn_flow.verify.hls_arith import exact_matmul, threshold_step, wrap_twos_complement
+from finn_flow.verify.hls_arith import (
+    exact_matmul,
+    integer_weights_info,
+    threshold_step,
+    wrap_twos_complement,
+)
 
 __all__ = ["HlsArithMVAU", "HlsArithVVAU", "custom_op"]
 
@@ -67,12 +73,11 @@ class _HlsArithmetic:
         vectors, :func:`finn_flow.verify.hls_arith.exact_matmul`), shaped as FINN's output; None
         for a VVAU, a non-integer input type or non-integer weights."""
         node = self.onnx_node
-        weights = np.asarray(context[node.input[1]])
+        weights = context[node.input[1]]
         if not isinstance(self, MVAU) or not DataType[self.get_nodeattr("inputDataType")].is_integer() \
-                or not np.array_equal(weights, np.round(weights)):
+                or weights.ndim != 2 or integer_weights_info(weights) is None:
             return None
-        x2d = x.reshape(-1, weights.shape[0]).astype(np.int64)
-        acc = exact_matmul(x2d, weights.astype(np.int64))
+        acc = exact_matmul(x.reshape(-1, weights.shape[0]), weights)
         return acc.astype(np.float64).reshape(context[node.output[0]].shape)
 
     def _finn_dot_products(self, x: np.ndarray, context: dict, graph) -> np.ndarray:

@@ -19,10 +19,14 @@ def _input_info(model: ModelWrapper) -> tuple[str, tuple[int, ...]]:
 
 def progress(items, label: str):
     """``items`` with a tqdm progress bar described by ``label``, shown only on a terminal
-    (``disable=None``), as the package's other loops."""
+    (``disable=None``), as the package's other loops. It goes to the process's original stderr
+    (``sys.__stderr__``): FINN's builder redirects ``sys.stderr`` into its build log while a step
+    runs, where a bar would add a line per update."""
+    import sys
+
     from tqdm.auto import tqdm
 
-    return tqdm(items, desc=label, disable=None, leave=False)
+    return tqdm(items, desc=label, disable=None, leave=False, file=sys.__stderr__)
 
 
 def run_qonnx(model: ModelWrapper, inputs: np.ndarray, label: str = "verify: QONNX") -> np.ndarray:
