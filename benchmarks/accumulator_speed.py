@@ -246,20 +246,25 @@ def main() -> None:
         name, device, spec, grad = args.memory_child
         print(_memory_child(name, device, None if spec == "plain" else spec, grad))
         return
-    from brevitas_a2q.sim import kernels
-
     result = {"device": args.device, "threads": args.threads, "reps": args.reps,
               "machine": platform.processor() or platform.machine(),
               "torch": torch.__version__,
-              "numba_kernels": args.device == "cpu" and kernels.available(),
               "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
               "targets": TARGETS, "setups": {}}
+    failed: list[str] = []
     for name in args.setups:
         t = time.perf_counter()
-        r = measure_setup(name, args.device, args.reps, args.specs, args.gradients)
-        if not args.no_memory:
-            r["memory"] = measure_memory(name, args.device, args.specs, args.gradients)
+        try:
+            r = measure_setup(name, args.device, args.reps, args.specs, args.gradients)
+            if not args.no_memory:
+                r["memory"] = measure_memory(name, args.device, args.specs, args.gradients)
+        except Exception as err:  # noqa: BLE001 -- recorded, the other setups still run
+            failed.append(name)
+            result["setups"][name] = {"error": f"{type(err).__name__}: {err}"}
+            print(f"\n{name}: FAILED {type(err).__name__}: {err}")
+            continue
         result["setups"][name] = r
+        result["kernels"] = _kernels_used(args.device)
         print(f"\n{name}: {r['setup']['model']}, batch {r['setup']['batch']}; plain train step "
               f"{1000 * r['plain_train_seconds']:.1f} ms, forward "
               f"{1000 * r['plain_forward_seconds']:.1f} ms ({time.perf_counter() - t:.0f} s)")
@@ -271,6 +276,18 @@ def main() -> None:
                   f"(target {m['target']}x: {'met' if m['met'] else 'MISSED'})")
         _write(args.out, result, args.overwrite or len(result["setups"]) > 1)
     print(f"\nwrote {args.out}")
+    if failed:
+        sys.exit(f"setups that failed: {', '.join(failed)}")
+
+
+def _kernels_used(device: str) -> str:
+    """Which chain ran: the compiled kernels, or the torch chain and why."""
+    from brevitas_a2q.sim import kernels
+
+    if device == "cuda":
+        failed = kernels._CUDA_FAILED
+        return "numba.cuda" if failed is None else f"torch chain (numba.cuda: {failed})"
+    return "numba (CPU)" if kernels.available() else f"torch chain (numba: {kernels._FAILED})"
 
 
 def _write(path: str, result: dict, overwrite: bool) -> None:
