@@ -15,6 +15,9 @@ peak resident set over one step, each measured in a fresh subprocess (``--memory
     PYTHONPATH=. .venv/bin/python benchmarks/accumulator_speed.py --device cuda \\
         --out benchmarks/results/accumulator_speed_cuda.json
 
+The GPU figures (benchmarks/results/accumulator_speed_cuda.json, with
+accumulator_speed_cuda_env.txt) come from benchmarks/run_cuda_checks.sh on one H200.
+
 Targets (issue 18): training step <= 3x a plain step with the identity STE, <= 5x with
 ``immediate`` / ``recursive``; forward <= 3x; peak memory <= 2x a plain step's.
 """

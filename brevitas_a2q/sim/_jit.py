@@ -192,6 +192,27 @@ def _forward_body(x, w_t, rows, chunk, mode, lo, hi, man_bits, min_bits, magic, 
 
 
 @njit(inline="always", **opts)
+def grad_step(t, i, r, k, keep_g, xg, wg_t, gx, gw, part):
+    """``gx[i, k] = sum_o keep_g[t, o] wg[o, k]``; ``gw_t[k] += keep_g[t] * xg[r, k]``."""
+    outs = wg_t.shape[1]
+    xk = xg[r, k]
+    for u in range(8):
+        part[u] = 0.0
+    for o0 in range(0, outs - outs % 8, 8):
+        for u in range(8):  # eight independent sums: a vectorizable reduction
+            part[u] += keep_g[t, o0 + u] * wg_t[k, o0 + u]
+    s = 0.0
+    for u in range(8):
+        s += part[u]
+    for o in range(outs - outs % 8, outs):
+        s += keep_g[t, o] * wg_t[k, o]
+    gx[i, k] = s
+    if xk != 0.0:
+        for o in range(outs):
+            gw[k, o] += keep_g[t, o] * xk
+
+
+@njit(inline="always", **opts)
 def cut(t, i, r, k, o, g, xg, wg_t, gx, gw):
     """Take product ``k`` of output ``(rows[i], o)`` out of the exact gradient."""
     gro = g[i, o]
@@ -202,10 +223,11 @@ def cut(t, i, r, k, o, g, xg, wg_t, gx, gw):
 @njit(inline="always", **opts)
 def _backward_body(x, w_t, xg, wg_t, g, rows, chunk, recursive, n_blocks, mode, lo, hi,
                    man_bits, min_bits, magic, maxv):
-    """The cut part of the gradient: minus the gradient of every product whose gradient the mode
-    cuts (the caller adds the exact gradient). Immediate: per chunk, its step events and its
-    combination event, then its cut products. Recursive: the whole chain (last event per chunk,
-    last combination event), then the cut products."""
+    """Integer saturation (mode 0, events rare): minus the gradient of every product whose
+    gradient the mode cuts (the caller adds the exact gradient). Floating point (swamping is
+    frequent): the gradient of the kept products itself. Immediate: per chunk, its step events
+    and its combination event, then its products. Recursive: the whole chain (last event per
+    chunk, last combination event), then every product."""
     k_len, outs = w_t.shape
     n_chunks = (k_len + chunk - 1) // chunk
     n = rows.shape[0]
@@ -222,6 +244,8 @@ def _backward_body(x, w_t, xg, wg_t, g, rows, chunk, recursive, n_blocks, mode, 
         comb = np.zeros((TILE, outs), dtype=np.bool_)
         last_step = np.zeros((TILE, n_chunks if recursive else 1, outs), dtype=np.int32)
         last_comb = np.zeros((TILE, outs), dtype=np.int32)
+        keep_g = np.empty((TILE, outs))
+        part = np.empty(8)
         gw = gw_parts[b]
         for tile in range(b * per_block, min(n_tiles, (b + 1) * per_block)):
             t0 = tile * TILE
@@ -238,6 +262,13 @@ def _backward_body(x, w_t, xg, wg_t, g, rows, chunk, recursive, n_blocks, mode, 
                         if k >= k_len:
                             break
                         for t in range(nt):
+                            if mode != 0:
+                                for o in range(outs):
+                                    keep = j > last_step[t, c, o] and c > last_comb[t, o]
+                                    keep_g[t, o] = g[t0 + t, o] if keep else 0.0
+                                grad_step(t, t0 + t, rows[t0 + t], k, keep_g, xg, wg_t, gx, gw,
+                                          part)
+                                continue
                             for o in range(outs):
                                 if j <= last_step[t, c, o] or c <= last_comb[t, o]:
                                     cut(t, t0 + t, rows[t0 + t], k, o, g, xg, wg_t, gx, gw)
@@ -252,6 +283,12 @@ def _backward_body(x, w_t, xg, wg_t, g, rows, chunk, recursive, n_blocks, mode, 
                     if k >= k_len:
                         break
                     for t in range(nt):
+                        if mode != 0:
+                            for o in range(outs):
+                                keep = not ev[t, j, o] and not comb[t, o]
+                                keep_g[t, o] = g[t0 + t, o] if keep else 0.0
+                            grad_step(t, t0 + t, rows[t0 + t], k, keep_g, xg, wg_t, gx, gw, part)
+                            continue
                         for o in range(outs):
                             if ev[t, j, o] or comb[t, o]:
                                 cut(t, t0 + t, rows[t0 + t], k, o, g, xg, wg_t, gx, gw)

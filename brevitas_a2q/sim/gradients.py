@@ -160,8 +160,11 @@ class _KernelFineGrained(torch.autograd.Function):
         safe = _int_safe_rows(ax, aw, cfg)
         rows = (~safe).nonzero().squeeze(1)
         g64 = g.double()
-        gx = g64 @ w_val.detach().double()  # exact; the kernel takes the cut products out
-        gw = g64.t() @ x_val.detach().double()
+        if cfg.kind == "int":  # exact; the kernel takes the cut products out
+            gx, gw = g64 @ w_val.detach().double(), g64.t() @ x_val.detach().double()
+        else:
+            gx = torch.zeros(x_val.shape, dtype=torch.float64)
+            gw = torch.zeros(w_val.shape, dtype=torch.float64)
         if len(rows):
             n_blocks = min(kernel_threads(), len(rows))
             xn = ax.contiguous().numpy()
@@ -170,6 +173,9 @@ class _KernelFineGrained(torch.autograd.Function):
                 w_val.detach().double().t().contiguous().numpy(),
                 g[rows].double().contiguous().numpy(), rows.numpy(), chunk, cfg,
                 cfg.gradient == "recursive", n_blocks)
-            gx[rows] += torch.from_numpy(gx_rows)
-            gw += torch.from_numpy(gw_t).t()
+            if cfg.kind == "int":  # the kernel gave minus the cut products' gradient
+                gx[rows] += torch.from_numpy(gx_rows)
+                gw += torch.from_numpy(gw_t).t()
+            else:  # every row went through the kernel, which gave the kept products' gradient
+                gx, gw = torch.from_numpy(gx_rows), torch.from_numpy(gw_t).t()
         return gx.to(x_val.dtype), gw.to(w_val.dtype), None, None, None, None

@@ -87,10 +87,11 @@ def forward(x: np.ndarray, w_t: np.ndarray, rows: np.ndarray, chunk: int, cfg: A
 def backward(x: np.ndarray, w_t: np.ndarray, xg: np.ndarray, wg_t: np.ndarray, g: np.ndarray,
              rows: np.ndarray, chunk: int, cfg: AccumulatorConfig, recursive: bool,
              n_blocks: int) -> tuple[np.ndarray, np.ndarray]:
-    """The cut part of the fine-grained gradients for ``rows``: ``gx`` (len(rows), K) and
-    ``gw_t`` (K, O) of ``-sum_{r,o,k} g[r,o] (1 - keep[r,o,k]) xg[r,k] wg[o,k]``, where ``keep``
+    """Fine-grained gradients for ``rows``: ``gx`` (len(rows), K) and ``gw_t`` (K, O) of
+    ``sum_{r,o,k} g[r,o] keep[r,o,k] xg[r,k] wg[o,k]`` (floating point), or of minus the cut
+    part, ``-sum g (1 - keep) xg wg``, to add to the exact gradient (integers), where ``keep``
     is the ``immediate`` or ``recursive`` mask of the chain of addends ``x``, ``w_t`` (module
-    docstring of :mod:`brevitas_a2q.sim`); add it to the exact gradient. ``g`` is
+    docstring of :mod:`brevitas_a2q.sim`). ``g`` is
     (len(rows), O); ``n_blocks`` row blocks run in parallel, each with its own ``gw_t``
     accumulator."""
     mode, *params = format_params(cfg)
