@@ -15,6 +15,9 @@ peak resident set over one step, each measured in a fresh subprocess (``--memory
     PYTHONPATH=. .venv/bin/python benchmarks/accumulator_speed.py --device cuda \\
         --out benchmarks/results/accumulator_speed_cuda.json
 
+The GPU figures (benchmarks/results/accumulator_speed_cuda.json, with
+accumulator_speed_cuda_env.txt) come from benchmarks/run_cuda_checks.sh on one H200.
+
 Targets (issue 18): training step <= 3x a plain step with the identity STE, <= 5x with
 ``immediate`` / ``recursive``; forward <= 3x; peak memory <= 2x a plain step's.
 """
@@ -222,10 +225,13 @@ def measure_memory(name: str, device: str, specs, gradients) -> dict:
         out = subprocess.run(cmd, capture_output=True, text=True, check=True)
         res[f"{spec or 'plain'}/{grad}"] = int(out.stdout.strip().splitlines()[-1])
     plain = res.pop("plain/ste")
+    # CPU: a plain step that reuses memory freed earlier shows no growth at all; no ratio then
+    ratio = (lambda v: v / plain) if plain > 0 else (lambda v: None)
     return {"plain_step_bytes": plain,
             "modes": [{"spec": k.split("/")[0], "gradient": k.split("/")[1], "bytes": v,
-                       "ratio": v / plain, "target": TARGETS["memory"],
-                       "met": v / plain <= TARGETS["memory"]} for k, v in res.items()]}
+                       "ratio": ratio(v), "target": TARGETS["memory"],
+                       "met": None if ratio(v) is None else ratio(v) <= TARGETS["memory"]}
+                      for k, v in res.items()]}
 
 
 def main() -> None:
@@ -246,20 +252,25 @@ def main() -> None:
         name, device, spec, grad = args.memory_child
         print(_memory_child(name, device, None if spec == "plain" else spec, grad))
         return
-    from brevitas_a2q.sim import kernels
-
     result = {"device": args.device, "threads": args.threads, "reps": args.reps,
               "machine": platform.processor() or platform.machine(),
               "torch": torch.__version__,
-              "numba_kernels": args.device == "cpu" and kernels.available(),
               "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
               "targets": TARGETS, "setups": {}}
+    failed: list[str] = []
     for name in args.setups:
         t = time.perf_counter()
-        r = measure_setup(name, args.device, args.reps, args.specs, args.gradients)
-        if not args.no_memory:
-            r["memory"] = measure_memory(name, args.device, args.specs, args.gradients)
+        try:
+            r = measure_setup(name, args.device, args.reps, args.specs, args.gradients)
+            if not args.no_memory:
+                r["memory"] = measure_memory(name, args.device, args.specs, args.gradients)
+        except Exception as err:  # noqa: BLE001 -- recorded, the other setups still run
+            failed.append(name)
+            result["setups"][name] = {"error": f"{type(err).__name__}: {err}"}
+            print(f"\n{name}: FAILED {type(err).__name__}: {err}")
+            continue
         result["setups"][name] = r
+        result["kernels"] = _kernels_used(args.device)
         print(f"\n{name}: {r['setup']['model']}, batch {r['setup']['batch']}; plain train step "
               f"{1000 * r['plain_train_seconds']:.1f} ms, forward "
               f"{1000 * r['plain_forward_seconds']:.1f} ms ({time.perf_counter() - t:.0f} s)")
@@ -267,10 +278,26 @@ def main() -> None:
             print(f"  {m['spec']:<15} {m['what']:<10} {m['gradient'] or '':<9} "
                   f"{m['ratio']:6.2f}x  (target {m['target']}x: {'met' if m['met'] else 'MISSED'})")
         for m in r.get("memory", {}).get("modes", []):
+            if m["ratio"] is None:
+                print(f"  {m['spec']:<15} memory     {m['gradient']:<9} {m['bytes']} bytes "
+                      "(plain step: no growth, no ratio)")
+                continue
             print(f"  {m['spec']:<15} memory     {m['gradient']:<9} {m['ratio']:6.2f}x  "
                   f"(target {m['target']}x: {'met' if m['met'] else 'MISSED'})")
         _write(args.out, result, args.overwrite or len(result["setups"]) > 1)
     print(f"\nwrote {args.out}")
+    if failed:
+        sys.exit(f"setups that failed: {', '.join(failed)}")
+
+
+def _kernels_used(device: str) -> str:
+    """Which chain ran: the compiled kernels, or the torch chain and why."""
+    from brevitas_a2q.sim import kernels
+
+    if device == "cuda":
+        failed = kernels._CUDA_FAILED
+        return "numba.cuda" if failed is None else f"torch chain (numba.cuda: {failed})"
+    return "numba (CPU)" if kernels.available() else f"torch chain (numba: {kernels._FAILED})"
 
 
 def _write(path: str, result: dict, overwrite: bool) -> None:

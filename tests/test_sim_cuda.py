@@ -58,8 +58,8 @@ def test_fine_grained_gradients_on_cuda(spec, mode):
                     generator=torch.Generator().manual_seed(2))
     grads = []
     for dev in ("cpu", "cuda"):
-        xv = x.to(dev).requires_grad_(True)
-        wv = w.to(dev).requires_grad_(True)
+        xv = x.to(dev).clone().requires_grad_(True)
+        wv = w.to(dev).clone().requires_grad_(True)
         y, _ = simulate_matmul(xv, wv, 1.0, torch.ones(w.shape[0], device=dev), cfg)
         y.backward(g.to(dev))
         assert xv.grad.device.type == dev

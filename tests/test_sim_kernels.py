@@ -159,3 +159,48 @@ def test_package_works_without_numba_and_says_so_once():
                          check=True).stdout.splitlines()
     assert out[0] == "1"
     assert "torch chain" in out[1]
+
+
+_SIMULATED_CUDA = '''
+import numpy as np, torch
+from test_sim_kernels import _operands, _oracle_grads
+from brevitas_a2q.sim import _cuda
+from brevitas_a2q.sim.chain import _run_chain
+from brevitas_a2q.sim.config import parse_accumulator
+for spec in ["int8-sat", "int10-sat-c4", "fp8-e3m4", "fp12-e4m7-c16", "fp9-e3m5-c5-rz", "fp6-e2m3-c3"]:
+    cfg, x, w = _operands(spec, 0, rows=3, outs=3, k=13)
+    chunk = min(cfg.chunk_size or 13, 13)
+    wt = w.t().contiguous().numpy()
+    y, cnt = _cuda.forward(x.numpy(), wt, chunk, cfg)
+    oracle = _run_chain(x, w, cfg, fast=False)
+    assert torch.equal(torch.from_numpy(np.asarray(y)).view(torch.int64),
+                       oracle.y.view(torch.int64)), spec
+    counts = np.asarray(cnt).sum((0, 1)).tolist()
+    assert counts == [oracle.overflow_events, oracle.overflow_outputs, oracle.swamping_events,
+                      oracle.underflow_events], spec
+    for mode in ["immediate", "recursive"]:
+        cfg = parse_accumulator(spec, gradient=mode)
+        g = torch.randn(3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        gx, gw = (g @ w).numpy().copy(), (g.t() @ x).numpy().copy()
+        _cuda.subtract_cut(x.numpy(), wt, chunk, cfg, mode == "recursive", (-g).numpy(),
+                           x.numpy(), w.numpy(), gx, gw)
+        ox, ow = _oracle_grads(x, w, x, w, g, cfg)
+        assert np.allclose(gx, ox.numpy(), rtol=1e-12, atol=1e-12), (spec, mode)
+        assert np.allclose(gw, ow.numpy(), rtol=1e-12, atol=1e-12), (spec, mode)
+print("checked")
+'''
+
+
+def test_cuda_kernels_under_numbas_simulator_equal_the_chain():
+    # the GPU kernels' logic (one thread per output, cut gradients subtracted) run by numba's
+    # CUDA simulator on the CPU: values, counts and gradients as the chain's; on a GPU,
+    # tests/test_sim_cuda.py runs them compiled
+    import os
+    from pathlib import Path
+
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1",
+               PYTHONPATH=os.pathsep.join([str(Path(__file__).parent)] + sys.path))
+    out = subprocess.run([sys.executable, "-c", _SIMULATED_CUDA], capture_output=True,
+                         text=True, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "checked"

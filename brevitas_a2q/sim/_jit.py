@@ -213,11 +213,21 @@ def grad_step(t, i, r, k, keep_g, xg, wg_t, gx, gw, part):
 
 
 @njit(inline="always", **opts)
+def cut(t, i, r, k, o, g, xg, wg_t, gx, gw):
+    """Take product ``k`` of output ``(rows[i], o)`` out of the exact gradient."""
+    gro = g[i, o]
+    gx[i, k] -= gro * wg_t[k, o]
+    gw[k, o] -= gro * xg[r, k]
+
+
+@njit(inline="always", **opts)
 def _backward_body(x, w_t, xg, wg_t, g, rows, chunk, recursive, n_blocks, mode, lo, hi,
                    man_bits, min_bits, magic, maxv):
-    """Immediate: per chunk, its step events and its combination event, then its products'
-    gradients. Recursive: the whole chain (last event per chunk, last combination event),
-    then every product's gradient."""
+    """Integer saturation (mode 0, events rare): minus the gradient of every product whose
+    gradient the mode cuts (the caller adds the exact gradient). Floating point (swamping is
+    frequent): the gradient of the kept products itself. Immediate: per chunk, its step events
+    and its combination event, then its products. Recursive: the whole chain (last event per
+    chunk, last combination event), then every product."""
     k_len, outs = w_t.shape
     n_chunks = (k_len + chunk - 1) // chunk
     n = rows.shape[0]
@@ -252,11 +262,16 @@ def _backward_body(x, w_t, xg, wg_t, g, rows, chunk, recursive, n_blocks, mode, 
                         if k >= k_len:
                             break
                         for t in range(nt):
+                            if mode != 0:
+                                for o in range(outs):
+                                    keep = j > last_step[t, c, o] and c > last_comb[t, o]
+                                    keep_g[t, o] = g[t0 + t, o] if keep else 0.0
+                                grad_step(t, t0 + t, rows[t0 + t], k, keep_g, xg, wg_t, gx, gw,
+                                          part)
+                                continue
                             for o in range(outs):
-                                keep = j > last_step[t, c, o] and c > last_comb[t, o]
-                                keep_g[t, o] = g[t0 + t, o] if keep else 0.0
-                            grad_step(t, t0 + t, rows[t0 + t], k, keep_g, xg, wg_t, gx, gw,
-                                      part)
+                                if j <= last_step[t, c, o] or c <= last_comb[t, o]:
+                                    cut(t, t0 + t, rows[t0 + t], k, o, g, xg, wg_t, gx, gw)
                 continue
             for c in range(n_chunks):
                 chunk_steps(x, w_t, rows, t0, nt, c, chunk, acc, over_any, counts, ev,
@@ -268,10 +283,15 @@ def _backward_body(x, w_t, xg, wg_t, g, rows, chunk, recursive, n_blocks, mode, 
                     if k >= k_len:
                         break
                     for t in range(nt):
+                        if mode != 0:
+                            for o in range(outs):
+                                keep = not ev[t, j, o] and not comb[t, o]
+                                keep_g[t, o] = g[t0 + t, o] if keep else 0.0
+                            grad_step(t, t0 + t, rows[t0 + t], k, keep_g, xg, wg_t, gx, gw, part)
+                            continue
                         for o in range(outs):
-                            keep = not ev[t, j, o] and not comb[t, o]
-                            keep_g[t, o] = g[t0 + t, o] if keep else 0.0
-                        grad_step(t, t0 + t, rows[t0 + t], k, keep_g, xg, wg_t, gx, gw, part)
+                            if ev[t, j, o] or comb[t, o]:
+                                cut(t, t0 + t, rows[t0 + t], k, o, g, xg, wg_t, gx, gw)
     gw_t = gw_parts[0].copy()
     for b in range(1, n_blocks):
         gw_t += gw_parts[b]

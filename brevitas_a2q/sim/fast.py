@@ -102,6 +102,12 @@ def _run_fast(x: Tensor, w: Tensor, cfg: AccumulatorConfig, chunk: int) -> _Chai
         return None
     if x.device.type == "cpu" and kernels.available():
         return _run_kernel(x, w, cfg, chunk)
+    if x.device.type == "cuda":
+        out = kernels.cuda_forward(x, w, chunk, cfg)
+        if out is not None:
+            n = out[1].tolist()
+            return _ChainResult(y=out[0], overflow_events=n[0], overflow_outputs=n[1],
+                                swamping_events=n[2], underflow_events=n[3])
     if cfg.kind == "float":
         return _run_fast_float(x, w, cfg, chunk)
     safe = _int_safe_rows(x, w, cfg)
@@ -192,7 +198,8 @@ def _run_fast_float(x: Tensor, w: Tensor, cfg: AccumulatorConfig,
     nearest = fmt.rounding == "nearest"
     counts: dict[str, list[Tensor]] = {"s!=a": [], "r!=a": [], "s!=0": [], "r!=0": []}
     if analytic:  # #(p != 0) over all products
-        counts["s!=a"].append(nonzero.sum(0) @ (w != 0).sum(0))
+        # float64: exact for these counts, and CUDA has no integer matrix product
+        counts["s!=a"].append((nonzero.sum(0).double() @ (w != 0).sum(0).double()).long())
     rnd = _fast_rounder(fmt)
     # round to nearest never makes a -0 here (a starts at +0; x - x = +0), so the int64 bit
     # patterns are zero exactly where the values are: a cheaper count

@@ -105,16 +105,38 @@ def simulate_matmul(x_val: Tensor, w_val: Tensor, x_scale: Tensor | float,
 
 
 def _use_kernels(x: Tensor) -> bool:
+    """Compiled kernels: numba on CPU, numba.cuda on a GPU (which falls back inside)."""
     from brevitas_a2q.sim import kernels
 
-    return x.device.type == "cpu" and kernels.available()
+    return x.device.type == "cuda" or (x.device.type == "cpu" and kernels.available())
+
+
+def _torch_chain_grads(ax, aw, xv, wv, g64, cfg, chunk) -> tuple[Tensor, Tensor]:
+    """The fine-grained gradients from the torch chain (records, then masked sums)."""
+    chain = _run_chain(ax, aw, cfg, record=cfg.gradient, fast=False)
+    if cfg.gradient == "recursive":
+        return _recursive_grads(xv, wv, g64, chunk, chain.last_step_event,
+                                chain.last_combine_event)
+    res = _run_chain(ax, aw, cfg, grad=g64, grad_factors=(xv, wv),
+                     keep_chunk=~chain.combine_event)
+    return res.grad_x, res.grad_w
+
+
+def _cuda_grads(ax, aw, xv, wv, g64, cfg, chunk) -> tuple[Tensor, Tensor]:
+    """The exact gradient minus the cut products' (numba.cuda), else the torch chain's."""
+    from brevitas_a2q.sim import kernels
+
+    gx, gw = g64 @ wv, g64.t() @ xv
+    if kernels.cuda_subtract_cut(ax, aw, chunk, cfg, g64, xv, wv, gx, gw):
+        return gx, gw
+    return _torch_chain_grads(ax, aw, xv, wv, g64, cfg, chunk)
 
 
 class _KernelFineGrained(torch.autograd.Function):
-    """As :class:`_FineGrainedChain`, with the backward pass in the numba kernel
-    (:func:`brevitas_a2q.sim.kernels.backward`), which recomputes each row's events: the exact
-    gradient (dense matrix products) for the rows proven event-free
-    (:func:`brevitas_a2q.sim.fast._int_safe_rows`), the masked one for the others."""
+    """As :class:`_FineGrainedChain`, with the backward pass in a compiled kernel that recomputes
+    the events. CPU (:func:`brevitas_a2q.sim.kernels.backward`): the exact gradient (dense
+    matrix products) for the rows proven event-free (:func:`brevitas_a2q.sim.fast.
+    _int_safe_rows`), the masked one for the others. GPU: :func:`_cuda_grads`."""
 
     @staticmethod
     def forward(ctx, x_val, w_val, y_sim, addend_x, addend_w, cfg):
@@ -131,14 +153,18 @@ class _KernelFineGrained(torch.autograd.Function):
         cfg = ctx.cfg
         k = x_val.shape[1]
         chunk = min(cfg.chunk_size or k, k) if k else 1
+        if x_val.is_cuda:
+            gx, gw = _cuda_grads(ax, aw, x_val.detach().double(), w_val.detach().double(),
+                                 g.double(), cfg, chunk)
+            return gx.to(x_val.dtype), gw.to(w_val.dtype), None, None, None, None
         safe = _int_safe_rows(ax, aw, cfg)
         rows = (~safe).nonzero().squeeze(1)
-        gx = torch.zeros(x_val.shape, dtype=torch.float64)
-        gw = torch.zeros(w_val.shape, dtype=torch.float64)
-        if bool(safe.any()):
-            gs = g[safe].double()
-            gx[safe] = gs @ w_val.double()
-            gw += gs.t() @ x_val[safe].double()
+        g64 = g.double()
+        if cfg.kind == "int":  # exact; the kernel takes the cut products out
+            gx, gw = g64 @ w_val.detach().double(), g64.t() @ x_val.detach().double()
+        else:
+            gx = torch.zeros(x_val.shape, dtype=torch.float64)
+            gw = torch.zeros(w_val.shape, dtype=torch.float64)
         if len(rows):
             n_blocks = min(kernel_threads(), len(rows))
             xn = ax.contiguous().numpy()
@@ -147,6 +173,9 @@ class _KernelFineGrained(torch.autograd.Function):
                 w_val.detach().double().t().contiguous().numpy(),
                 g[rows].double().contiguous().numpy(), rows.numpy(), chunk, cfg,
                 cfg.gradient == "recursive", n_blocks)
-            gx[rows] = torch.from_numpy(gx_rows)
-            gw += torch.from_numpy(gw_t).t()
+            if cfg.kind == "int":  # the kernel gave minus the cut products' gradient
+                gx[rows] += torch.from_numpy(gx_rows)
+                gw += torch.from_numpy(gw_t).t()
+            else:  # every row went through the kernel, which gave the kept products' gradient
+                gx, gw = torch.from_numpy(gx_rows), torch.from_numpy(gw_t).t()
         return gx.to(x_val.dtype), gw.to(w_val.dtype), None, None, None, None

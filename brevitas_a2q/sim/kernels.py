@@ -23,6 +23,7 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
+from torch import Tensor
 
 from brevitas_a2q.sim.config import AccumulatorConfig
 
@@ -36,10 +37,20 @@ def available() -> bool:
     return _kernels() is not None
 
 
+def _forced_torch() -> bool:
+    """``BREVITAS_A2Q_SIM_KERNELS=torch`` selects the torch chain everywhere (no warning)."""
+    import os
+
+    return os.environ.get("BREVITAS_A2Q_SIM_KERNELS", "").lower() == "torch"
+
+
 def _kernels() -> dict | None:
     global _KERNELS, _FAILED
     if _KERNELS is not None or _FAILED is not None:
         return _KERNELS
+    if _forced_torch():
+        _FAILED = "BREVITAS_A2Q_SIM_KERNELS=torch"
+        return None
     try:
         _KERNELS = _compile()
     except Exception as err:  # noqa: BLE001 -- ImportError, or any numba/LLVM failure
@@ -77,10 +88,12 @@ def backward(x: np.ndarray, w_t: np.ndarray, xg: np.ndarray, wg_t: np.ndarray, g
              rows: np.ndarray, chunk: int, cfg: AccumulatorConfig, recursive: bool,
              n_blocks: int) -> tuple[np.ndarray, np.ndarray]:
     """Fine-grained gradients for ``rows``: ``gx`` (len(rows), K) and ``gw_t`` (K, O) of
-    ``sum_{r,o,k} g[r,o] keep[r,o,k] xg[r,k] wg[o,k]``, where ``keep`` is the ``immediate`` or
-    ``recursive`` mask of the chain of addends ``x``, ``w_t`` (module docstring of
-    :mod:`brevitas_a2q.sim`). ``g`` is (len(rows), O); ``n_blocks`` row blocks run in
-    parallel, each with its own ``gw_t`` accumulator."""
+    ``sum_{r,o,k} g[r,o] keep[r,o,k] xg[r,k] wg[o,k]`` (floating point), or of minus the cut
+    part, ``-sum g (1 - keep) xg wg``, to add to the exact gradient (integers), where ``keep``
+    is the ``immediate`` or ``recursive`` mask of the chain of addends ``x``, ``w_t`` (module
+    docstring of :mod:`brevitas_a2q.sim`). ``g`` is
+    (len(rows), O); ``n_blocks`` row blocks run in parallel, each with its own ``gw_t``
+    accumulator."""
     mode, *params = format_params(cfg)
     return _kernels()["backward"][mode][int(recursive)](x, w_t, xg, wg_t, g, rows, chunk,
                                                         n_blocks, *params)
@@ -98,3 +111,95 @@ def _compile() -> dict:
     from brevitas_a2q.sim import _jit
 
     return {"forward": _jit.FORWARD, "backward": _jit.BACKWARD}
+
+
+# ------------------------------------------------------------------------------------------------
+# CUDA (numba.cuda, :mod:`._cuda`): one GPU thread per output; torch tensors shared in place
+
+_CUDA_FAILED: str | None = None
+
+
+def _cuda_call(x: Tensor, launch) -> bool:
+    """Run ``launch(module, stream)`` on ``x``'s device and torch's current stream; False
+    (after a one-time warning) where numba.cuda is missing or the kernel fails to compile."""
+    global _CUDA_FAILED
+    if _CUDA_FAILED is not None:
+        return False
+    if _forced_torch():
+        _CUDA_FAILED = "BREVITAS_A2Q_SIM_KERNELS=torch"
+        return False
+    try:
+        import torch
+        from numba import cuda
+
+        from brevitas_a2q.sim import _cuda
+
+        # Synchronized on both sides: on the H200 the kernels raced torch's work (an illegal
+        # address, a failed cuBLAS call) when launched asynchronously on torch's stream handle,
+        # and ran correctly with every launch blocking.
+        torch.cuda.synchronize(x.device)
+        with cuda.gpus[x.device.index or 0]:
+            stream = cuda.external_stream(torch.cuda.current_stream(x.device).cuda_stream)
+            launch(_cuda, cuda.as_cuda_array, stream)
+            cuda.synchronize()
+        return True
+    except Exception as err:  # noqa: BLE001 -- ImportError, no driver, or a compile failure
+        _CUDA_FAILED = f"{type(err).__name__}: {err}"
+        warnings.warn(f"brevitas_a2q.sim: numba.cuda kernels unavailable ({_CUDA_FAILED}); "
+                      "simulated accumulators on the GPU use the slower torch chain",
+                      RuntimeWarning, stacklevel=3)
+        return False
+
+
+def cuda_forward(x: Tensor, w: Tensor, chunk: int, cfg: AccumulatorConfig
+                 ) -> tuple[Tensor, Tensor] | None:
+    """The chain on the GPU: ``(y (R, O) float64, counts (4,) int64: overflow events, outputs
+    with an overflow, swamping, underflow)``, or None (use the torch chain)."""
+    import torch
+
+    from brevitas_a2q.sim import _cuda
+
+    if _CUDA_FAILED is not None or not _cuda_supports(x.shape[1], chunk):
+        return None
+    y = torch.empty(x.shape[0], w.shape[0], dtype=torch.float64, device=x.device)
+    cnt = torch.empty(x.shape[0], w.shape[0], 4, dtype=torch.int32, device=x.device)
+    xc, wt = x.detach().contiguous(), w.detach().t().contiguous()
+    dummy = torch.zeros(1, 1, dtype=torch.float64, device=x.device)
+
+    def launch(mod, arr, stream):
+        mod._launch(0, cfg, arr(xc), arr(wt), chunk, arr(y), arr(cnt), arr(dummy), arr(dummy),
+                    arr(dummy), arr(dummy), arr(dummy), stream)
+
+    if not _cuda_call(x, launch):
+        return None
+    del _cuda
+    return y, cnt.sum((0, 1), dtype=torch.int64)
+
+
+def cuda_subtract_cut(ax: Tensor, aw: Tensor, chunk: int, cfg: AccumulatorConfig,
+                      g: Tensor, xg: Tensor, wg: Tensor, gx: Tensor, gw: Tensor) -> bool:
+    """``gx``, ``gw`` (float64, in place) minus the gradient of every product the config's
+    fine-grained mode cuts; False where the kernels cannot run (nothing changed)."""
+    import torch
+
+    if _CUDA_FAILED is not None or not _cuda_supports(ax.shape[1], chunk):
+        return False
+    neg_g = (-g.detach()).contiguous()
+    dummy = torch.zeros(1, 1, dtype=torch.float64, device=ax.device)
+    dummy_i = torch.zeros(1, 1, 1, dtype=torch.int32, device=ax.device)
+    xc, wt = ax.detach().contiguous(), aw.detach().t().contiguous()
+    xgc, wgc = xg.detach().contiguous(), wg.detach().contiguous()
+
+    def launch(mod, arr, stream):
+        mod._launch(2 if cfg.gradient == "recursive" else 1, cfg, arr(xc), arr(wt), chunk,
+                    arr(dummy), arr(dummy_i), arr(neg_g), arr(xgc), arr(wgc), arr(gx), arr(gw),
+                    stream)
+
+    return _cuda_call(ax, launch)
+
+
+def _cuda_supports(k: int, chunk: int) -> bool:
+    from brevitas_a2q.sim._cuda import MAX_CHUNK_WORDS, MAX_CHUNKS
+
+    n_chunks = -(-k // chunk)
+    return n_chunks <= MAX_CHUNKS and (n_chunks == 1 or chunk <= 32 * MAX_CHUNK_WORDS)
