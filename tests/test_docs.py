@@ -15,8 +15,8 @@ out of reach.
 from __future__ import annotations
 
 import importlib
-import inspect
 import importlib.util
+import inspect
 import os
 import pkgutil
 import re
