@@ -27,7 +27,7 @@ from brevitas_a2q.train.ep_init import euclidean_projection_init
 from brevitas_a2q.train.models import build_cnn, weight_quant_kwargs
 
 __all__ = ["MODELS", "build_dwsep_residual", "build_espcn", "build_resnet", "build_w8a8_cnn",
-           "espcn_data", "trained"]
+           "assert_hundreds_checked", "espcn_data", "trained"]
 
 
 def _act(bits: int = 4) -> QuantReLU:
@@ -203,3 +203,10 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], int, bool]] = {
     "espcn": (lambda: build_espcn(acc_bits=13), 13, True),
     "w8a8_cnn": (lambda: build_w8a8_cnn(acc_bits=16), 16, False),
 }
+
+
+def assert_hundreds_checked(result, real: int = 200) -> None:
+    """The build verified 100 random and ``real`` real inputs bit for bit against the exact
+    model."""
+    counts = {v.kind: (v.inputs, v.matched, v.reference) for v in result.verification}
+    assert counts["random"] == (100, 100, "exact") and counts["real"] == (real, real, "exact"), counts

@@ -21,12 +21,8 @@ from qonnx.util.cleanup import cleanup_model
 from torch import nn
 
 from brevitas_a2q import A2QPlusWeightQuant, export_qonnx
-from finn_flow.steps.exact_thresholds import (
-    ActivationChain,
-    ExactValue,
-    exact_integer_thresholds,
-    record_activation_chains,
-)
+from finn_flow.steps.exact_thresholds import ActivationChain, ExactValue, record_activation_chains
+from finn_flow.steps.threshold_matching import exact_integer_thresholds
 
 D = decimal.Context(prec=100)
 
@@ -160,3 +156,56 @@ def test_unprovable_thresholds_are_left_with_a_reason(tmp_path):
     finn = np.full((q.shape[0], 15), 10**6, dtype=np.float32)  # nowhere near the chain's
     kept, reason = exact_integer_thresholds(chain, finn, 0)
     assert reason is not None and kept is finn
+
+
+def _oracle_threshold(chain: ActivationChain, c: int, level: int, lo: int, hi: int) -> int:
+    """The smallest acc in (lo, hi] whose decimal-oracle level reaches ``level`` (bisection; the
+    chain is monotone)."""
+    assert oracle_level(chain, c, lo) < level <= oracle_level(chain, c, hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if oracle_level(chain, c, mid) >= level else (mid, hi)
+    return hi
+
+
+def test_batch_norm_dropped_by_finns_streamlining_is_restored_exactly():
+    """A batch norm at its initial statistics multiplies by 1 / sqrt(1 + 1e-5) = 0.999995, which
+    qonnx's RemoveIdentityOps (run by FINN's Streamline() after every pass, atol 1e-5) deletes:
+    FINN's thresholds are then the chain's without the batch norm, 5e-6 relative too low. Where that
+    moves a threshold across an integer, the exact thresholds (decimal oracle) differ from FINN's
+    rounded ones; they are still proven to face this chain and replace FINN's."""
+    eps = Fraction(float(np.float32(1e-5)))
+    chain = ActivationChain(layer_node="n", fingerprint="", scale=["1/997"],
+                            ops=[{"op": "bn", "gamma": ["1"], "beta": ["0"], "mean": ["0"],
+                                  "var": [str(1 + eps)]}, {"op": "relu"}],
+                            quant_scale=["1/3"], low=0, high=255)
+    levels = np.arange(1, 256)
+    # FINN's: the batch norm gone, (L - 1/2) * s_q / s_acc in float32
+    finn = ((levels - 0.5) * 997 / 3).astype(np.float32).reshape(1, -1)
+    oracle = np.array([[_oracle_threshold(chain, 0, int(level), -1, 2**17) for level in levels]])
+    moved = (np.ceil(finn) != oracle) & (np.abs(finn - np.round(finn)) > 1e-3)
+    assert moved.sum() >= 10, "the dropped batch norm must move thresholds across integers"
+    exact, reason = exact_integer_thresholds(chain, finn, 0)
+    assert reason is None
+    np.testing.assert_array_equal(exact, oracle)
+    far = finn[:, :10] * np.float32(1.0003)  # 3e-4 relative: another computation, not rounding
+    kept, reason = exact_integer_thresholds(chain, far, 0)
+    assert kept is far and "beyond float32 streamlining error" in reason
+
+
+def test_thresholds_beyond_the_accumulator_range_are_clamped_to_it():
+    """A channel whose weight scale is tiny (A2Q can shrink a whole channel to zero) has float
+    thresholds around 1e10, far beyond float32's exact integers and beyond anything its accumulator
+    reaches; given the reachable range, its levels are the range's (never reached: maximum + 1),
+    while the normal channel keeps its exact thresholds (decimal oracle)."""
+    chain = ActivationChain(layer_node="n", fingerprint="", scale=["1/8", str(Fraction(1, 2**40))],
+                            ops=[{"op": "relu"}], quant_scale=["1/4"], low=0, high=15)
+    levels = np.arange(1, 16)
+    finn = np.stack([(levels - 0.5) * 2.0, (levels - 0.5) * 2.0**38]).astype(np.float32)
+    kept, reason = exact_integer_thresholds(chain, finn, 0)
+    assert kept is finn and reason is not None  # without the range: not provable
+    exact, reason = exact_integer_thresholds(chain, finn, 0, acc_range=([-40, -40], [40, 40]))
+    assert reason is None
+    np.testing.assert_array_equal(exact[0], [oracle_thresholds(chain, 0, -40, 40)[level]
+                                             for level in levels])
+    np.testing.assert_array_equal(exact[1], np.full(15, 41))  # level 1 needs acc >= 2^37

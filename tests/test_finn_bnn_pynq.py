@@ -3,7 +3,8 @@ shipped, through the chain (issue 17): their ``forward`` computes ``2 * x - 1`` 
 quantizer and their ``QuantIdentity`` layers return plain tensors. They export with a record per
 layer (input types read from the graph), FINN absorbs ``2 * x - 1`` into the input thresholds, which
 the build recomputes over every float32 input, and the accelerator equals QONNX bit for bit on
-random and extreme inputs, every layer alone at its accumulator extremes included. Their weights
+hundreds of random and real inputs and on extreme inputs, every layer alone at its accumulator
+extremes included. Their weights
 are the examples' own quantizers (A2Q needs quantized tensors at run time, which these
 ``QuantIdentity`` layers do not return), so no layer has a target: every width is FINN's exact
 range, checked."""
@@ -12,20 +13,20 @@ from __future__ import annotations
 
 import pytest
 import torch
-from brevitas_examples.bnn_pynq.models import model_with_cfg
+from finn_models import assert_hundreds_checked  # tests/ is on sys.path
 from qonnx.core.modelwrapper import ModelWrapper
 
 from brevitas_a2q import export_qonnx
 from brevitas_a2q.analysis.records import read_records
+from brevitas_a2q.train.data import digit_images
+from brevitas_a2q.train.shipped import shipped_bnn_pynq
 from finn_flow import build, finn_available
 
 FINN_OK, FINN_REASON = finn_available()
 
 
 def _export(name: str, path) -> ModelWrapper:
-    torch.manual_seed(0)
-    model, _ = model_with_cfg(name, pretrained=False)
-    model.eval()
+    model = shipped_bnn_pynq(name)
     shape = (1, 28, 28) if name.startswith(("tfc", "sfc", "lfc")) else (3, 32, 32)
     x = torch.rand(4, *shape)
     with torch.no_grad():
@@ -48,7 +49,10 @@ def test_fc_exports_a_record_per_layer_with_the_graphs_input_types(tmp_path):
 @pytest.mark.parametrize("name", ["tfc_2w2a", "cnv_2w2a"])
 def test_shipped_bnn_pynq_model_builds_bit_exact(tmp_path, name):
     _export(name, tmp_path / f"{name}.onnx")
+    fc = name.startswith(("tfc", "sfc", "lfc"))
+    real = digit_images(200, channels=1 if fc else 3, size=28 if fc else 32).numpy()
     result = build(tmp_path / f"{name}.onnx", tmp_path / "out", verify=["hls-arith"],
-                   random_count=8)
+                   verify_inputs=real)  # and 100 random, and the extremes
     assert result.verified is True, result.verification_summary()
+    assert_hundreds_checked(result)
     assert len(result.layers) == len(read_records(ModelWrapper(str(tmp_path / f"{name}.onnx"))))

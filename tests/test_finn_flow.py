@@ -11,12 +11,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from onnx import TensorProto, helper
 from qonnx.core.datatype import DataType
 from qonnx.core.modelwrapper import ModelWrapper
 from qonnx.util.basic import qonnx_make_model
 
-from brevitas_a2q.analysis.records import AccumulatorRecord, weight_fingerprint
+from brevitas_a2q.analysis.records import (
+    AccumulatorRecord,
+    channel_set_fingerprint,
+    weight_fingerprint,
+)
 from brevitas_a2q.errors import A2QInputError, AccumulatorOverflowError
 from brevitas_a2q.quant.bounds import l1_norm_bound
 from finn_flow import FINN_COMMIT, SetProvenAccumulatorWidths, finn_available
@@ -105,6 +110,37 @@ def test_a2q_layer_gets_width_within_target_and_holding_exact_range(target):
     assert _attr(node, "outputDataType").decode() == acc.name
     assert widths.layer == "fc1" and widths.target_bits == target
     assert widths.bits_exact <= widths.bits_l1_bound <= target <= widths.bits_datatype
+
+
+def test_record_follows_a_permutation_of_the_output_channels():
+    """An exact graph transformation that reorders a layer's output channels (and its consumer's
+    inputs) changes the ordered fingerprint; the record still finds its layer by the set of its
+    channels (stored at export), the target is proven, and the width says it was matched so. A
+    layer whose channel multiset changed (one weight altered) still matches nothing."""
+    q = a2q_weights(12)
+    record = record_for(q, 12)
+    record.extra["channel_set_fingerprint"] = channel_set_fingerprint(q)
+    permuted = q[[3, 0, 5, 1, 4, 2]]
+    transform = SetProvenAccumulatorWidths([record])
+    mvau_model(permuted).transform(transform)
+    (widths,) = transform.layers
+    assert widths.layer == "fc1" and widths.within_target
+    assert widths.extra["channels_permuted"] is True
+    changed = permuted.copy()
+    changed[0, 0] += 1 if changed[0, 0] < 7 else -1
+    with pytest.raises(A2QInputError, match="matches no accumulator record"):
+        mvau_model(changed).transform(SetProvenAccumulatorWidths([record], require_records=True))
+
+
+def test_exported_records_carry_the_channel_set_fingerprint(tmp_path):
+    from brevitas_a2q import export_qonnx
+    from brevitas_a2q.analysis.records import read_records
+    from brevitas_a2q.train.models import build_mlp
+
+    model = build_mlp("a2q", acc_bits=14).eval()
+    export_qonnx(model, torch.rand(1, 1, 8, 8), tmp_path / "m.onnx")
+    for record in read_records(ModelWrapper(str(tmp_path / "m.onnx"))):
+        assert len(record.extra["channel_set_fingerprint"]) == 40
 
 
 def test_layer_over_target_stops_with_error_naming_it():

@@ -113,6 +113,26 @@ def test_network_builds_with_proven_widths(built, name):
         assert all(graph.get_tensor_datatype(i).is_integer() for i in node.input), node.name
 
 
+@needs_finn
+@pytest.mark.parametrize("name", list(MODELS))
+def test_every_threshold_facing_an_integer_is_exact(built, exported, name):
+    """Every MultiThreshold after streamlining that faces an integer (an accumulator, or the sum of
+    two quantizers' levels at a residual join) has thresholds derived in exact arithmetic from the
+    model, none left to FINN's float32 streamlining; each residual join's quantizer is among them
+    and is evaluated exactly by the reference too."""
+    from finn_flow.verify.exact import ExactModel
+
+    result = built(name)
+    nodes = json.loads((result.output_dir / "ties.json").read_text())["nodes"]
+    integer = [n for n in nodes if n["stage"] == "integer" and n["input_dtype"] != "FLOAT32"]
+    assert integer and all(n["exact"] for n in integer), [(n["node"], n["note"]) for n in integer
+                                                          if not n["exact"]]
+    exact = ExactModel(ModelWrapper(str(exported[name])))
+    assert exact.float32_quantizers == {}
+    joins = [layer for layer in exact.layers.values() if layer.chain.join_inputs]
+    assert len(joins) == {"resnet": 2, "dwsep_residual": 1}.get(name, 0)
+
+
 def _input_scale(model: ModelWrapper) -> float:
     quant = model.find_consumer(model.graph.input[0].name)
     assert quant.op_type == "Quant", quant.op_type

@@ -18,7 +18,7 @@ from torch import nn
 
 from brevitas_a2q import A2QPlusWeightQuant, export_qonnx
 from finn_flow import build, finn_available
-from finn_flow.steps.exact_thresholds import float_input_thresholds, record_input_chains
+from finn_flow.steps.input_thresholds import float_input_thresholds, record_input_chains
 from finn_flow.steps.ties import quant_levels
 
 FINN_OK, FINN_REASON = finn_available()

@@ -13,37 +13,24 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from brevitas.core.restrict_val import FloatRestrictValue
 from brevitas.inject.enum import ScalingPerOutputType
 from brevitas.nn import QuantConv2d, QuantIdentity, QuantReLU
 from brevitas.quant import Uint8ActPerTensorFloat
-from brevitas_examples.super_resolution.models.espcn import QuantESPCN
+from finn_models import assert_hundreds_checked  # tests/ is on sys.path
 from qonnx.core.modelwrapper import ModelWrapper
 from qonnx.util.cleanup import cleanup_model
 from torch import nn
 
-from brevitas_a2q import A2QPlusWeightQuant, A2QWeightQuant, export_qonnx
+from brevitas_a2q import A2QPlusWeightQuant, export_qonnx
 from brevitas_a2q.analysis.records import read_records, weight_fingerprint
 from brevitas_a2q.errors import A2QInputError
 from brevitas_a2q.quant.bounds import min_accumulator_bits, zero_centered_l1_norm
+from brevitas_a2q.train.data import digit_images
+from brevitas_a2q.train.shipped import shipped_espcn
 from finn_flow import build, finn_available
 from finn_flow.steps.subpixel import SubPixelToTransposedConv
 
 FINN_OK, FINN_REASON = finn_available()
-
-
-def _as_shipped(base):
-    """Our quantizer with the attributes of the ESPCN example's ``CommonIntAccumulatorAwareWeightQuant``."""
-    return type("Ours", (base,), {"restrict_scaling_impl": FloatRestrictValue, "bit_width": None})
-
-
-def shipped_espcn(variant: str) -> nn.Module:
-    """Brevitas's ``QuantESPCN`` as shipped (upscale 2, one channel, W4A4, P = 13 on the hidden
-    layers; conv1 at 32 bits and conv4 plain per-tensor 8-bit, by the example's design)."""
-    torch.manual_seed(0)
-    quant = _as_shipped(A2QPlusWeightQuant if variant == "a2q+" else A2QWeightQuant)
-    return QuantESPCN(upscale_factor=2, num_channels=1, weight_bit_width=4, act_bit_width=4,
-                      acc_bit_width=13, weight_quant=quant).eval()
 
 
 class PerTensorA2QPlus(A2QPlusWeightQuant):
@@ -181,12 +168,15 @@ def test_subpixel_target_is_proven_per_sub_pixel_channel(tmp_path):
 def test_shipped_espcn_builds_and_verifies(tmp_path, variant):
     """Brevitas's QuantESPCN, unedited, our quantizer swapped in: the sub-pixel layer becomes a
     transposed convolution inside the build, every target holds on its FINN node, and the
-    accelerator equals QONNX and FINN's exact execution on random and extreme inputs."""
+    accelerator equals QONNX and FINN's exact execution on 100 random, 200 real (digits)
+    and extreme inputs."""
     path = tmp_path / "espcn.onnx"
     _export(shipped_espcn(variant), (1, 16, 16), path)
-    result = build(path, tmp_path / "out", verify=["hls-arith"], random_count=8)
+    real = digit_images(200, channels=1, size=16).numpy()
+    result = build(path, tmp_path / "out", verify=["hls-arith"], verify_inputs=real)
     by_layer = {w.layer: w for w in result.layers}
     assert set(by_layer) == {"conv1", "conv2", "conv3", "conv4"}
     assert all(w.within_target for w in result.layers if w.target_bits is not None)
     assert by_layer["conv4"].target_bits is None and by_layer["conv4"].extra["subpixel_groups"] == 4
     assert result.verified is True, result.verification_summary()
+    assert_hundreds_checked(result)

@@ -35,6 +35,7 @@ __all__ = [
     "AccumulatorRecord",
     "read_records",
     "weight_fingerprint",
+    "channel_set_fingerprint",
     "write_records",
 ]
 
@@ -54,6 +55,19 @@ def weight_fingerprint(int_weights: np.ndarray) -> str:
         q = np.sort(q.astype(np.int16), axis=1, kind="stable").astype(np.int64)
     else:
         q = np.sort(q, axis=1)
+    digest = hashlib.sha1(str(q.shape).encode())
+    digest.update(np.ascontiguousarray(q).tobytes())
+    return digest.hexdigest()
+
+
+def channel_set_fingerprint(int_weights: np.ndarray) -> str:
+    """SHA-1 of the integer weights as a *set of channels*: each channel's sorted weights, the
+    channels in lexicographic order. Invariant to any permutation of the output channels as well
+    (an exact graph transformation may reorder them); stored in a record's ``extra`` under
+    ``"channel_set_fingerprint"`` to match a layer whose channels were permuted."""
+    q = np.asarray(int_weights)
+    q = np.sort(np.rint(q.reshape(q.shape[0], -1)).astype(np.int64), axis=1)
+    q = q[np.lexsort(q.T[::-1])] if q.size else q
     digest = hashlib.sha1(str(q.shape).encode())
     digest.update(np.ascontiguousarray(q).tobytes())
     return digest.hexdigest()

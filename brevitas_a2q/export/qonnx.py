@@ -41,7 +41,12 @@ from brevitas_a2q.analysis.audit import (
     iter_accumulating_layers,
 )
 from brevitas_a2q.analysis.qonnx_analysis import accumulating_nodes, node_input_datatype
-from brevitas_a2q.analysis.records import AccumulatorRecord, weight_fingerprint, write_records
+from brevitas_a2q.analysis.records import (
+    AccumulatorRecord,
+    channel_set_fingerprint,
+    weight_fingerprint,
+    write_records,
+)
 from brevitas_a2q.errors import A2QInputError
 from brevitas_a2q.export.handlers import A2QQONNXWeightHandler, A2QWeightExportHandler
 from brevitas_a2q.io import atomic_output, check_writable
@@ -199,7 +204,8 @@ def _records(model: ModelWrapper, captures: list[LayerCapture]) -> list[Accumula
             input_bits=input_bits, input_signed=input_signed,
             weight_bits=cap.weight_bits, out_channels=cap.out_channels,
             dot_length=cap.dot_length, fingerprint=weight_fingerprint(weights.int_weights),
-            extra={"layer_type": type(cap.module).__name__}))
+            extra={"layer_type": type(cap.module).__name__,
+                   "channel_set_fingerprint": channel_set_fingerprint(weights.int_weights)}))
     missing = [cap.name for cap, _ in pending]
     if missing:
         raise A2QInputError(f"layers {missing} were not found as accumulating nodes in the "

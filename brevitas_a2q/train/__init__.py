@@ -2,7 +2,8 @@
 
 Owns per-layer accumulator targets (:mod:`.targets`), Euclidean-projection init (:mod:`.ep_init`),
 the A2Q penalty (:mod:`.penalty`), the training / evaluation loops (:mod:`.loop`), the demo and CLI
-models (:mod:`.models`), offline data sets (:mod:`.data`) and checkpoints (:mod:`.checkpoint`).
+models (:mod:`.models`), Brevitas's shipped example networks with our quantizers
+(:mod:`.shipped`), offline data sets (:mod:`.data`) and checkpoints (:mod:`.checkpoint`).
 Post-training quantization will live here. May import :mod:`brevitas_a2q.quant` and
 :mod:`brevitas_a2q.analysis`; never :mod:`brevitas_a2q.cli`.
 """
@@ -26,8 +27,12 @@ _EXPORTS = {
     "save_checkpoint": "brevitas_a2q.train.checkpoint",
     "load_dataset": "brevitas_a2q.train.data",
     "load_digits": "brevitas_a2q.train.data",
+    "digit_images": "brevitas_a2q.train.data",
     "build_cnn": "brevitas_a2q.train.models",
     "build_mlp": "brevitas_a2q.train.models",
+    "shipped_bnn_pynq": "brevitas_a2q.train.shipped",
+    "shipped_espcn": "brevitas_a2q.train.shipped",
+    "shipped_resnet18": "brevitas_a2q.train.shipped",
 }
 
 __all__ = sorted(_EXPORTS)

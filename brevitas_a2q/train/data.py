@@ -54,6 +54,18 @@ def load_digits(test_fraction: float = 0.25, seed: int = 0) -> tuple[TensorDatas
     return TensorDataset(images[train], labels[train]), TensorDataset(images[test], labels[test])
 
 
+def digit_images(count: int, channels: int, size: int, peak: float = 1.0) -> torch.Tensor:
+    """The first ``count`` :func:`load_digits` test images scaled bilinearly to ``size`` x ``size``,
+    repeated over ``channels``, in ``[0, peak]`` (rounded to integers for ``peak`` 255): real-image
+    inputs at another network's input size (for the shipped MNIST / CIFAR-10 networks, whose own
+    data sets cannot be had offline)."""
+    images = load_digits()[1].tensors[0][:count]
+    images = torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear",
+                                             align_corners=False)
+    images = images.clamp(0, 1).repeat(1, channels, 1, 1)
+    return torch.round(images * 255) if peak == 255 else images * peak
+
+
 def read_idx(path: str | os.PathLike) -> np.ndarray:
     """Read one IDX file (optionally gzipped, by its ``.gz`` suffix) into a numpy array."""
     path = Path(path)

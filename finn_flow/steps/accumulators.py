@@ -31,7 +31,11 @@ from qonnx.core.datatype import DataType
 from qonnx.core.modelwrapper import ModelWrapper
 from qonnx.transformation.base import Transformation
 
-from brevitas_a2q.analysis.records import AccumulatorRecord, weight_fingerprint
+from brevitas_a2q.analysis.records import (
+    AccumulatorRecord,
+    channel_set_fingerprint,
+    weight_fingerprint,
+)
 from brevitas_a2q.errors import A2QInputError, AccumulatorOverflowError
 from brevitas_a2q.quant.bounds import (
     datatype_accumulator_bits,
@@ -160,9 +164,18 @@ def range_datatype(minimum: int, maximum: int) -> DataType:
     return DataType[f"INT{bits}"]
 
 
-def _find_record(records: Sequence[AccumulatorRecord], fingerprint: str):
+def _find_record(records: Sequence[AccumulatorRecord], q: np.ndarray
+                 ) -> tuple[AccumulatorRecord | None, bool]:
+    """The record of the layer whose integer weights are ``q`` (by
+    :func:`~brevitas_a2q.analysis.records.weight_fingerprint`), else of the layer whose channels
+    ``q`` holds in another order (an exact transformation permuted them); and whether permuted."""
+    fingerprint = weight_fingerprint(q)
     matches = [r for r in records if r.fingerprint == fingerprint]
-    return matches[0] if matches else None
+    if matches:
+        return matches[0], False
+    channels = channel_set_fingerprint(q)
+    matches = [r for r in records if r.extra.get("channel_set_fingerprint") == channels]
+    return (matches[0], True) if matches else (None, False)
 
 
 def _l1_bits(q: np.ndarray, idt: DataType, record: AccumulatorRecord | None) -> int | None:
@@ -220,7 +233,7 @@ class SetProvenAccumulatorWidths(Transformation):
         if not idt.is_integer():
             raise A2QInputError(f"FINN node {node.name!r}: input type {idt.name} is not integer")
         wdt = model.get_tensor_datatype(node.input[1])
-        record = _find_record(self.records, weight_fingerprint(q))
+        record, permuted = _find_record(self.records, q)
         if record is None and self.require_records:
             raise A2QInputError(
                 f"FINN node {node.name!r} ({q.shape[0]}x{q.shape[1]} weights) matches no "
@@ -250,6 +263,8 @@ class SetProvenAccumulatorWidths(Transformation):
             finn_datatype=finn_dt, datatype=finn_dt, forced=self.force_bits is not None,
             extra={} if groups is None else {"subpixel_groups": len(groups)},
         )
+        if permuted:
+            widths.extra["channels_permuted"] = True
         if self.lut_estimator is not None:
             widths.lut_finn = int(self.lut_estimator(node, model))
         if self.force_bits is None and widths.target_bits is not None \

@@ -16,16 +16,21 @@ constants, at most one ``BatchNormalization`` (``(x - mean) * gamma / sqrt(var +
 rational it denotes, so ``x`` is ``r0 + r1 / sqrt(v)`` with rationals ``r0``, ``r1``, ``v``, and the
 quantizer's decision is an exact comparison (:class:`ExactValue`).
 
+A residual join of two quantized tensors with one scale ``s`` (``Add``, as FINN needs it) is the
+same with ``(a + b)`` in place of the accumulator: ``(a + b) * s`` with ``a``, ``b`` the two levels.
+
 Two steps use it:
 
 * :func:`step_a2q_record_activation_chains` (before ``step_qonnx_to_finn``): for every activation
-  ``Quant`` fed by such a chain from an accumulating layer, the chain's constants are stored in the
-  graph metadata under the ``Quant``'s output tensor (:class:`ActivationChain`).
+  ``Quant`` fed by such a chain from an accumulating layer or a join, the chain's constants are
+  stored in the graph metadata under the ``Quant``'s output tensor (:class:`ActivationChain`).
 * :class:`finn_flow.steps.ties.RoundHalfEvenIntegerThresholds` (after streamlining) replaces each
   threshold of a ``MultiThreshold`` facing that accumulator by the smallest integer ``acc`` whose
-  exact level reaches the threshold's level (:func:`exact_integer_thresholds`), after proving that
-  the node it faces is the layer's accumulator (the same integer weights) and that FINN's float32
-  thresholds agree with the exact ones wherever they are not within float32 error of an integer.
+  exact level reaches the threshold's level within the accumulator's reachable range
+  (:mod:`finn_flow.steps.threshold_matching`), after proving that the node it faces is the layer's
+  accumulator (the same integer weights on integer inputs of the recorded levels; for a join, an
+  ``Add`` of the two quantizers' levels) and that FINN's float32 thresholds are within float32
+  streamlining error of the exact ones.
   Anything it cannot prove keeps FINN's thresholds and is reported as such.
 """
 
@@ -47,14 +52,12 @@ __all__ = [
     "CHAINS_KEY",
     "ActivationChain",
     "ExactValue",
+    "LevelTable",
     "attach_quant_tensor",
-    "InputChain",
-    "exact_integer_thresholds",
-    "faces_accumulator",
     "input_levels",
-    "float_input_thresholds",
-    "read_input_chains",
-    "record_input_chains",
+    "is_join",
+    "level_source",
+    "level_table",
     "read_activation_chains",
     "record_activation_chains",
     "step_a2q_record_activation_chains",
@@ -110,6 +113,11 @@ class ActivationChain:
     quant_scale: list[str]
     low: int  # the quantizer's lowest and highest level
     high: int
+    # [lowest, highest] level of each integer input: the layer's input (one), or a join's two
+    input_ranges: list[list[int]] | None = None
+    # a residual join: the two activation Quant outputs whose levels the Add sums (one scale); the
+    # "accumulator" is then the sum of their levels, layer_node the Add and fingerprint empty
+    join_inputs: list[str] | None = None
 
     @property
     def channels(self) -> int:
@@ -148,14 +156,24 @@ def _quant_params(model: ModelWrapper, quant) -> tuple[np.ndarray, int, int] | N
     return scale, low, high
 
 
-def input_levels(model: ModelWrapper, tensor: str) -> tuple[float, int, int] | None:
-    """``(scale, lowest level, highest level)`` of the integers reaching ``tensor`` unchanged: an
-    activation Quant's (through layout and max-pool ops), or the graph input's integer datatype
-    (``--input-type``, scale 1); None otherwise."""
+def level_source(model: ModelWrapper, tensor: str) -> str:
+    """The tensor whose values reach ``tensor`` unchanged up to a reshuffle (through layout and
+    max-pool ops): an activation Quant's output, the graph input, or ``tensor`` itself."""
     producer, source = model.find_producer(tensor), tensor
     while producer is not None and producer.op_type in PASS_THROUGH:
         source = producer.input[0]
         producer = model.find_producer(source)
+    if producer is not None and producer.op_type == "Quant":
+        return producer.output[0]
+    return source
+
+
+def input_levels(model: ModelWrapper, tensor: str) -> tuple[float, int, int] | None:
+    """``(scale, lowest level, highest level)`` of the integers reaching ``tensor`` unchanged: an
+    activation Quant's (through layout and max-pool ops), or the graph input's integer datatype
+    (``--input-type``, scale 1); None otherwise."""
+    source = level_source(model, tensor)
+    producer = model.find_producer(source)
     if producer is None:
         dtype = model.get_tensor_datatype(source)
         return (1.0, int(dtype.min()), int(dtype.max())) if dtype.is_integer() else None
@@ -234,29 +252,59 @@ def _chain_ops(model: ModelWrapper, start, quant) -> list | None:
         tensor = node.output[0]
 
 
+def is_join(model: ModelWrapper, node) -> bool:
+    """Whether ``node`` is an ``Add`` of two computed tensors (a residual join)."""
+    return node.op_type == "Add" and len(node.input) == 2 and \
+        all(_init(model, name) is None for name in node.input)
+
+
 def record_activation_chains(model: ModelWrapper) -> dict[str, ActivationChain]:
     """Every activation Quant reached by a supported chain from an accumulating layer whose input is
-    a quantized tensor (see the module docstring), keyed by the Quant's output tensor."""
+    a quantized tensor, or from a residual join of two quantized tensors with one scale (see the
+    module docstring), keyed by the Quant's output tensor."""
     chains = {}
     for quant in model.graph.node:
         if quant.op_type != "Quant" or _init(model, quant.input[0]) is not None:
             continue
         params = _quant_params(model, quant)
         producer = model.find_producer(quant.input[0])
-        while producer is not None and producer.op_type not in ACCUMULATING:
+        while producer is not None and producer.op_type not in ACCUMULATING and \
+                not is_join(model, producer):
             producer = model.find_producer(producer.input[0])
         if params is None or producer is None:
             continue
-        levels, weights = input_levels(model, producer.input[0]), _weight_rows(model, producer)
+        start = _join_start(model, producer) if is_join(model, producer) else \
+            _layer_start(model, producer)
         ops = _chain_ops(model, producer, quant)
-        if levels is None or weights is None or ops is None:
+        if start is None or ops is None:
             continue
-        rows, s_w = weights
-        scale = [str(_fraction(levels[0]) * _fraction(s)) for s in s_w]
         chains[quant.output[0]] = ActivationChain(
-            layer_node=producer.name, fingerprint=weight_fingerprint(rows), scale=scale, ops=ops,
-            quant_scale=_per_channel(params[0]), low=params[1], high=params[2])
+            layer_node=producer.name, ops=ops, quant_scale=_per_channel(params[0]),
+            low=params[1], high=params[2], **start)
     return chains
+
+
+def _layer_start(model: ModelWrapper, layer) -> dict | None:
+    """The chain's start at an accumulating layer: ``acc * s_x * s_w[c]``."""
+    levels, weights = input_levels(model, layer.input[0]), _weight_rows(model, layer)
+    if levels is None or weights is None:
+        return None
+    rows, s_w = weights
+    return {"fingerprint": weight_fingerprint(rows),
+            "scale": [str(_fraction(levels[0]) * _fraction(s)) for s in s_w],
+            "input_ranges": [[levels[1], levels[2]]]}
+
+
+def _join_start(model: ModelWrapper, add) -> dict | None:
+    """The chain's start at a residual join of two quantized tensors with one scale ``s``:
+    ``(a + b) * s``, the sum of their levels being the "accumulator"."""
+    levels = [input_levels(model, name) for name in add.input]
+    if any(level is None for level in levels) or \
+            _fraction(levels[0][0]) != _fraction(levels[1][0]):
+        return None
+    return {"fingerprint": "", "scale": [str(_fraction(levels[0][0]))],
+            "input_ranges": [[low, high] for _, low, high in levels],
+            "join_inputs": [level_source(model, name) for name in add.input]}
 
 
 def read_activation_chains(model: ModelWrapper) -> dict[str, ActivationChain]:
@@ -270,6 +318,8 @@ def step_a2q_record_activation_chains(model: ModelWrapper, cfg) -> ModelWrapper:
     :class:`finn_flow.steps.ties.RoundHalfEvenIntegerThresholds`."""
     chains = record_activation_chains(model)
     model.set_metadata_prop(CHAINS_KEY, json.dumps({k: asdict(v) for k, v in chains.items()}))
+    from finn_flow.steps.input_thresholds import INPUT_CHAINS_KEY, record_input_chains
+
     inputs = record_input_chains(model)
     model.set_metadata_prop(INPUT_CHAINS_KEY, json.dumps({k: asdict(v) for k, v in inputs.items()}))
     return model
@@ -295,57 +345,6 @@ def _reaches(chain: ActivationChain, c: int, acc: int, level: int) -> bool:
     half = (Fraction(level) - Fraction(1, 2)) * _at(chain.quant_scale, c)
     sign = _value(chain, c, acc).compare(half)
     return sign > 0 or (sign == 0 and level % 2 == 0)
-
-
-def exact_integer_thresholds(chain: ActivationChain, finn: np.ndarray, first_level: int,
-                             window: int = 4) -> tuple[np.ndarray, str | None]:
-    """Integer thresholds ``T[r, t]`` = the smallest ``acc`` whose exact level is
-    ``>= first_level + t + 1``, searched within ``window`` of FINN's ``ceil(finn[r, t])``.
-
-    Returns ``(thresholds, None)``, or ``(finn, reason)`` where the exact thresholds cannot be
-    proven: rows that do not match the chain's channels, a level that does not change within the
-    window, or a threshold that differs from FINN's where FINN's float32 value is not within float32
-    error of an integer (then the node does not face this chain's accumulator as assumed)."""
-    rows, count = finn.shape
-    if chain.channels not in (1, rows):
-        return finn, f"{rows} threshold rows for a chain of {chain.channels} channels"
-    out = np.empty((rows, count), dtype=np.float64)
-    for r in range(rows):
-        for t in range(count):
-            level, guess = first_level + t + 1, math.ceil(float(finn[r, t]))
-            lo, hi = guess - window, guess + window
-            if _reaches(chain, r, lo, level) or not _reaches(chain, r, hi, level):
-                return finn, f"row {r} threshold {t}: the exact threshold is not within {window} of FINN's"
-            while hi - lo > 1:  # invariant: not reached at lo, reached at hi
-                mid = (lo + hi) // 2
-                lo, hi = (lo, mid) if _reaches(chain, r, mid, level) else (mid, hi)
-            out[r, t] = hi
-    if np.abs(out).max(initial=0) > 2**24:
-        return finn, "thresholds beyond 2^24 are not exact in float32"
-    tolerance = np.maximum(1.0, np.abs(finn.astype(np.float64))) * 2.0**-20
-    near_integer = np.abs(finn - np.round(finn)) <= tolerance
-    if np.any((out != np.ceil(finn)) & ~near_integer):
-        return finn, "exact thresholds differ from FINN's away from float32 error"
-    return out.astype(np.float32), None
-
-
-def faces_accumulator(model: ModelWrapper, node, chain: ActivationChain) -> str | None:
-    """None if the MultiThreshold ``node`` reads the accumulator of the chain's layer (through
-    Transposes, a MatMul or Conv with the same integer weights per output channel), else why not."""
-    producer = model.find_producer(node.input[0])
-    while producer is not None and producer.op_type == "Transpose":
-        producer = model.find_producer(producer.input[0])
-    if producer is None or producer.op_type not in ("MatMul", "Conv"):
-        return f"it reads a {getattr(producer, 'op_type', 'graph input')}, not a MatMul or Conv"
-    weights = _init(model, producer.input[1])
-    if weights is None:
-        return "its MatMul/Conv has no constant weights"
-    weights = weights.astype(np.float64)
-    rows = weights.T if producer.op_type == "MatMul" else weights.reshape(weights.shape[0], -1)
-    if not np.array_equal(rows, np.rint(rows)) or weight_fingerprint(rows) != chain.fingerprint:
-        return f"the weights of {producer.name or producer.output[0]!r} are not the integer weights of " \
-               f"{chain.layer_node!r}"
-    return None
 
 
 def attach_quant_tensor(node, tensor: str) -> None:
@@ -417,104 +416,3 @@ def _level(chain: ActivationChain, c: int, acc: int) -> int:
         mid = (lo + hi + 1) // 2
         lo, hi = (mid, hi) if _reaches(chain, c, acc, mid) else (lo, mid - 1)
     return lo
-
-
-INPUT_CHAINS_KEY = "brevitas_a2q.input_chains"
-_FLOAT_OPS = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.divide}
-
-
-@dataclass
-class InputChain:
-    """Elementwise float32 ops from the graph input to an input quantizer (``2 * x - 1``): IEEE
-    operations, so Brevitas, QONNX and numpy compute them identically, to the bit."""
-
-    ops: list[list]  # [op type, float32 constant] or ["Relu", 0]
-    scale: list[float]
-    low: int
-    high: int
-
-    def apply(self, x: np.ndarray) -> np.ndarray:
-        x = np.asarray(x, dtype=np.float32)
-        with np.errstate(over="ignore"):  # the far ends of the float32 range overflow to +-inf
-            for op, const in self.ops:
-                x = np.maximum(x, np.float32(0)) if op == "Relu" else \
-                    _FLOAT_OPS[op](x, np.float32(const)).astype(np.float32)
-        return x
-
-    @property
-    def increasing(self) -> bool:
-        return all(const > 0 for op, const in self.ops if op in ("Mul", "Div"))
-
-
-def record_input_chains(model: ModelWrapper) -> dict[str, InputChain]:
-    """Every Quant reached from the graph input through scalar Add/Sub/Mul/Div, Relu and layout
-    ops only (a Quant directly on the input included), keyed by its output tensor."""
-    chains, graph_input = {}, model.graph.input[0].name
-    for quant in model.graph.node:
-        if quant.op_type != "Quant" or _init(model, quant.input[0]) is not None:
-            continue
-        params = _quant_params(model, quant)
-        ops, tensor = [], quant.input[0]
-        while params is not None and tensor != graph_input:
-            node = model.find_producer(tensor)
-            if node is None:
-                break
-            const = _init(model, node.input[1]) if len(node.input) > 1 else None
-            if node.op_type in ("Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze"):
-                pass  # elementwise ops commute with layout
-            elif node.op_type == "Relu":
-                ops.append(["Relu", 0.0])
-            elif node.op_type in _FLOAT_OPS and const is not None and const.size == 1:
-                ops.append([node.op_type, float(np.float32(const.reshape(-1)[0]))])
-            else:
-                break
-            tensor = node.input[0]
-        if params is not None and tensor == graph_input:
-            chains[quant.output[0]] = InputChain(ops[::-1], [float(s) for s in
-                                                             np.asarray(params[0]).reshape(-1)],
-                                                 params[1], params[2])
-    return chains
-
-
-def _ordered(x: np.ndarray) -> np.ndarray:
-    """float32 -> int64 keys in the same order (for bisection over float32 values)."""
-    i = np.asarray(x, dtype=np.float32).view(np.int32).astype(np.int64)
-    return np.where(i >= 0, i, -(i & 0x7FFFFFFF))
-
-
-def _unordered(k: np.ndarray) -> np.ndarray:
-    k = np.asarray(k, dtype=np.int64)
-    i = np.where(k >= 0, k, (-k) | -0x80000000)
-    return i.astype(np.int32).view(np.float32)
-
-
-def float_input_thresholds(chain: InputChain, rows: int, first_level: int,
-                           count: int) -> np.ndarray | None:
-    """Float32 thresholds ``T[r, t]``: the smallest float32 input whose level (the chain's ops, then
-    QONNX's round-half-even ``Quant``, all in float32) reaches ``first_level + t + 1``; by bisection
-    over every finite float32. None where the chain is not non-decreasing (a negative factor)."""
-    from finn_flow.steps.ties import quant_levels
-
-    if not chain.increasing:
-        return None
-    scale = np.broadcast_to(np.asarray(chain.scale, dtype=np.float32).reshape(-1, 1), (rows, 1))
-    target = (first_level + 1 + np.arange(count))[None, :].repeat(rows, axis=0)
-    lo = np.full((rows, count), _ordered(np.float32(-3.4e38)))
-    hi = np.full((rows, count), _ordered(np.float32(3.4e38)))
-
-    def reached(keys):
-        x = _unordered(keys)
-        return quant_levels(chain.apply(x), scale, chain.low, chain.high) >= target
-
-    if reached(lo).any() or not reached(hi).all():
-        return None
-    while np.any(hi - lo > 1):  # invariant: not reached at lo, reached at hi
-        mid = (lo + hi) // 2
-        ok = reached(mid)
-        hi, lo = np.where(ok, mid, hi), np.where(ok, lo, mid)
-    return _unordered(hi)
-
-
-def read_input_chains(model: ModelWrapper) -> dict[str, InputChain]:
-    raw = model.get_metadata_prop(INPUT_CHAINS_KEY)
-    return {} if not raw else {k: InputChain(**v) for k, v in json.loads(raw).items()}

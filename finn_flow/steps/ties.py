@@ -57,14 +57,13 @@ from qonnx.transformation.base import Transformation
 from qonnx.util.basic import get_by_name
 
 from brevitas_a2q.errors import A2QInputError
-from finn_flow.steps.exact_thresholds import (
-    QUANT_ATTR,
-    attach_quant_tensor,
+from finn_flow.steps.exact_thresholds import QUANT_ATTR, attach_quant_tensor, read_activation_chains
+from finn_flow.steps.input_thresholds import float_input_thresholds, read_input_chains
+from finn_flow.steps.threshold_matching import (
+    accumulator_range,
     exact_integer_thresholds,
     faces_accumulator,
-    float_input_thresholds,
-    read_activation_chains,
-    read_input_chains,
+    finn_deviation,
 )
 
 __all__ = [
@@ -99,6 +98,8 @@ class TieFix:
     changed_at: list[list[int]] = field(default_factory=list)  # [row, index], at most 20
     exact: bool = False  # stage "integer": thresholds derived in exact arithmetic from the model
     note: str = ""  # stage "integer": why FINN's float32 thresholds were kept, where they were
+    # stage "integer", exact: largest |FINN's float32 threshold - the exact real one| (acc units)
+    finn_deviation: float | None = None
 
 
 def quant_levels(x: np.ndarray, scale: np.ndarray, low: int, high: int) -> np.ndarray:
@@ -322,7 +323,7 @@ class RoundHalfEvenIntegerThresholds(Transformation):
                             first_level: int, idt, inputs: dict) -> TieFix | None:
         """An input quantizer whose thresholds took in elementwise ops on the graph input
         (``2 * x - 1``): thresholds recomputed over every float32 input with those ops in
-        float32 (:func:`~finn_flow.steps.exact_thresholds.float_input_thresholds`), if FINN's are
+        float32 (:func:`~finn_flow.steps.input_thresholds.float_input_thresholds`), if FINN's are
         those within float32 error; else None."""
         chain = inputs.get(_attr_str(node, QUANT_ATTR))
         if chain is None or not chain.ops:
@@ -344,12 +345,19 @@ class RoundHalfEvenIntegerThresholds(Transformation):
         """Exact integer thresholds where the node provably faces its layer's accumulator
         (:mod:`finn_flow.steps.exact_thresholds`); else FINN's, with exact-integer ties made even."""
         chain = chains.get(_attr_str(node, QUANT_ATTR))
-        note = "no exact chain was recorded for its quantizer"
+        note, deviation = "no exact chain was recorded for its quantizer", None
         if chain is not None:
             note = faces_accumulator(model, node, chain)
             if note is None:
-                exact, note = exact_integer_thresholds(chain, thresholds, first_level)
+                bounds = accumulator_range(model, node, chain)
+                exact, note = exact_integer_thresholds(chain, thresholds, first_level,
+                                                       acc_range=bounds)
         if note is None:
+            inside = None
+            if bounds is not None:
+                low, high = (np.asarray(v, dtype=np.float64).reshape(-1, 1) for v in bounds)
+                inside = (exact > low) & (exact <= high)
+            deviation = finn_deviation(chain, thresholds, first_level, inside)[0]
             new = exact
         else:
             lower = first_level + np.arange(thresholds.shape[1])
@@ -358,7 +366,8 @@ class RoundHalfEvenIntegerThresholds(Transformation):
         if changed.size:
             model.set_initializer(node.input[1], new.astype(np.float32))
         return TieFix("integer", name, "", first_level, int(thresholds.size), len(changed),
-                      idt.name, changed[:20].tolist(), exact=note is None, note=note or "")
+                      idt.name, changed[:20].tolist(), exact=note is None, note=note or "",
+                      finn_deviation=deviation)
 
 
 def _report(cfg, fixes: list[TieFix], unmarked: list[str] | None = None) -> None:

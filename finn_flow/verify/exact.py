@@ -6,10 +6,11 @@ value is 105.49998 (``shared/cases/espcn_plain_deconv_tie.onnx``), so QONNX roun
 the model, and an accelerator with exact thresholds, give 105.
 
 :class:`ExactModel` executes the QONNX graph node by node (qonnx's own execution) and replaces the
-output of every activation quantizer that an accumulating layer feeds through a supported chain
-(:mod:`finn_flow.steps.exact_thresholds`) by its exact levels: the layer's integer accumulator is
-computed in float64 from the integer levels of its input and its integer weights (exact below
-2^53), and mapped to levels by integer thresholds derived in exact arithmetic. Quantizers without
+output of every activation quantizer that an accumulating layer or a residual join feeds through
+a supported chain (:mod:`finn_flow.steps.exact_thresholds`) by its exact levels: the layer's integer
+accumulator is computed in float64 from the integer levels of its input and its integer weights
+(exact below 2^53), a join's as the sum of its two inputs' levels, and mapped to levels by integer
+thresholds derived in exact arithmetic. Quantizers without
 such a chain keep QONNX's float32 result and are listed, except input quantizers fed by the graph
 input through elementwise ops only, whose float32 evaluation (IEEE, identical in Brevitas, QONNX and
 FINN's thresholds) is their exact definition. Where QONNX's float32 level differs from the exact one
@@ -42,8 +43,8 @@ from finn_flow.steps.exact_thresholds import (
     input_levels,
     level_table,
     record_activation_chains,
-    record_input_chains,
 )
+from finn_flow.steps.input_thresholds import record_input_chains
 from finn_flow.steps.subpixel import SubPixelToTransposedConv
 
 __all__ = ["ExactEvaluation", "ExactModel"]
@@ -69,15 +70,16 @@ class ExactEvaluation:
 
 @dataclass
 class _Layer:
-    """One exactly evaluated quantizer: its chain, accumulating node and level table."""
+    """One exactly evaluated quantizer: its chain, accumulating node (or join ``Add``) and level
+    table."""
 
     quant: object
     chain: ActivationChain
     node: object
-    weights: torch.Tensor  # integer weights in the node's own layout, float64
+    weights: torch.Tensor | None  # integer weights in the node's own layout, float64; None: a join
     input_scale: float
     table: LevelTable
-    dot_length: int
+    dot_length: int  # terms summed into one accumulator
 
 
 def _ints(node, name: str, default: list[int]) -> list[int]:
@@ -136,6 +138,12 @@ class ExactModel:
     def _layer(self, quant, chain: ActivationChain) -> _Layer | str:
         model = self.model
         node = next(n for n in model.graph.node if n.name == chain.layer_node)
+        if chain.join_inputs is not None:  # (a + b) * s: the levels' sum is the accumulator
+            (low_a, high_a), (low_b, high_b) = chain.input_ranges
+            table = level_table(chain, chain.channels, low_a + low_b, high_a + high_b)
+            if table is None:
+                return "its level is not non-decreasing in the sum (a negative scale)"
+            return _Layer(quant, chain, node, None, float(Fraction(chain.scale[0])), table, 2)
         rows, _ = _weight_rows(model, node)
         weight_quant = model.find_producer(node.input[1])
         values = model.get_initializer(weight_quant.input[0]).astype(np.float64)
@@ -195,17 +203,12 @@ class ExactModel:
     def _exact_output(self, layer: _Layer, context: dict, result: ExactEvaluation) -> np.ndarray:
         quant = layer.quant
         scale = np.asarray(context[quant.input[1]], dtype=np.float32)
-        levels_in = context[layer.node.input[0]].astype(np.float64) / layer.input_scale
-        rounded = np.rint(levels_in)
-        if np.abs(levels_in - rounded).max(initial=0) > 1e-3:
-            raise ValueError(f"the input of {layer.node.name!r} is not on its quantizer's grid")
-        acc = _accumulate(layer.node, torch.from_numpy(rounded), layer.weights)
-        magnitude = _accumulate(layer.node, torch.from_numpy(np.abs(rounded)), layer.weights.abs())
-        exact = layer.table.levels(acc.numpy().astype(np.int64))
+        acc, magnitude = self._accumulator(layer, context)
+        exact = layer.table.levels(acc.astype(np.int64))
         qonnx = np.rint(context[quant.output[0]].astype(np.float64) / scale.astype(np.float64))
         differ = np.argwhere(qonnx != exact)
         if differ.size:
-            explained = int(sum(self._within_float32_error(layer, acc.numpy(), magnitude.numpy(),
+            explained = int(sum(self._within_float32_error(layer, acc, magnitude,
                                                            tuple(i), qonnx, exact) for i in differ))
             name = quant.name
             result.float32_rounding[name] = result.float32_rounding.get(name, 0) + explained
@@ -213,6 +216,22 @@ class ExactModel:
             if unexplained:
                 result.unexplained[name] = result.unexplained.get(name, 0) + unexplained
         return (exact.astype(np.float32) * scale).astype(np.float32)
+
+    @staticmethod
+    def _accumulator(layer: _Layer, context: dict) -> tuple[np.ndarray, np.ndarray]:
+        """The layer's integer accumulator and the sum of its terms' magnitudes (float64)."""
+        levels = []
+        for tensor in layer.node.input[:1] if layer.weights is not None else layer.node.input:
+            value = context[tensor].astype(np.float64) / layer.input_scale
+            levels.append(np.rint(value))
+            if np.abs(value - levels[-1]).max(initial=0) > 1e-3:
+                raise ValueError(f"the input {tensor!r} of {layer.node.name!r} is not on its "
+                                 "quantizer's grid")
+        if layer.weights is None:
+            return levels[0] + levels[1], np.abs(levels[0]) + np.abs(levels[1])
+        rounded = torch.from_numpy(levels[0])
+        return (_accumulate(layer.node, rounded, layer.weights).numpy(),
+                _accumulate(layer.node, rounded.abs(), layer.weights.abs()).numpy())
 
     def _within_float32_error(self, layer: _Layer, acc: np.ndarray, magnitude: np.ndarray,
                               index: tuple, qonnx: np.ndarray, exact: np.ndarray) -> bool:
