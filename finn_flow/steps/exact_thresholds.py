@@ -36,6 +36,7 @@ Two steps use it:
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import asdict, dataclass
@@ -133,7 +134,13 @@ def _per_channel(value: np.ndarray | float) -> list[str]:
 
 
 def _at(values: list[str], c: int) -> Fraction:
-    return Fraction(values[0] if len(values) == 1 else values[c])
+    return _parsed(values[0] if len(values) == 1 else values[c])
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _parsed(text: str) -> Fraction:
+    """A chain constant ``"p/q"`` as a Fraction (parsed once: thresholds evaluate each many times)."""
+    return Fraction(text)
 
 
 def _init(model: ModelWrapper, name: str) -> np.ndarray | None:

@@ -50,6 +50,7 @@ from finn_flow.steps.subpixel import SubPixelToTransposedConv
 __all__ = ["ExactEvaluation", "ExactModel"]
 
 U32 = 2.0**-24  # float32 unit roundoff
+BATCH = 32  # inputs evaluated together
 
 
 @dataclass
@@ -167,19 +168,31 @@ class ExactModel:
             [layer.quant.name for layer in self.layers.values()] + self.input_quantizers),
             float32_quantizers=dict(self.float32_quantizers))
         inputs = np.asarray(inputs, dtype=np.float32)
-        try:
-            batched = self._batched(len(inputs))
-            result.outputs = self._run(batched, inputs.reshape(
-                len(inputs), *batched.get_tensor_shape(batched.graph.input[0].name)[1:]), result)
-        except Exception:  # a graph with batch-1 constants: one input at a time
-            result.float32_rounding, result.unexplained = {}, {}
-            shape = self.model.get_tensor_shape(self.model.graph.input[0].name)
-            result.outputs = np.concatenate([self._run(self.model, x.reshape(shape), result)
-                                             for x in inputs])
+        result.outputs = np.concatenate([self._evaluate_batch(inputs[i:i + BATCH], result)
+                                         for i in range(0, len(inputs), BATCH)])
         return result
 
+    def _evaluate_batch(self, inputs: np.ndarray, result: ExactEvaluation) -> np.ndarray:
+        found = ExactEvaluation(np.empty(0))
+        try:
+            batched = self._batched(len(inputs))
+            outputs = self._run(batched, inputs.reshape(
+                len(inputs), *batched.get_tensor_shape(batched.graph.input[0].name)[1:]), found)
+        except Exception:  # a graph the batch does not go through: one input at a time
+            found = ExactEvaluation(np.empty(0))
+            shape = self.model.get_tensor_shape(self.model.graph.input[0].name)
+            outputs = np.concatenate([self._run(self.model, x.reshape(shape), found)
+                                      for x in inputs])
+        for counts, more in ((result.float32_rounding, found.float32_rounding),
+                             (result.unexplained, found.unexplained)):
+            for name, n in more.items():
+                counts[name] = counts.get(name, 0) + n
+        return outputs
+
     def _batched(self, count: int) -> ModelWrapper:
-        """The model with batch size ``count`` (shapes inferred again)."""
+        """The model with batch size ``count`` (shapes inferred again; a ``Reshape`` to a constant
+        shape led by the model's batch size 1, as ``x.view(x.size(0), -1)`` exports, reshapes to
+        ``count`` instead)."""
         from qonnx.transformation.infer_shapes import InferShapes
 
         model = copy.deepcopy(self.model)
@@ -187,6 +200,12 @@ class ExactModel:
             model.graph.value_info.pop()
         for tensor in (model.graph.input[0].name, model.graph.output[0].name):
             model.set_tensor_shape(tensor, [count, *model.get_tensor_shape(tensor)[1:]])
+        for node in model.graph.node:
+            shape = model.get_initializer(node.input[1]) if node.op_type == "Reshape" else None
+            if shape is not None and shape.size and shape[0] == 1:
+                name = f"{node.input[1]}_batch{count}"
+                model.set_initializer(name, np.concatenate([[count], shape[1:]]).astype(shape.dtype))
+                node.input[1] = name
         return model.transform(InferShapes())
 
     def _run(self, model: ModelWrapper, x: np.ndarray, result: ExactEvaluation) -> np.ndarray:
@@ -203,11 +222,12 @@ class ExactModel:
     def _exact_output(self, layer: _Layer, context: dict, result: ExactEvaluation) -> np.ndarray:
         quant = layer.quant
         scale = np.asarray(context[quant.input[1]], dtype=np.float32)
-        acc, magnitude = self._accumulator(layer, context)
+        acc, levels = self._accumulator(layer, context)
         exact = layer.table.levels(acc.astype(np.int64))
         qonnx = np.rint(context[quant.output[0]].astype(np.float64) / scale.astype(np.float64))
         differ = np.argwhere(qonnx != exact)
         if differ.size:
+            magnitude = self._magnitude(layer, levels)
             explained = int(sum(self._within_float32_error(layer, acc, magnitude,
                                                            tuple(i), qonnx, exact) for i in differ))
             name = quant.name
@@ -218,8 +238,8 @@ class ExactModel:
         return (exact.astype(np.float32) * scale).astype(np.float32)
 
     @staticmethod
-    def _accumulator(layer: _Layer, context: dict) -> tuple[np.ndarray, np.ndarray]:
-        """The layer's integer accumulator and the sum of its terms' magnitudes (float64)."""
+    def _accumulator(layer: _Layer, context: dict) -> tuple[np.ndarray, list[np.ndarray]]:
+        """The layer's integer accumulator (float64) and its input levels."""
         levels = []
         for tensor in layer.node.input[:1] if layer.weights is not None else layer.node.input:
             value = context[tensor].astype(np.float64) / layer.input_scale
@@ -228,10 +248,16 @@ class ExactModel:
                 raise ValueError(f"the input {tensor!r} of {layer.node.name!r} is not on its "
                                  "quantizer's grid")
         if layer.weights is None:
-            return levels[0] + levels[1], np.abs(levels[0]) + np.abs(levels[1])
-        rounded = torch.from_numpy(levels[0])
-        return (_accumulate(layer.node, rounded, layer.weights).numpy(),
-                _accumulate(layer.node, rounded.abs(), layer.weights.abs()).numpy())
+            return levels[0] + levels[1], levels
+        return _accumulate(layer.node, torch.from_numpy(levels[0]), layer.weights).numpy(), levels
+
+    @staticmethod
+    def _magnitude(layer: _Layer, levels: list[np.ndarray]) -> np.ndarray:
+        """The sum of the accumulator's terms' magnitudes (for QONNX's float32 error bound)."""
+        if layer.weights is None:
+            return np.abs(levels[0]) + np.abs(levels[1])
+        return _accumulate(layer.node, torch.from_numpy(np.abs(levels[0])),
+                           layer.weights.abs()).numpy()
 
     def _within_float32_error(self, layer: _Layer, acc: np.ndarray, magnitude: np.ndarray,
                               index: tuple, qonnx: np.ndarray, exact: np.ndarray) -> bool:
