@@ -4,8 +4,9 @@ set against the targets, the LUTs, and the build and verification times.
     python benchmarks/shipped_networks.py --out /tmp/shipped [--only resnet18]
 
 Networks (``brevitas_a2q.train.shipped``: the examples' own definitions, model code unedited, our
-A2Q/A2Q+ quantizer swapped in where the example takes a weight quantizer; untrained, batch-norm
-statistics and activation scales from one forward pass over the real inputs in training mode):
+A2Q/A2Q+ quantizer swapped in where the example takes a weight quantizer; untrained:
+Euclidean-projection init, then batch-norm statistics and activation scales from one forward pass
+over the real inputs in training mode):
 
 * ESPCN A2Q and A2Q+ (``QuantESPCN``, sub-pixel convolution, W4A4, P = 13 on conv2/conv3; 1x16x16 in);
 * ResNet18 A2Q+ (``quant_resnet18_w4a4_a2q_plus_12b``, float stem, built with its input declared
@@ -61,7 +62,13 @@ def networks() -> dict[str, tuple[Callable[[], nn.Module], torch.Tensor, str | N
 
 
 def _prepared(make: Callable[[], nn.Module], real: torch.Tensor) -> nn.Module:
+    """The untrained network with Euclidean-projection init where it has A2Q layers (without it
+    an untrained A2Q layer at a narrow P can round whole channels to zero) and its batch-norm
+    statistics and activation scales from one pass over the real inputs."""
+    from brevitas_a2q.train.ep_init import euclidean_projection_init
+
     model = make()
+    euclidean_projection_init(model, real[:8])
     model.train()
     with torch.no_grad():
         model(real)

@@ -4,12 +4,13 @@ inputs against FINN's own build steps, on Brevitas's shipped A2Q ResNet18, in on
     python benchmarks/verification_cost.py --out /tmp/verification_cost [--blocks 1]
 
 Model: ``brevitas_examples.imagenet_classification.a2q.resnet.quant_resnet18`` (the CIFAR-10
-ResNet18 of the A2Q papers, 32x32x3 in, 10 classes) with this package's A2Q+ weight quantizer
-swapped in (``weight_quant=A2QPlusWeightQuant``, W4A4, P = 16; conv1 and the classifier stay
-Brevitas's plain 8-bit layers as shipped) and an 8-bit input quantizer in front (the example has
-none: "the input is already 8-bit RGB"); Euclidean-projection init, BN at its initial statistics
-(untrained: the cost does not depend on the values). ``--blocks 1`` builds the one-block-per-stage
-variant (``QuantResNet`` with ``num_blocks=[1, 1, 1, 1]``) instead.
+ResNet18 of the A2Q papers, 32x32x3 in, 10 classes) as the example zoo's
+``quant_resnet18_w4a4_a2q_plus_12b`` with this package's A2Q+ quantizer swapped in
+(:func:`brevitas_a2q.train.shipped.shipped_resnet18`: W4A4, P = 12; conv1 and the classifier stay
+Brevitas's plain 8-bit layers as shipped), its float stem built on inputs declared UINT8
+(``input_type="UINT8"``); Euclidean-projection init, BN at its initial statistics (untrained: the
+cost does not depend on the values). ``--blocks 1`` builds the one-block-per-stage variant
+(``QuantResNet`` with ``num_blocks=[1, 1, 1, 1]``) instead.
 
 One :func:`finn_flow.build` (estimate outputs, FINN's default folding, ``verify=("hls-arith",)``,
 ``random_count`` at its default unless ``--random-inputs`` is given) and FINN's own per-step times
@@ -43,29 +44,31 @@ VERIFY_STEP = "step_a2q_verify_hls_arith"
 
 
 def resnet18(blocks: int) -> nn.Module:
-    """Brevitas's A2Q ResNet18 (``blocks`` = 2) or its one-block-per-stage variant with our A2Q+
-    quantizer, W4A4, P = 16, behind an 8-bit input quantizer, Euclidean-projection init."""
-    from brevitas.nn import QuantIdentity
-    from brevitas.quant import Int8ActPerTensorFloat, Int8WeightPerChannelFloat
+    """Brevitas's A2Q ResNet18 (``blocks`` = 2: ``quant_resnet18_w4a4_a2q_plus_12b`` with our A2Q+,
+    :func:`brevitas_a2q.train.shipped.shipped_resnet18`) or its one-block-per-stage variant (the
+    same arguments, ``num_blocks=[1, 1, 1, 1]``), float stem, Euclidean-projection init."""
+    from brevitas.quant import Int8WeightPerChannelFloat
     from brevitas_examples.bnn_pynq.models.resnet import QuantBasicBlock, QuantResNet
-    from brevitas_examples.imagenet_classification.a2q.resnet import quant_resnet18
 
-    from brevitas_a2q.quant.quantizers import A2QPlusWeightQuant
     from brevitas_a2q.train.ep_init import euclidean_projection_init
+    from brevitas_a2q.train.shipped import as_shipped, shipped_resnet18
 
-    torch.manual_seed(0)
     if blocks == 2:
-        net = quant_resnet18(act_bit_width=4, acc_bit_width=16, weight_bit_width=4,
-                             weight_quant=A2QPlusWeightQuant)
+        model = shipped_resnet18("a2q+", acc_bits=12)
     else:  # quant_resnet18's arguments, num_blocks changed
-        net = QuantResNet(block_impl=QuantBasicBlock, num_blocks=[blocks] * 4, num_classes=10,
-                          act_bit_width=4, weight_bit_width=4,
-                          weight_quant=A2QPlusWeightQuant.let(accumulator_bit_width=16),
-                          last_layer_weight_quant=Int8WeightPerChannelFloat,
-                          first_maxpool=False, zero_init_residual=False, round_average_pool=False)
-    model = nn.Sequential(QuantIdentity(act_quant=Int8ActPerTensorFloat, return_quant_tensor=True),
-                          net)
-    euclidean_projection_init(model, torch.rand(8, 3, 32, 32))
+        from brevitas_examples.imagenet_classification.a2q.quant import SCALING_MIN_VAL
+
+        from brevitas_a2q.quant.quantizers import A2QPlusWeightQuant
+
+        torch.manual_seed(0)
+        quant = as_shipped(A2QPlusWeightQuant, scaling_min_val=SCALING_MIN_VAL)
+        model = QuantResNet(block_impl=QuantBasicBlock, num_blocks=[blocks] * 4, num_classes=10,
+                            act_bit_width=4, weight_bit_width=4,
+                            weight_quant=quant.let(accumulator_bit_width=12),
+                            last_layer_weight_quant=Int8WeightPerChannelFloat,
+                            first_maxpool=False, zero_init_residual=False,
+                            round_average_pool=False)
+    euclidean_projection_init(model, torch.rand(8, 3, 32, 32) * 255)
     return model.eval()
 
 
@@ -85,14 +88,14 @@ def measure(out: Path, blocks: int, random_count: int | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     onnx = out / f"resnet18_blocks{blocks}.onnx"
     start = time.perf_counter()
-    export_qonnx(resnet18(blocks), torch.rand(1, 3, 32, 32), onnx, overwrite=True)
+    export_qonnx(resnet18(blocks), torch.rand(1, 3, 32, 32) * 255, onnx, overwrite=True)
     export_s = time.perf_counter() - start
     default = inspect.signature(build).parameters["random_count"].default
     random_count = default if random_count is None else random_count
     load_before = os.getloadavg()
     start = time.perf_counter()
     result = build(onnx, out / "build", verify=("hls-arith",), random_count=random_count,
-                   overwrite=True)
+                   input_type="UINT8", overwrite=True)
     build_s = time.perf_counter() - start
     times = _step_times(out / "build")
     ours = {k: v for k, v in times.items() if k.startswith("step_a2q_") and k != VERIFY_STEP}
@@ -103,7 +106,7 @@ def measure(out: Path, blocks: int, random_count: int | None = None) -> dict:
     return {
         "model": ("brevitas_examples quant_resnet18" if blocks == 2 else
                   f"brevitas_examples QuantResNet num_blocks=[{blocks}]*4")
-                 + " with A2Q+ (W4A4, P=16), 8-bit input quantizer, 32x32x3",
+                 + " with A2Q+ (W4A4, P=12), float stem, input UINT8 32x32x3",
         "blocks_per_stage": blocks,
         "accumulating_layers": len(result.layers),
         "inputs": {r.kind: r.inputs for r in result.verification},
@@ -113,8 +116,12 @@ def measure(out: Path, blocks: int, random_count: int | None = None) -> dict:
         "verification_passed": all(r.ok for r in result.verification)
         and all(c.ok for c in result.layer_extremes),
         "outcome": {r.kind: {"inputs": r.inputs, "accelerator_equal_to_finn_graph": r.matched,
-                             "model_outputs_differing_from_qonnx": len(r.final_mismatched_indices),
-                             "finn_graph_differing_from_qonnx": len(r.reference_mismatched_indices)}
+                             "reference": r.reference,
+                             "model_outputs_differing_from_reference":
+                                 len(r.final_mismatched_indices),
+                             "finn_graph_differing_from_reference":
+                                 len(r.reference_mismatched_indices),
+                             "qonnx_float32_rounding": r.qonnx_float32_rounding}
                     for r in result.verification}
         | {"layer_extremes_ok": f"{sum(c.ok for c in result.layer_extremes)}/"
                                 f"{len(result.layer_extremes)}"},

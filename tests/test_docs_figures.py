@@ -137,6 +137,27 @@ def _range(values: list[float], digits: int = 0) -> tuple[str, str]:
 PLAIN = ("plain QAT", "plain QAT (float init)")
 EP = ("ours A2Q, EP-init", "ours A2Q+, EP-init")
 
+# ----------------------------------------------------------------------------------------------
+# shipped_networks.json (benchmarks/shipped_networks.py), verification_cost.json
+
+
+def _shipped_rows(d: dict) -> dict[tuple[str, ...], list[str]]:
+    rows = {}
+    for name, n in d["networks"].items():
+        bits = [layer["bits"] for layer in n["layers"]]
+        targets = sorted({layer["target_bits"] for layer in n["layers"] if layer["target_bits"]})
+        v = n["verification"]
+        checked = " / ".join(f"{v[k]['bit_exact']}/{v[k]['inputs']}"
+                             for k in ("random", "real", "extreme"))
+        s = n["seconds"]
+        rows[(name,)] = [
+            ", ".join(map(str, targets)) or "–", n["targets_proven"], f"{min(bits)}–{max(bits)}",
+            f"{n['lut_set']:,} / {n['lut_int32']:,}", n["exact_thresholds"], checked,
+            n["layer_extremes_ok"], str(s["finn_steps"]), str(s["finn_flow_steps"]),
+            str(s["verification"]), f"{n['ratio_verification_to_finn_steps']:.2f}"]
+    return rows
+
+
 FIGURES: list[Figure | Table] = [
     Table("accuracy at P on Fashion-MNIST", "### Accuracy at P bits on Fashion-MNIST",
           "accumulator_simulation.json", _simulation_rows, key_columns=3),
@@ -216,6 +237,17 @@ FIGURES: list[Figure | Table] = [
                            for part in ("cnn_P16", "cnn_P10", "linear_K4096_P14")
                            for q in ("a2q", "a2q+")),
            page="docs/quantizers.md"),
+    Table("shipped networks", "## Brevitas's shipped networks", "shipped_networks.json",
+          _shipped_rows, page="docs/finn.md"),
+    Figure("verification cost on ResNet18",
+           r"verification took (\d+) s against FINN's own steps' (\d+) s \(ratio ([\d.]+); "
+           r"the whole build without verification (\d+) s, ratio ([\d.]+)\)",
+           "verification_cost.json",
+           lambda d: (str(d["seconds"]["verification"]), str(d["seconds"]["finn_steps"]),
+                      f2(d["ratio_verification_to_finn_steps"]),
+                      str(d["seconds"]["finn_steps"]
+                          + d["seconds"]["finn_flow_steps_without_verification"]),
+                      f2(d["ratio_verification_to_build_without_verification"]))),
     Figure("benchmarks row: export speed",
            r"export \+ report ([\d.]+)x Brevitas's export \(of which qonnx cleanup ([\d.]+)x\); our "
            r"export of Brevitas's own model ([\d.]+)x",
