@@ -232,15 +232,31 @@ def run(args: argparse.Namespace) -> int:
     plan = _layer_plan(ckpt, cfg, overrides, args.all_layers)
     config = _config(args, ckpt, _sha256(args.checkpoint), cfg.spec, plan,
                      _source_settings(ckpt.extra))
-    progress = {"phase": "loading data", "saved": 0}
+    progress = {"phase": "loading data"}
     try:
         return _finetune(args, ckpt, cfg, config, paths, progress)
     except KeyboardInterrupt:
-        return _interrupted(args, paths, progress)
+        return _interrupted(args, paths, progress, config)
 
 
-def _interrupted(args: argparse.Namespace, paths: dict[str, Path], progress: dict) -> int:
-    saved, phase = progress["saved"], progress["phase"]
+def _saved_epoch(path: Path, config: dict) -> int:
+    """The epoch ``path`` holds if it is a checkpoint of this run's configuration, else 0. Read
+    from the file, not from what the run noted: Ctrl-C may come between the (atomic) write of an
+    epoch and the note."""
+    from brevitas_a2q.train.checkpoint import read_payload
+
+    try:
+        saved = read_payload(path)["extra"]["finetune"]
+        return int(saved["epoch"]) if saved["config"] == config else 0
+    except (A2QInputError, KeyError, TypeError, ValueError, OSError):
+        return 0
+
+
+def _interrupted(args: argparse.Namespace, paths: dict[str, Path], progress: dict,
+                 config: dict) -> int:
+    """The one-line message after Ctrl-C; exit status 130."""
+    phase = progress["phase"]
+    saved = _saved_epoch(paths["model.pt"], config) if paths["model.pt"].is_file() else 0
     if saved:
         what = (f"{paths['model.pt']} holds epoch {saved}/{args.epochs}; continue with the same "
                 "command plus --resume")
@@ -273,7 +289,7 @@ def _accuracies(model, test, cfg, plan: dict) -> dict:
 
 def _finetune(args, ckpt, cfg, config: dict, paths: dict[str, Path], progress: dict) -> int:
     """Load data, evaluate before (or resume), fine-tune the remaining epochs saving each,
-    finish. ``progress`` tells :func:`_interrupted` what was running and which epoch is saved."""
+    finish. ``progress`` tells :func:`_interrupted` what was running."""
     import torch
 
     from brevitas_a2q.cli.train import _loader
@@ -290,7 +306,6 @@ def _finetune(args, ckpt, cfg, config: dict, paths: dict[str, Path], progress: d
         progress["phase"] = "loading the checkpoint"
         model, saved = _load_for_resume(paths["model.pt"], config)
         state.update({k: saved[k] for k in state})
-        progress["saved"] = state["epoch"]
     else:
         progress["phase"] = "evaluating before fine-tuning"
         state["before"] = _accuracies(model, test, cfg, plan)
@@ -320,7 +335,6 @@ def _finetune(args, ckpt, cfg, config: dict, paths: dict[str, Path], progress: d
                               "scheduler": schedule.state_dict(),
                               "runtime": runtime_state(model)}}
         _save(paths["model.pt"], model, ckpt, extra)
-        progress["saved"] = epoch + 1
         if not args.json:
             print(f"epoch {epoch + 1}/{args.epochs}: loss {loss:.4f}, test accuracy under "
                   f"{cfg.spec} {100 * acc:.2f}%", flush=True)
