@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -192,6 +194,33 @@ def test_resume_after_an_interruption_is_bit_identical(source, tmp_path, capsys,
     assert a.extra["finetune"]["history"] == b.extra["finetune"]["history"]
     for key in ("before", "after", "history"):
         assert a_results[key] == b_results[key], key
+
+
+def test_the_documented_commands_run(tmp_path, monkeypatch, capsys):
+    """docs/simulation.md's finetune command and the evaluate of its output, as written, on a
+    stand-in for the demo checkpoint (``a2q demo`` writes no training settings)."""
+    from brevitas_a2q.train.checkpoint import save_checkpoint
+    from brevitas_a2q.train.loop import train_epochs
+    from brevitas_a2q.train.models import build_cnn
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "simulation.md").read_text()
+    commands = re.findall(r"^a2q (?:finetune a2q-demo|evaluate a2q-finetune)/.*$", page, re.M)
+    assert [c.split()[1] for c in commands] == ["finetune", "evaluate"]
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    kwargs = {"quant": "a2q+", "weight_bits": 4, "act_bits": 4, "acc_bits": 12}
+    model = build_cnn(**kwargs)
+    train, _ = load_digits()
+    train_epochs(model, torch.utils.data.Subset(train, range(256)), 1, progress=False)
+    monkeypatch.chdir(tmp_path)
+    Path("a2q-demo").mkdir()
+    save_checkpoint("a2q-demo/model.pt", model, "cnn", kwargs)
+    for command in commands:
+        assert main(shlex.split(command)[1:]) == 0, command
+    out = capsys.readouterr().out
+    assert "before" in out and "after" in out and "accuracy" in out
+    results = json.loads(Path("a2q-finetune/results.json").read_text())
+    assert (results["batch_size"], results["seed"], results["train_limit"]) == (64, 0, 512)
 
 
 def test_a2q_help_lists_finetune():
