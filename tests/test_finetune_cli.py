@@ -281,7 +281,19 @@ def test_existing_output_without_resume_or_overwrite_exits_2(source, tmp_path, c
 
 
 def test_resume_of_a_directory_not_written_by_finetune_exits_2(source, tmp_path, capsys):
-    rc = main(["finetune", str(source), "-a", "int12-sat", "--out", str(source.parent),
-               "--resume"])
+    out = tmp_path / "train-run"
+    out.mkdir()
+    (out / "model.pt").write_bytes(source.read_bytes())  # a checkpoint of a2q train
+    rc = main(["finetune", str(source), "-a", "int12-sat", "--out", str(out), "--resume"])
     err = capsys.readouterr().err
     assert rc == 2 and "not written by `a2q finetune`" in err
+
+
+def test_out_holding_the_source_checkpoint_exits_2(source, tmp_path, capsys):
+    before = source.read_bytes()
+    for extra in ([], ["--overwrite"], ["--resume"]):
+        rc = main(["finetune", str(source), "-a", "int12-sat", "--out", str(source.parent),
+                   *extra])
+        err = capsys.readouterr().err
+        assert rc == 2 and "--out" in err and "another --out" in err, err
+    assert source.read_bytes() == before

@@ -142,6 +142,10 @@ def _output_paths(args: argparse.Namespace) -> dict[str, Path]:
 
     check_output_dir(args.out)
     paths = {name: args.out / name for name in OUTPUTS}
+    if paths["model.pt"].resolve() == args.checkpoint.resolve():
+        raise A2QInputError(f"--out {args.out} holds the checkpoint being fine-tuned "
+                            f"({args.checkpoint}), which OUT/model.pt would replace; choose "
+                            "another --out")
     for path in paths.values():
         if path.is_dir():
             raise A2QInputError(f"{path} is a directory; choose another --out")
