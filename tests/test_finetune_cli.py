@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -297,3 +299,42 @@ def test_out_holding_the_source_checkpoint_exits_2(source, tmp_path, capsys):
         err = capsys.readouterr().err
         assert rc == 2 and "--out" in err and "another --out" in err, err
     assert source.read_bytes() == before
+
+
+def _default_sigint() -> None:
+    """In the child: Ctrl-C raises KeyboardInterrupt even where this test runs with SIGINT
+    ignored (a background job of a non-interactive shell passes the ignore on)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.mark.slow
+def test_real_sigint_then_resume_is_bit_identical(source, tmp_path):
+    """A real Ctrl-C (SIGINT) to the real command, as soon as its first epoch is saved."""
+    argv = [sys.executable, "-m", "brevitas_a2q.cli", "finetune", str(source), "-a", "int10-sat",
+            "--epochs", "4", "--train-limit", "512", "--batch-size", "8", "--lr", "1e-3",
+            "--no-progress"]
+    a = subprocess.run([*argv, "--out", str(tmp_path / "a")], capture_output=True, text=True,
+                       timeout=600)
+    assert a.returncode == 0, a.stderr
+    proc = subprocess.Popen([*argv, "--out", str(tmp_path / "b")], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
+    deadline = time.monotonic() + 300
+    while not (tmp_path / "b" / "model.pt").exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no checkpoint after 300 s"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    saved = load_checkpoint(tmp_path / "b" / "model.pt").extra["finetune"]["epoch"]
+    assert 1 <= saved < 4, "the interruption came too late to test a resume"
+    (line,) = [x for x in err.splitlines() if x.strip()]
+    assert f"holds epoch {saved}/4" in line and "--resume" in line
+    assert not (tmp_path / "b" / "results.json").exists()
+    b = subprocess.run([*argv, "--out", str(tmp_path / "b"), "--resume"], capture_output=True,
+                       text=True, timeout=600)
+    assert b.returncode == 0, b.stderr
+    ta = load_checkpoint(tmp_path / "a" / "model.pt")
+    tb = load_checkpoint(tmp_path / "b" / "model.pt")
+    assert _state_differs(ta.model, tb.model) == []
+    assert ta.extra["finetune"]["history"] == tb.extra["finetune"]["history"]
