@@ -98,7 +98,8 @@ def run_ours(float_model, calib, m, a, p):
     from brevitas_a2q.ptq.pipeline import quantize_weights
     from brevitas_a2q.train.models import copy_float_weights
 
-    model, _ = quantized_twin("cnn", {"in_channels": 1, "image_size": 28}, "a2q+", m, a, p, WIDE)
+    model, _ = quantized_twin("cnn", {"in_channels": 1, "image_size": 28}, "a2q+", m, a, p, WIDE,
+                              float_model)
     copy_float_weights(float_model, model)
     quantize_weights(model, float_model, calib)
     return model
@@ -312,6 +313,8 @@ def main(argv=None) -> int:
                         "1 float epoch, 2,000 test images (smoke test; results not written "
                         "unless --out-dir is given)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the runs already in --out-dir's JSON and do the rest")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     train, test = _data(args.data_dir)
@@ -325,7 +328,11 @@ def main(argv=None) -> int:
     print(f"float: {100 * float_acc:.2f}% after {args.float_epochs} epochs "
           f"({float_seconds:.0f} s)", flush=True)
     images = train.tensors[0] if hasattr(train, "tensors") else torch.stack([x for x, _ in train])
+    out_json = args.out_dir / "ptq_vs_axe.json"
     rows = []
+    if args.resume and out_json.exists():  # keep the runs of an interrupted run
+        rows = json.loads(out_json.read_text())["runs"]
+    done = {(r["seed"], r["config"], r["P"], r["method"]) for r in rows}
     for seed in range(args.seeds):
         pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
         calib = images[pick[:args.calib]]
@@ -333,6 +340,8 @@ def main(argv=None) -> int:
             m, a = CONFIGS[config]
             for p in args.accs:
                 for method in args.methods:
+                    if (seed, config, p, method) in done:
+                        continue
                     torch.manual_seed(seed)
                     row = {"config": config, "P": p, "method": method, "seed": seed,
                            **run_one(method, copy.deepcopy(float_model), calib, test, m, a, p)}
@@ -342,11 +351,20 @@ def main(argv=None) -> int:
                           f"{'%.2f%%' % (100 * acc) if acc is not None else row['error']}"
                           f"{' OVER TARGET' if row.get('any_exceeds') else ''} "
                           f"({time.perf_counter() - started:.0f} s)", flush=True)
+                if not (args.quick and "--out-dir" not in (argv or sys.argv)):
+                    _write(args, rows, float_acc, float_seconds, test, started, partial=True)
+    if args.quick and "--out-dir" not in (argv or sys.argv):
+        print(markdown(summarize(rows, float_acc)))
+        return 0
+    _write(args, rows, float_acc, float_seconds, test, started, partial=False)
+    return 0
+
+
+def _write(args, rows, float_acc, float_seconds, test, started, partial: bool) -> None:
+    """The results JSON (after every (seed, config, P): an interrupted run keeps what it did,
+    ``--resume`` continues it), and at the end the PNG and the table."""
     summary = summarize(rows, float_acc)
     table = markdown(summary)
-    print(table)
-    if args.quick and "--out-dir" not in (argv or sys.argv):
-        return 0
     result = {
         "description": __doc__.split("\n\n")[1].strip(),
         "float": {"epochs": args.float_epochs, "test_accuracy": float_acc,
@@ -360,14 +378,18 @@ def main(argv=None) -> int:
         "environment": {"python": platform.python_version(), "torch": torch.__version__,
                         "brevitas": __import__("brevitas").__version__,
                         "machine": platform.machine()},
-        "total_seconds": round(time.perf_counter() - started, 1),
+        "seconds_this_invocation": round(time.perf_counter() - started, 1),
+        "complete": not partial,
         "summary": summary, "runs": rows, "table": table,
     }
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "ptq_vs_axe.json").write_text(json.dumps(result, indent=1))
-    plot(summary, args.out_dir / "ptq_vs_axe.png", float_acc)
-    print(f"wrote {args.out_dir / 'ptq_vs_axe.json'} and .png")
-    return 0
+    tmp = args.out_dir / ".ptq_vs_axe.json.tmp"
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(args.out_dir / "ptq_vs_axe.json")
+    if not partial:
+        plot(summary, args.out_dir / "ptq_vs_axe.png", float_acc)
+        print(table)
+        print(f"wrote {args.out_dir / 'ptq_vs_axe.json'} and .png")
 
 
 if __name__ == "__main__":

@@ -162,3 +162,22 @@ def test_a_target_that_admits_no_weight_is_refused():
     copy_float_weights(float_model, model)
     with pytest.raises(A2QInputError, match="conv1"):
         quantize_weights(model, float_model, torch.rand(16, 1, 8, 8))
+
+
+def test_layers_whose_data_types_fit_the_target_keep_their_dc_component():
+    """A2Q+ zero-centring only lets the quantizer reproduce integers of mean below 1/2; where a
+    layer's target reaches its data-type bound nothing can overflow, so it gets A2Q and keeps a
+    filter's DC component (an all-positive blur filter stays all positive)."""
+    float_model = _float_cnn(0)
+    with torch.no_grad():
+        float_model.conv1.weight.abs_()
+    model, kwargs = quantized_twin("cnn", {"in_channels": 1, "image_size": 8}, "a2q+", 4, 4, 12,
+                                   {"conv1": 32, "fc": 32}, float_model)
+    assert kwargs["layer_quant"] == {"conv1": "a2q", "fc": "a2q"}  # conv2 stays A2Q+ at P = 12
+    copy_float_weights(float_model, model)
+    calibration = torch.rand(64, 1, 8, 8)
+    result = quantize_weights(model, float_model, calibration)
+    assert result.all_hold is True
+    conv1 = next(c for c in capture_layers(model, calibration[:4]) if c.name == "conv1")
+    assert conv1.variant == "a2q" and bool((conv1.rows >= 0).all())
+    assert int(conv1.rows.sum(1).max()) > (9 - 1) // 2  # A2Q+ could not represent this channel

@@ -22,7 +22,7 @@ from brevitas_a2q.errors import A2QInputError
 from brevitas_a2q.train.ep_init import _set_scales
 from brevitas_a2q.train.targets import _channel_view, _is_zero_centered, _pre_scaling
 
-__all__ = ["VARIANTS", "layerwise_a2q", "load_integer_weights", "quantized_twin"]
+__all__ = ["VARIANTS", "layer_variants", "layerwise_a2q", "load_integer_weights", "quantized_twin"]
 
 # the weight quantizers a PTQ model may carry: ours, with budgeted (round-to-nearest) rounding,
 # which reproduces any integer vector within the budget exactly (see load_integer_weights)
@@ -35,13 +35,37 @@ def _check_variant(variant: str) -> str:
     return variant
 
 
+def _dot_lengths(float_model: nn.Module) -> dict[str, int]:
+    """``{name: K}`` of the float model's Conv/Linear layers, in module order."""
+    return {name: int(m.weight[0].numel()) for name, m in float_model.named_modules()
+            if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear))}
+
+
+def layer_variants(dot_lengths: Mapping[str, int], inputs: Mapping[str, tuple[int, bool]],
+                   variant: str, weight_bits: int, targets: Mapping[str, int]) -> dict[str, str]:
+    """Per layer, the quantizer: ``variant``, except that an A2Q+ layer whose target ``P`` is at
+    least its data-type bound (A2Q Eq. 12: no ``M``-bit weights of length ``K`` can overflow
+    ``P`` for its ``N``-bit input) gets A2Q. There no budget binds, and A2Q+'s zero-centring would
+    only restrict the integers (the quantizer reproduces integers of mean below 1/2 only: a
+    first layer of ``K = 9`` would lose its filters' DC component)."""
+    from brevitas_a2q.quant.bounds import datatype_accumulator_bits
+
+    chosen = {}
+    for name, k in dot_lengths.items():
+        bits, signed = inputs[name]
+        free = datatype_accumulator_bits(k, bits, weight_bits, signed) <= targets[name]
+        chosen[name] = "a2q" if variant == "a2q+" and free else variant
+    return chosen
+
+
 def quantized_twin(arch: str, float_kwargs: dict, variant: str, weight_bits: int, act_bits: int,
-                   acc_bits: int, layer_acc_bits: Mapping[str, int] | None = None
-                   ) -> tuple[nn.Module, dict]:
+                   acc_bits: int, layer_acc_bits: Mapping[str, int] | None = None,
+                   float_model: nn.Module | None = None) -> tuple[nn.Module, dict]:
     """The quantized CNN/MLP (:func:`~brevitas_a2q.train.models.build_cnn` /
     :func:`~brevitas_a2q.train.models.build_mlp`) with ``variant``'s quantizer, budgeted
     rounding and the given targets; returns the model and the kwargs it was built from (what a
-    checkpoint records)."""
+    checkpoint records). With ``float_model`` (its float twin), A2Q+ layers whose target is at
+    least their data-type bound get A2Q (:func:`layer_variants`)."""
     from brevitas_a2q.train.checkpoint import build_model
 
     kwargs = {k: v for k, v in float_kwargs.items() if k not in ("quant", "acc_bits",
@@ -51,6 +75,15 @@ def quantized_twin(arch: str, float_kwargs: dict, variant: str, weight_bits: int
                   acc_bits=acc_bits, rounding="budgeted")
     if layer_acc_bits:
         kwargs["layer_acc_bits"] = dict(layer_acc_bits)
+    if float_model is not None:
+        lengths = _dot_lengths(float_model)
+        names = list(lengths)
+        inputs = {n: (8, True) if i == 0 else (act_bits, False) for i, n in enumerate(names)}
+        targets = {n: (layer_acc_bits or {}).get(n, acc_bits) for n in names}
+        chosen = layer_variants(lengths, inputs, variant, weight_bits, targets)
+        other = {n: v for n, v in chosen.items() if v != variant}
+        if other:
+            kwargs["layer_quant"] = other
     if "hidden" in kwargs:
         kwargs["hidden"] = list(kwargs["hidden"])
     built = dict(kwargs)
@@ -60,21 +93,23 @@ def quantized_twin(arch: str, float_kwargs: dict, variant: str, weight_bits: int
 
 
 def layerwise_a2q(model: nn.Module, variant: str, weight_bits: int, act_bits: int,
-                  acc_bits: int, first_input_bits: int = 8) -> nn.Module:
+                  acc_bits: int, first_input_bits: int = 8,
+                  layer_acc_bits: Mapping[str, int] | None = None) -> nn.Module:
     """Swap every ``nn.Conv1d/2d``/``nn.Linear`` of ``model`` for its Brevitas Quant layer with
     Brevitas's ``layerwise_quantize``: each gets a signed per-tensor input quantizer (8-bit for the
     first layer, ``act_bits`` for the others), ``variant``'s budgeted weight quantizer at
-    ``weight_bits`` and target ``acc_bits``, float bias. Returns the model (changed in place)."""
+    ``weight_bits`` (A2Q+ layers whose target reaches the data-type bound get A2Q,
+    :func:`layer_variants`) and target ``acc_bits`` (``layer_acc_bits``: per layer), float bias.
+    Returns the model (changed in place)."""
     import brevitas.nn as qnn
     from brevitas.graph.quantize import layerwise_quantize
     from brevitas.quant import Int8ActPerTensorFloat
 
     from brevitas_a2q.quant.quantizers import A2QBudgetedWeightQuant, A2QPlusBudgetedWeightQuant
 
-    weight_quant = A2QPlusBudgetedWeightQuant if _check_variant(variant) == "a2q+" \
-        else A2QBudgetedWeightQuant
-    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d,
-                                                                   nn.Linear))]
+    _check_variant(variant)
+    lengths = _dot_lengths(model)
+    names = list(lengths)
     if not names:
         raise A2QInputError("the model has no nn.Conv1d/nn.Conv2d/nn.Linear layer to quantize")
     for name, module in model.named_modules():
@@ -82,20 +117,25 @@ def layerwise_a2q(model: nn.Module, variant: str, weight_bits: int, act_bits: in
             raise A2QInputError(f"layer {name!r}: grouped convolutions (groups={module.groups}) "
                                 "are not supported by brevitas_a2q.ptq yet")
 
-    def kwargs(bits: int) -> dict:
-        return {"input_quant": Int8ActPerTensorFloat, "input_bit_width": bits,
-                "weight_quant": weight_quant, "weight_bit_width": weight_bits,
-                "weight_accumulator_bit_width": acc_bits, "bias_quant": None,
-                "return_quant_tensor": False}
-
-    first = names[0]
-    rest_map = {nn.Conv1d: (qnn.QuantConv1d, kwargs(act_bits)),
-                nn.Conv2d: (qnn.QuantConv2d, kwargs(act_bits)),
-                nn.Linear: (qnn.QuantLinear, kwargs(act_bits))}
-    first_map = {type(model.get_submodule(first)): (rest_map[type(model.get_submodule(first))][0],
-                                                    kwargs(first_input_bits))}
-    layerwise_quantize(model, compute_layer_map=first_map, name_blacklist=names[1:])
-    layerwise_quantize(model, compute_layer_map=rest_map, name_blacklist=[first])
+    unknown = sorted(set(layer_acc_bits or {}) - set(names))
+    if unknown:
+        raise A2QInputError(f"per-layer targets name unknown layer(s) {unknown}; the model's "
+                            f"Conv/Linear layers are {', '.join(names)}")
+    inputs = {n: (first_input_bits if i == 0 else act_bits, True) for i, n in enumerate(names)}
+    targets = {n: (layer_acc_bits or {}).get(n, acc_bits) for n in names}
+    chosen = layer_variants(lengths, inputs, variant, weight_bits, targets)
+    quant_class = {nn.Conv1d: qnn.QuantConv1d, nn.Conv2d: qnn.QuantConv2d,
+                   nn.Linear: qnn.QuantLinear}
+    for name in names:  # one swap per layer: each has its own input width, quantizer and P
+        layer_type = type(model.get_submodule(name))
+        weight_quant = A2QPlusBudgetedWeightQuant if chosen[name] == "a2q+" \
+            else A2QBudgetedWeightQuant
+        kwargs = {"input_quant": Int8ActPerTensorFloat, "input_bit_width": inputs[name][0],
+                  "weight_quant": weight_quant, "weight_bit_width": weight_bits,
+                  "weight_accumulator_bit_width": targets[name], "bias_quant": None,
+                  "return_quant_tensor": False}
+        layerwise_quantize(model, compute_layer_map={layer_type: (quant_class[layer_type], kwargs)},
+                           name_blacklist=[n for n in names if n != name])
     return model
 
 

@@ -96,15 +96,23 @@ def _float_rows(float_model: nn.Module, name: str, quant_layer: nn.Module) -> Te
     return _channel_view(quant_layer)(w).to(torch.float64)
 
 
+# ridge of the GPFQ target towards the float weights, relative to the mean of diag(H): chosen
+# among 0.01, 0.1 and 1 on Fashion-MNIST (docs/ptq.md); 0.01 towards zero overfit the classifier
+TARGET_DAMPING = 0.1
+
+
 def _target(rows: Tensor, moments, objective: str) -> Tensor:
     """The continuous target ``w'`` per row: OPTQ's ``w`` itself, or GPFQ's least-squares
-    ``H^-1 C w`` (``C = X~^T X``), which folds the error of earlier layers into the target."""
+    ``argmin ||X~ w' - X w||^2 + lambda ||w' - w||^2 = (H + lambda I)^-1 (C w + lambda w)``
+    (``C = X~^T X``), which folds the error of earlier layers into the target; the ridge towards
+    ``w`` (``lambda`` = :data:`TARGET_DAMPING` times the mean of ``diag H``) keeps it from fitting
+    the calibration set where it has fewer samples than the layer has inputs."""
     if objective == "optq":
         return rows
     h = moments.hessian
-    damp = 0.01 * float(torch.diag(h).mean().clamp(min=1e-12))
+    damp = TARGET_DAMPING * float(torch.diag(h).mean().clamp(min=1e-12))
     h = h + damp * torch.eye(h.shape[0], dtype=h.dtype)
-    return torch.linalg.solve(h, moments.cross @ rows.T).T
+    return torch.linalg.solve(h, moments.cross @ rows.T + damp * rows.T).T
 
 
 def _layer_budget(layer: nn.Module, cap, name: str) -> ChannelBudget:
