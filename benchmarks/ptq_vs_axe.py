@@ -261,6 +261,35 @@ def markdown(summary: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def verdicts(summary: list[dict]) -> str:
+    """Per config and P, ours against each AXE variant, as measured (Markdown list): the gap in
+    points of % of float, and every variant that exceeded its target named as a failure."""
+    lines = []
+    cells = {(s["config"], s["P"], s["method"]): s for s in summary}
+    for config, p in sorted({(s["config"], s["P"]) for s in summary}, key=lambda k: (k[0], -k[1])):
+        ours = cells.get((config, p, "ours"))
+        if ours is None or ours["pct_of_float_mean"] is None:
+            continue
+        parts = []
+        for method in METHODS[1:5]:
+            other = cells.get((config, p, method))
+            if other is None or other["pct_of_float_mean"] is None:
+                continue
+            gap = ours["pct_of_float_mean"] - other["pct_of_float_mean"]
+            word = "ahead of" if gap > 0 else "behind" if gap < 0 else "equal to"
+            text = f"{word} {method} by {abs(gap):.2f}"
+            if other["runs_exceeding_target"]:
+                text += (f" (which exceeded its target in {other['runs_exceeding_target']} of "
+                         f"{other['seeds']} runs: conv2 needs up to P = "
+                         f"{other['hidden_needed_max']})")
+            parts.append(text)
+        held = "every target held" if not ours["runs_exceeding_target"] else \
+            f"a target was EXCEEDED in {ours['runs_exceeding_target']} runs"
+        lines.append(f"- {config}, P = {p}: ours {ours['pct_of_float_mean']:.2f}% of float "
+                     f"({held}); " + "; ".join(parts) + " points.")
+    return "\n".join(lines)
+
+
 def plot(summary: list[dict], path: Path, float_acc: float) -> None:
     import matplotlib
 
@@ -380,7 +409,7 @@ def _write(args, rows, float_acc, float_seconds, test, started, partial: bool) -
                         "machine": platform.machine()},
         "seconds_this_invocation": round(time.perf_counter() - started, 1),
         "complete": not partial,
-        "summary": summary, "runs": rows, "table": table,
+        "summary": summary, "runs": rows, "table": table, "verdicts": verdicts(summary),
     }
     args.out_dir.mkdir(parents=True, exist_ok=True)
     tmp = args.out_dir / ".ptq_vs_axe.json.tmp"
