@@ -277,7 +277,7 @@ def verdicts(summary: list[dict]) -> str:
                 continue
             gap = ours["pct_of_float_mean"] - other["pct_of_float_mean"]
             word = "ahead of" if gap > 0 else "behind" if gap < 0 else "equal to"
-            text = f"{word} {method} by {abs(gap):.2f}"
+            text = f"{word} {method}" + (f" by {abs(gap):.2f}" if gap else "")
             if other["runs_exceeding_target"]:
                 text += (f" (which exceeded its target in {other['runs_exceeding_target']} of "
                          f"{other['seeds']} runs: conv2 needs up to P = "
@@ -286,7 +286,7 @@ def verdicts(summary: list[dict]) -> str:
         held = "every target held" if not ours["runs_exceeding_target"] else \
             f"a target was EXCEEDED in {ours['runs_exceeding_target']} runs"
         lines.append(f"- {config}, P = {p}: ours {ours['pct_of_float_mean']:.2f}% of float "
-                     f"({held}); " + "; ".join(parts) + " points.")
+                     f"({held}); in points of % of float, " + "; ".join(parts) + ".")
     return "\n".join(lines)
 
 
