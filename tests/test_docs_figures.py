@@ -340,3 +340,26 @@ def test_rounding_tables_are_the_committed_results():
     cells = set(re.findall(r"(\d+\.\d\d) ± \d+\.\d\d", table))
     for figure in re.findall(r"(?<![\d.])(?<!± )(\d+\.\d\d)%", prose):
         assert figure in cells, figure
+
+
+def test_ptq_section_is_the_committed_results():
+    """docs/ptq.md's comparison with Brevitas's AXE: its table and its per-P statements are exactly
+    what benchmarks/ptq_vs_axe.py makes of the committed runs, and the settings in its prose
+    (float accuracy and epochs, calibration images, seeds, test images) are the JSON's."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ptq_vs_axe",
+                                                  ROOT / "benchmarks" / "ptq_vs_axe.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    data = json.loads((RESULTS / "ptq_vs_axe.json").read_text())
+    summary = bench.summarize(data["runs"], data["float"]["test_accuracy"])
+    text = page_text("docs/ptq.md")
+    assert bench.markdown(summary).strip() in text
+    assert bench.verdicts(summary).strip() in text
+    settings = re.findall(r"float CNN trained (\d+) epochs \(([\d.]+)% on the (\S+) test images\), "
+                          r"calibration on ([\d,]+) training images, (\d+) seeds", text)
+    assert settings == [(str(data["float"]["epochs"]), pct(data["float"]["test_accuracy"]),
+                         thousands(data["settings"]["test_images"]),
+                         thousands(data["settings"]["calibration_images"]),
+                         str(data["settings"]["seeds"]))]

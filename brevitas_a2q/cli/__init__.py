@@ -23,7 +23,7 @@ import traceback
 from brevitas_a2q.cli.options import HelpFormatter
 from brevitas_a2q.errors import A2QInputError
 
-SUBCOMMANDS = ("demo", "train", "finetune", "report", "evaluate", "build")
+SUBCOMMANDS = ("demo", "train", "finetune", "quantize", "report", "evaluate", "build")
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 EXIT_PIPE_CLOSED = 141  # 128 + SIGPIPE: what a shell reports for a tool stopped by a closed pipe

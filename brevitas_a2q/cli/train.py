@@ -11,8 +11,8 @@ regularizer ``sum relu(g - s*T)``. Optionally fine-tunes under a simulated accum
 The recipe is the same for every method: ``--ep-init`` and ``--penalty`` apply to this package's
 A2Q/A2Q+ and to Brevitas's built-in ones; for plain QAT (``--quant none``) ``--ep-init`` is the
 float init (no bound, nothing to project) and the penalty does not apply. ``--rounding budgeted``
-(ours only) rounds to nearest within the exact budget. ``--quant float`` trains the float twin and
-reports its accuracy, the reference of "% of float".
+(ours only) rounds to nearest within the exact budget. ``--quant float`` trains the float twin, reports
+its accuracy (the reference of "% of float") and saves it (the input of ``a2q quantize``).
 """
 
 from __future__ import annotations
@@ -90,8 +90,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     model.add_argument("--quant", default="a2q+", choices=QUANTS,
                        help="weight quantizer: ours (a2q, a2q+), Brevitas's built-in "
                             "(brevitas-a2q, brevitas-a2q+), plain per-channel QAT (none), or "
-                            "float: train the float twin and report its accuracy (no "
-                            "checkpoint, export or accumulator report) (default: %(default)s)")
+                            "float: train the float twin, report its accuracy and save it "
+                            "for a2q quantize (no export or accumulator report) "
+                            "(default: %(default)s)")
     model.add_argument("--rounding", default="zero", choices=ROUNDINGS,
                        help="integer rounding of ours (a2q, a2q+): zero (round-to-zero, as "
                             "Brevitas) or budgeted (round to nearest, then take back the "
@@ -620,11 +621,13 @@ def _train_float(args, config, paths, progress, train, test) -> int:
         if not args.json:
             print(f"epoch {epoch + 1}/{args.epochs}: loss {loss:.4f}, test accuracy "
                   f"{100 * acc:.2f}%", flush=True)
+    _save(paths["model.pt"], model, config, {"history": history, "test_accuracy": acc})
     results = {**config, "quant": "float", "resumed_at_epoch": None, "epochs_done": args.epochs,
                "train_seconds": round(seconds, 2), "init": {}, "history": history,
                "test_accuracy": acc, "float_accuracy": acc, "finetune": None, "layers": [],
                "all_targets_hold": None, "warnings": [],
-               "files": {"results.json": str(paths["results.json"])}}
+               "files": {"model.pt": str(paths["model.pt"]),
+                         "results.json": str(paths["results.json"])}}
     with atomic_output(paths["results.json"], overwrite=True) as tmp:
         tmp.write_text(json.dumps(results, indent=2))
     if args.json:
@@ -632,8 +635,9 @@ def _train_float(args, config, paths, progress, train, test) -> int:
     else:
         print(f"\nfloat {args.arch} on {args.dataset}: {args.epochs} epochs, {seconds:.1f} s "
               f"training\nfloat test accuracy: {100 * acc:.2f}% (the reference of \"% of "
-              f"float\"; no checkpoint, export or accumulator report)\nresults "
-              f"{paths['results.json']}")
+              f"float\"; no export or accumulator report)\nfloat checkpoint "
+              f"{paths['model.pt']} (a2q quantize turns it into an A2Q model without training), "
+              f"results {paths['results.json']}")
     return 0
 
 

@@ -8,7 +8,9 @@
 
 Written by ``a2q train`` and :func:`save_checkpoint`, read by ``a2q evaluate`` and
 :func:`load_checkpoint`, which rebuilds the model with :func:`brevitas_a2q.train.models.build_cnn` /
-:func:`~brevitas_a2q.train.models.build_mlp` and loads the state dict strictly.
+:func:`~brevitas_a2q.train.models.build_mlp` (the float twin, ``build_float_cnn`` /
+``build_float_mlp``, when ``kwargs["quant"] == "float"``: ``a2q train --quant float``, the input
+of ``a2q quantize``) and loads the state dict strictly.
 """
 
 from __future__ import annotations
@@ -54,10 +56,26 @@ def build_model(arch: str, kwargs: dict) -> nn.Module:
     if not isinstance(kwargs, dict):
         raise A2QInputError(f"model kwargs must be a dict, got {type(kwargs).__name__}")
     builder = build_cnn if arch == "cnn" else build_mlp
+    if kwargs.get("quant") == "float":  # `a2q train --quant float`: the float twin
+        builder = _float_builder(arch)
     try:
         return builder(**kwargs)
     except TypeError as err:
         raise A2QInputError(f"cannot build the {arch} model from {kwargs}: {err}") from err
+
+
+def _float_builder(arch: str):
+    """``build_float_cnn``/``build_float_mlp`` called with a quantized model's kwargs (the float
+    twin has the same layer names and shapes; quantization settings do not apply)."""
+    from brevitas_a2q.train.models import build_float_cnn, build_float_mlp
+
+    def build(in_channels: int = 1, image_size: int = 8, in_features: int = 64,
+              hidden=(64,), num_classes: int = 10, **_quantization) -> nn.Module:
+        if arch == "cnn":
+            return build_float_cnn(in_channels, image_size, num_classes)
+        return build_float_mlp(in_features, tuple(hidden), num_classes)
+
+    return build
 
 
 def save_checkpoint(

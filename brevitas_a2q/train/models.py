@@ -70,9 +70,9 @@ def _check_layer_names(layer_acc_bits: Mapping[str, int] | None, names: tuple[st
 
 def _layer_kwargs(quant: str, weight_bits: int, acc_bits: int | None,
                   layer_acc_bits: Mapping[str, int] | None, name: str,
-                  rounding: str = "zero") -> dict:
-    return weight_quant_kwargs(quant, weight_bits, (layer_acc_bits or {}).get(name, acc_bits),
-                               rounding)
+                  rounding: str = "zero", layer_quant: Mapping[str, str] | None = None) -> dict:
+    return weight_quant_kwargs((layer_quant or {}).get(name, quant), weight_bits,
+                               (layer_acc_bits or {}).get(name, acc_bits), rounding)
 
 
 def _act(act_bits: int) -> QuantReLU:
@@ -90,14 +90,18 @@ def build_cnn(
     channels: tuple[int, int] = (16, 32),
     layer_acc_bits: Mapping[str, int] | None = None,
     rounding: str = "zero",
+    layer_quant: Mapping[str, str] | None = None,
 ) -> nn.Sequential:
     """QuantIdentity(8-bit signed) -> [QuantConv2d 3x3 -> BN -> QuantReLU -> MaxPool 2] x 2 ->
     QuantLinear. Layer names: ``conv1``, ``conv2``, ``fc``. ``layer_acc_bits`` gives some layers
     their own target P (e.g. ``{"conv1": 32, "fc": 32}``), for every accumulator-aware quantizer,
-    Brevitas's built-in ones included. ``rounding="budgeted"``: budgeted rounding (ours only)."""
+    Brevitas's built-in ones included. ``rounding="budgeted"``: budgeted rounding (ours only).
+    ``layer_quant`` gives some layers another weight quantizer (e.g. ``{"conv1": "a2q"}`` in an
+    A2Q+ model)."""
     _check_layer_names(layer_acc_bits, ("conv1", "conv2", "fc"))
-    w1, w2, w3 = (_layer_kwargs(quant, weight_bits, acc_bits, layer_acc_bits, n, rounding)
-                  for n in ("conv1", "conv2", "fc"))
+    _check_layer_names(layer_quant, ("conv1", "conv2", "fc"))
+    w1, w2, w3 = (_layer_kwargs(quant, weight_bits, acc_bits, layer_acc_bits, n, rounding,
+                                layer_quant) for n in ("conv1", "conv2", "fc"))
     c1, c2 = channels
     side = image_size // 4
     return nn.Sequential(
@@ -127,15 +131,18 @@ def build_mlp(
     num_classes: int = 10,
     layer_acc_bits: Mapping[str, int] | None = None,
     rounding: str = "zero",
+    layer_quant: Mapping[str, str] | None = None,
 ) -> nn.Sequential:
     """Flatten -> QuantIdentity(8-bit signed) -> [QuantLinear -> BN -> QuantReLU] x len(hidden) ->
-    QuantLinear. Layer names: ``fc0``, ``fc1``, ... ; ``layer_acc_bits`` and ``rounding`` as in
-    :func:`build_cnn`."""
+    QuantLinear. Layer names: ``fc0``, ``fc1``, ... ; ``layer_acc_bits``, ``rounding`` and
+    ``layer_quant`` as in :func:`build_cnn`."""
     names = tuple(f"fc{i}" for i in range(len(hidden) + 1))
     _check_layer_names(layer_acc_bits, names)
+    _check_layer_names(layer_quant, names)
 
     def w(i: int) -> dict:
-        return _layer_kwargs(quant, weight_bits, acc_bits, layer_acc_bits, names[i], rounding)
+        return _layer_kwargs(quant, weight_bits, acc_bits, layer_acc_bits, names[i], rounding,
+                             layer_quant)
 
     layers = [("flatten", nn.Flatten()),
               ("input_quant", QuantIdentity(act_quant=Int8ActPerTensorFloat,
