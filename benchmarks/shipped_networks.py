@@ -68,11 +68,17 @@ def _prepared(make: Callable[[], nn.Module], real: torch.Tensor) -> nn.Module:
     from brevitas_a2q.train.ep_init import euclidean_projection_init
 
     model = make()
-    euclidean_projection_init(model, real[:8])
+    if any(type(m).__name__.startswith("Shipped") for m in _weight_quantizers(model)):
+        euclidean_projection_init(model, real[:8])
     model.train()
     with torch.no_grad():
         model(real)
     return model.eval()
+
+
+def _weight_quantizers(model: nn.Module) -> list[type]:
+    """The weight quantizer classes of the model's Brevitas layers (``as_shipped`` names ours)."""
+    return [m.weight_quant.quant_injector for m in model.modules() if hasattr(m, "weight_quant")]
 
 
 def _layer_row(w) -> dict:
@@ -153,7 +159,7 @@ def main() -> None:
     names = list(networks())
     chosen = [n for n in names if args.only is None or any(o.lower() in n.lower() for o in args.only)]
     data = json.loads(args.results.read_text()) if args.results.exists() else {"networks": {}}
-    for name in chosen:
+    for name in chosen:  # the results file is rewritten after each network
         print(f"building {name} ...", flush=True)
         row = measure(name, args.out)
         data["networks"][name] = row
@@ -161,12 +167,12 @@ def main() -> None:
         print(f"  targets proven {row['targets_proven']}, verified {row['verified']} "
               f"({row['verification']}), FINN steps {s['finn_steps']} s, verification "
               f"{s['verification']} s, ratio {row['ratio_verification_to_finn_steps']}", flush=True)
-    data["networks"] = {n: data["networks"][n] for n in names if n in data["networks"]}
-    data["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(),
-                       "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
-                       "torch_threads": 1, "numpy": np.__version__}
-    with atomic_output(args.results, overwrite=True) as tmp:
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        data["networks"] = {n: data["networks"][n] for n in names if n in data["networks"]}
+        data["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(),
+                           "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
+                           "torch_threads": 1, "numpy": np.__version__}
+        with atomic_output(args.results, overwrite=True) as tmp:
+            tmp.write_text(json.dumps(data, indent=2) + "\n")
     print(f"wrote {args.results}")
 
 
