@@ -130,6 +130,34 @@ def accelerator_vs_exact(acc: np.ndarray, exact_out: np.ndarray, scale: float) -
             "bit_exact": bool(not differ.any())}
 
 
+def evaluate_exact(exact: ExactModel, inputs: np.ndarray, chunk: int) -> ExactEvaluation:
+    """:meth:`ExactModel.evaluate` over ``inputs`` in chunks (it runs a whole batch at once,
+    about 1.6 MB per ESPCN image), the chunks' outputs and float32 differences merged."""
+    parts = [exact.evaluate(inputs[i:i + chunk]) for i in range(0, len(inputs), chunk)]
+    merged = ExactEvaluation(np.concatenate([e.outputs for e in parts]),
+                             exact_quantizers=parts[0].exact_quantizers,
+                             float32_quantizers=parts[0].float32_quantizers)
+    for e in parts:
+        for mine, theirs in ((merged.float32_rounding, e.float32_rounding),
+                             (merged.unexplained, e.unexplained)):
+            for name, count in theirs.items():
+                mine[name] = mine.get(name, 0) + count
+    return merged
+
+
+def accelerator_outputs(result, model: ModelWrapper, inputs: np.ndarray, chunk: int):
+    """The FINN accelerator's outputs for ``inputs`` (hls-arith, :func:`verify_hls_arith` on the
+    verified dataflow graph, in chunks: its reference runs each chunk as one batch) and the
+    verification result of each chunk against the exact evaluation."""
+    dataflow, outputs, checks = dataflow_model(result.output_dir), [], []
+    for i in range(0, len(inputs), chunk):
+        found: dict = {}
+        checks += verify_hls_arith(dataflow, result.output_dir, {"real": inputs[i:i + chunk]}, model,
+                                   layer_extremes=result.layer_extremes, outputs=found)[0]
+        outputs.append(found["real"])
+    return np.concatenate(outputs), checks
+
+
 def dataflow_model(build_dir: Path) -> ModelWrapper:
     """The dataflow graph the build verified (saved after its verification step)."""
     found = sorted((build_dir / "intermediate_models").glob("step_a2q_verify*.onnx"))
@@ -158,6 +186,7 @@ def train_models(args, lr_train: torch.Tensor, hr_train: torch.Tensor, timings: 
             quant(lr_train[:2])  # builds the quantizers' state before loading it
         quant.load_state_dict(torch.load(work / "a2q.pt"))
         quant.eval(), float_model.eval()
+        timings.update(json.loads((work / "train_timings.json").read_text()), training_reused=True)
         return float_model, quant
     timed(timings, "train_float_s", train, float_model, lr_train, target, args.epochs, "float",
           lr=3e-3)
@@ -166,6 +195,7 @@ def train_models(args, lr_train: torch.Tensor, hr_train: torch.Tensor, timings: 
     timed(timings, "train_a2q_s", train, quant, lr_train, target, args.epochs, "A2Q+", lr=1e-3)
     torch.save(float_model.state_dict(), work / "float.pt")
     torch.save(quant.state_dict(), work / "a2q.pt")
+    (work / "train_timings.json").write_text(json.dumps(timings))
     return float_model, quant
 
 
@@ -177,6 +207,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="of those, the first N also run on the FINN accelerator (hls-arith)")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--acc-bits", type=int, default=12, help="P of conv2 and conv3")
+    parser.add_argument("--chunk", type=int, default=1000,
+                        help="images per exact-evaluation / accelerator batch (memory)")
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/espcn_psnr"),
                         help="trained models, exported file and FINN build (not committed)")
@@ -206,7 +238,7 @@ def main(argv: list[str] | None = None) -> dict:
     scale = output_scale(model)
     inputs = lr_test.numpy().reshape(len(lr_test), 1, 1, 14, 14)
     qonnx_out = timed(timings, "qonnx_s", run_qonnx, model, inputs)
-    exact = timed(timings, "exact_s", ExactModel(model).evaluate, inputs)
+    exact = timed(timings, "exact_s", evaluate_exact, ExactModel(model), inputs, args.chunk)
     exact_out = exact.outputs.reshape(qonnx_out.shape)
 
     # the build verifies the accelerator on random and extreme inputs and every layer at its
@@ -214,12 +246,8 @@ def main(argv: list[str] | None = None) -> dict:
     # accelerator outputs
     result = timed(timings, "finn_build_s", build, onnx_path, args.work_dir / "finn",
                    verify=["hls-arith"], random_count=100, overwrite=True)
-    acc_outputs: dict = {}
-    checks, _ = timed(timings, "accelerator_verify_s", verify_hls_arith,
-                      dataflow_model(result.output_dir), result.output_dir,
-                      {"real": inputs[:n_acc]}, model, layer_extremes=result.layer_extremes,
-                      outputs=acc_outputs)
-    acc = acc_outputs["real"]
+    acc, checks = timed(timings, "accelerator_verify_s", accelerator_outputs, result, model,
+                        inputs[:n_acc], args.chunk)
     vs_exact = accelerator_vs_exact(acc, exact_out[:n_acc], scale)
 
     out = {
@@ -313,5 +341,42 @@ def plot(out: dict, lr_test: torch.Tensor, hr: np.ndarray, float_out: np.ndarray
     plt.close(fig)
 
 
+STAGES = [("bilinear upsampling", "bilinear_baseline"), ("bicubic upsampling", "bicubic_baseline"),
+          ("float ESPCN", "float"), ("Brevitas, A2Q+", "brevitas"),
+          ("QONNX file (qonnx, float32)", "qonnx_float32"), ("exact evaluation", "exact")]
+
+
+def docs_tables(out: dict) -> str:
+    """The tables of docs/benchmarks.md's "Super-resolution quality (ESPCN)" section, from the
+    results (``--tables`` prints them from the committed JSON)."""
+    p, a = out["psnr_db"], out["psnr_db_on_accelerator_images"]
+    n, q, acc = out["setup"]["test_images"], out["qonnx_float32_vs_exact"], out["accelerator_vs_exact"]
+    differ = {"brevitas": "not compared pixel by pixel",
+              "qonnx_float32": f"{q['output_pixels']:,} pixels in {q['images']:,} images",
+              "exact": "(the reference)"}
+    lines = ["### PSNR per stage (ESPCN)", "",
+             "| stage | images | PSNR (dB) | minus exact (dB) | output pixels != exact evaluation |",
+             "|---|---|---|---|---|"]
+    for label, key in STAGES:
+        minus = f"{p[key] - p['exact']:.2f}" if key in differ else "–"
+        lines.append(f"| {label} | {n:,} | {p[key]:.2f} | {minus} | {differ.get(key, '–')} |")
+    lines.append(f"| FINN accelerator (hls-arith) | {acc['images']:,} | {a['finn_accelerator']:.2f} | "
+                 f"{a['finn_accelerator'] - a['exact']:.2f} | {acc['pixels_differing']:,} of "
+                 f"{acc['pixels']:,} ({acc['images_bit_exact']:,}/{acc['images']:,} images bit-exact) |")
+    lines += ["", "### Accumulator widths (ESPCN)", "",
+              "| layer | FINN node | target P | width set | FINN's own width | exact range needs |",
+              "|---|---|---|---|---|---|"]
+    for w in out["layers"]:
+        target = "–" if w["target_bits"] is None else str(w["target_bits"])
+        lines.append(f"| {w['layer']} | {w['finn_node']} | {target} | {w['bits_set']} | "
+                     f"{w['finn_bits']} | {w['bits_exact']} |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
-    main()
+    import sys
+
+    if sys.argv[1:] == ["--tables"]:
+        print(docs_tables(json.loads((RESULTS / "espcn_psnr.json").read_text())))
+    else:
+        main()
