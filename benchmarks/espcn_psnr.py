@@ -358,10 +358,10 @@ def docs_tables(out: dict) -> str:
              "| stage | images | PSNR (dB) | minus exact (dB) | output pixels != exact evaluation |",
              "|---|---|---|---|---|"]
     for label, key in STAGES:
-        minus = f"{p[key] - p['exact']:.2f}" if key in differ else "–"
+        minus = f"{round(p[key] - p['exact'], 2) + 0.0:.2f}" if key in differ else "–"
         lines.append(f"| {label} | {n:,} | {p[key]:.2f} | {minus} | {differ.get(key, '–')} |")
     lines.append(f"| FINN accelerator (hls-arith) | {acc['images']:,} | {a['finn_accelerator']:.2f} | "
-                 f"{a['finn_accelerator'] - a['exact']:.2f} | {acc['pixels_differing']:,} of "
+                 f"{round(a['finn_accelerator'] - a['exact'], 2) + 0.0:.2f} | {acc['pixels_differing']:,} of "
                  f"{acc['pixels']:,} ({acc['images_bit_exact']:,}/{acc['images']:,} images bit-exact) |")
     lines += ["", "### Accumulator widths (ESPCN)", "",
               "| layer | FINN node | target P | width set | FINN's own width | exact range needs |",
