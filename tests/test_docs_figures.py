@@ -62,7 +62,7 @@ class Table:
 
 
 def f2(x: float) -> str:
-    return f"{x:.2f}"
+    return f"{round(x, 2) + 0.0:.2f}"  # + 0.0: -0.00 prints as 0.00
 
 
 def pct(x: float, digits: int = 2) -> str:
@@ -132,6 +132,38 @@ def _overflow(d: dict, methods: tuple[str, ...], p: int) -> list[float]:
 
 def _range(values: list[float], digits: int = 0) -> tuple[str, str]:
     return f"{min(values):.{digits}f}", f"{max(values):.{digits}f}"
+
+
+# ----------------------------------------------------------------------------------------------
+# espcn_psnr.json (benchmarks/espcn_psnr.py)
+
+ESPCN_STAGES = {"bilinear upsampling": "bilinear_baseline", "bicubic upsampling": "bicubic_baseline",
+                "float ESPCN": "float", "Brevitas, A2Q+": "brevitas",
+                "QONNX file (qonnx, float32)": "qonnx_float32", "exact evaluation": "exact"}
+
+
+def _espcn_psnr_rows(d: dict) -> dict[tuple[str, ...], list[str]]:
+    p, n = d["psnr_db"], thousands(d["setup"]["test_images"])
+    q, acc = d["qonnx_float32_vs_exact"], d["accelerator_vs_exact"]
+    against_exact = {"brevitas": "not compared pixel by pixel",
+                     "qonnx_float32": f"{thousands(q['output_pixels'])} pixels in "
+                                      f"{thousands(q['images'])} images",
+                     "exact": "(the reference)"}
+    rows = {(label,): [n, f2(p[key]), f2(p[key] - p["exact"]) if key in against_exact else "–",
+                       against_exact.get(key, "–")]
+            for label, key in ESPCN_STAGES.items()}
+    a = d["psnr_db_on_accelerator_images"]
+    rows[("FINN accelerator (hls-arith)",)] = [
+        thousands(acc["images"]), f2(a["finn_accelerator"]), f2(a["finn_accelerator"] - a["exact"]),
+        f"{thousands(acc['pixels_differing'])} of {thousands(acc['pixels'])} "
+        f"({thousands(acc['images_bit_exact'])}/{thousands(acc['images'])} images bit-exact)"]
+    return rows
+
+
+def _espcn_width_rows(d: dict) -> dict[tuple[str, ...], list[str]]:
+    return {(w["layer"],): [w["finn_node"], "–" if w["target_bits"] is None else str(w["target_bits"]),
+                            str(w["bits_set"]), str(w["finn_bits"]), str(w["bits_exact"])]
+            for w in d["layers"]}
 
 
 PLAIN = ("plain QAT", "plain QAT (float init)")
@@ -248,6 +280,35 @@ FIGURES: list[Figure | Table] = [
                       str(d["seconds"]["finn_steps"]
                           + d["seconds"]["finn_flow_steps_without_verification"]),
                       f2(d["ratio_verification_to_build_without_verification"]))),
+    Table("ESPCN PSNR per stage", "### PSNR per stage (ESPCN)", "espcn_psnr.json",
+          _espcn_psnr_rows),
+    Table("ESPCN accumulator widths", "### Accumulator widths (ESPCN)", "espcn_psnr.json",
+          _espcn_width_rows),
+    Figure("ESPCN benchmark setup",
+           r"trained on (\S+) Fashion-MNIST training images \((\d+) epochs float, then (\d+) epochs "
+           r"A2Q\+ fine-tuning\)(?: \([^)]*\))?, evaluated on (\S+) test images, of which (\S+) also "
+           r"on the",
+           "espcn_psnr.json",
+           lambda d: (thousands(d["setup"]["train_images"]), str(d["setup"]["epochs_float"]),
+                      str(d["setup"]["epochs_a2q"]), thousands(d["setup"]["test_images"]),
+                      thousands(d["setup"]["accelerator_test_images"]))),
+    Figure("ESPCN benchmark times",
+           r"Times \(2 shared cores\): training ([\d.]+) min \(float ([\d.]+), A2Q\+ ([\d.]+)\), "
+           r"FINN build with its own verification ([\d.]+) min, the accelerator on the test "
+           r"images ([\d.]+) min",
+           "espcn_psnr.json",
+           lambda d: tuple(minutes(x) for x in (
+               d["timings_s"]["train_float_s"] + d["timings_s"]["train_a2q_s"],
+               d["timings_s"]["train_float_s"], d["timings_s"]["train_a2q_s"],
+               d["timings_s"]["finn_build_s"], d["timings_s"]["accelerator_verify_s"]))),
+    Figure("ESPCN QONNX float32 differences classified",
+           r"or unexplained \(a failure\):\s+(\S+) float32 rounding,\s+(\S+) unexplained\.",
+           "espcn_psnr.json",
+           lambda d: tuple(thousands(sum(d["qonnx_float32_vs_exact"][k].values())) for k in (
+               "quantizer_values_float32_rounding", "quantizer_values_unexplained"))),
+    Figure("ESPCN accelerator check speed", r"the hls-arith check took ([\d.]+) s per image in this run",
+           "espcn_psnr.json",
+           lambda d: f"{d['timings_s']['accelerator_verify_s'] / d['setup']['accelerator_test_images']:.2f}"),
     Figure("benchmarks row: export speed",
            r"export \+ report ([\d.]+)x Brevitas's export \(of which qonnx cleanup ([\d.]+)x\); our "
            r"export of Brevitas's own model ([\d.]+)x",
@@ -363,3 +424,24 @@ def test_ptq_section_is_the_committed_results():
                          thousands(data["settings"]["test_images"]),
                          thousands(data["settings"]["calibration_images"]),
                          str(data["settings"]["seeds"]))]
+
+
+def test_espcn_accelerator_equals_the_exact_evaluation():
+    """The committed ESPCN results say what the docs claim: every accelerator output the benchmark
+    evaluated equals the exact evaluation bit for bit (so their PSNRs are equal), every build and
+    test-image verification check passed, QONNX's float32 differences from the exact evaluation
+    (if any) are all float32 rounding, and the quantized hidden layers are within their target."""
+    d = json.loads((RESULTS / "espcn_psnr.json").read_text())
+    acc = d["accelerator_vs_exact"]
+    assert acc["images"] == d["setup"]["accelerator_test_images"] > 0
+    assert acc["bit_exact"] and acc["pixels_differing"] == 0
+    assert acc["images_bit_exact"] == acc["images"]
+    assert acc["pixels"] == acc["images"] * 28 * 28
+    a = d["psnr_db_on_accelerator_images"]
+    assert a["finn_accelerator"] == pytest.approx(a["exact"], abs=1e-9)
+    checks = d["accelerator_checks"]
+    assert checks["verified"] and all(c["ok"] for c in checks["build"] + checks["test_images"])
+    assert all(c["ok"] for c in checks["layer_extremes"])
+    assert d["qonnx_float32_vs_exact"]["quantizer_values_unexplained"] == {}
+    targeted = [w for w in d["layers"] if w["target_bits"] is not None]
+    assert targeted and all(w["bits_set"] <= w["target_bits"] for w in targeted)
