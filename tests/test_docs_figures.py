@@ -272,8 +272,9 @@ FIGURES: list[Figure | Table] = [
     Table("shipped networks", "## Brevitas's shipped networks", "shipped_networks.json",
           _shipped_rows, page="docs/finn.md"),
     Figure("verification cost on ResNet18",
-           r"verification took (\d+) s against FINN's own steps' (\d+) s \(ratio ([\d.]+); "
-           r"the whole build without verification (\d+) s, ratio ([\d.]+)\)",
+           r"verification\s+took\s+(\d+)\s+s\s+against\s+FINN's\s+own\s+steps'\s+(\d+)\s+s\s+"
+           r"\(ratio\s+([\d.]+);\s+the\s+whole\s+build\s+without\s+verification\s+(\d+)\s+s,\s+"
+           r"ratio\s+([\d.]+)\)",
            "verification_cost.json",
            lambda d: (str(d["seconds"]["verification"]), str(d["seconds"]["finn_steps"]),
                       f2(d["ratio_verification_to_finn_steps"]),
