@@ -9,6 +9,11 @@ pre-flight refusals are the same on both FINNs.
 
 from __future__ import annotations
 
+import json
+import os
+import time
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -205,3 +210,210 @@ def test_float_bias_left_labelled_int32_is_relabelled_and_its_values_kept():
     kept = RelabelNonIntegerConstants()
     integer.transform(kept)
     assert kept.relabelled == [] and integer.get_tensor_datatype("b") == DataType["INT32"]
+
+
+# --- the parity suite: the networks of the shipped-networks work on whichever FINN runs -------
+#
+# Each model is built with hls-arith verification (and cppsim where it runs: upstream FINN dev
+# with finn-hlslib) on a few random inputs plus the extreme inputs; per model the suite records the
+# widths set and FINN's own per layer, the verdict per executor, any refusal (its message) and the
+# build / verification times. Run by hand under upstream FINN dev with A2Q_PARITY_RECORD set, it
+# writes that summary (benchmarks/results/finn_parity_upstream.json, committed); under FINN+ (CI)
+# each model is compared with the committed upstream summary: same widths, same verdicts (for the
+# executors both ran), same refusals.
+
+RECORD_ENV = "A2Q_PARITY_RECORD"
+UPSTREAM_SUMMARY = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / \
+    "finn_parity_upstream.json"
+RANDOM_INPUTS = 4
+
+
+def _calibrated(model: nn.Module, shape: tuple[int, ...]) -> nn.Module:
+    """Activation scales and BatchNorm statistics from a few random batches (training mode)."""
+    model.train()
+    with torch.no_grad():
+        for seed in range(4):
+            torch.manual_seed(seed)
+            model(torch.rand(8, *shape))
+    return model.eval()
+
+
+def _unsigned_input_quant() -> QuantIdentity:
+    return QuantIdentity(act_quant=Uint8ActPerTensorFloat, return_quant_tensor=True)
+
+
+def mobilenet_v1() -> tuple[nn.Module, tuple[int, ...]]:
+    """Brevitas's MobileNetV1 (``imagenet_classification.models.mobilenetv1.MobileNet``) at width
+    8/16, 18x18 RGB in, A2Q+ (P = 14) on the depthwise/pointwise blocks, 8-bit first conv and
+    classifier (Int32Bias), ``TruncAvgPool2d`` with FLOOR; an unsigned input quantizer in front. The
+    stem's activation is swapped for a per-tensor one (the example scales it per channel, which the
+    depthwise conv after it cannot take as one accumulator scale)."""
+    from brevitas_examples.imagenet_classification.models.common import CommonUintActQuant
+    from brevitas_examples.imagenet_classification.models.mobilenetv1 import MobileNet
+
+    torch.manual_seed(0)
+    net = MobileNet(channels=[[8], [16, 16]], first_stage_stride=False, act_bit_width=4,
+                    weight_bit_width=4, round_average_pool=False,
+                    weight_quant=A2QPlusWeightQuant.let(accumulator_bit_width=14),
+                    avg_pool_kernel_size=8, num_classes=10)
+    net.features.init_block.activation = QuantReLU(act_quant=CommonUintActQuant, bit_width=4,
+                                                   return_quant_tensor=True)
+    shape = (3, 18, 18)
+    return _calibrated(nn.Sequential(_unsigned_input_quant(), net), shape), shape
+
+
+def resnet18_one_block() -> tuple[nn.Module, tuple[int, ...]]:
+    """Brevitas's ResNet (``bnn_pynq.models.resnet.QuantResNet``, the A2Q example's base) with one
+    block per stage, A2Q+ (P = 16), 4-bit activations, 32x32 RGB in, an unsigned input quantizer
+    in front, the classifier's Int32Bias after the last MVAU."""
+    from brevitas_examples.bnn_pynq.models.resnet import QuantBasicBlock, QuantResNet
+
+    torch.manual_seed(0)
+    net = QuantResNet(QuantBasicBlock, [1, 1, 1, 1], num_classes=10, act_bit_width=4,
+                      weight_bit_width=4,
+                      weight_quant=A2QPlusWeightQuant.let(accumulator_bit_width=16))
+    shape = (3, 32, 32)
+    return _calibrated(nn.Sequential(_unsigned_input_quant(), net), shape), shape
+
+
+def espcn_subpixel() -> tuple[nn.Module, tuple[int, ...]]:
+    """Brevitas's QuantESPCN as shipped, A2Q+ (tests/test_finn_subpixel.py)."""
+    from test_finn_subpixel import shipped_espcn  # tests/ is on sys.path
+
+    return shipped_espcn("a2q+"), (1, 16, 16)
+
+
+def bnn_pynq(name: str):
+    """Brevitas's BNN-PYNQ FC/CNV as shipped (tests/test_finn_bnn_pynq.py)."""
+    def make() -> tuple[nn.Module, tuple[int, ...]]:
+        from brevitas_examples.bnn_pynq.models import model_with_cfg
+
+        torch.manual_seed(0)
+        model, _ = model_with_cfg(name, pretrained=False)
+        return model.eval(), (1, 28, 28) if name.startswith("tfc") else (3, 32, 32)
+    return make
+
+
+def own(name: str):
+    """One of our networks of tests/finn_models.py, trained briefly."""
+    def make() -> tuple[nn.Module, tuple[int, ...]]:
+        from finn_models import MODELS, trained
+
+        factory, _, regression = MODELS[name]
+        torch.manual_seed(0)
+        return trained(factory(), steps=20, regression=regression), (1, 8, 8)
+    return make
+
+
+PARITY_MODELS = {
+    "mobilenet_v1": mobilenet_v1,
+    "resnet18_one_block": resnet18_one_block,
+    "espcn_subpixel": espcn_subpixel,
+    "tfc_2w2a": bnn_pynq("tfc_2w2a"),
+    "cnv_2w2a": bnn_pynq("cnv_2w2a"),
+    "own_resnet": own("resnet"),
+    "own_espcn_deconv": own("espcn"),
+}
+
+
+def _export(name: str, path: Path) -> None:
+    model, shape = PARITY_MODELS[name]()
+    torch.manual_seed(1)
+    x = torch.rand(4, *shape)
+    with torch.no_grad():
+        model(x)
+    export_qonnx(model, x[:1], path)
+
+
+def _verdicts(result) -> dict[str, dict]:
+    """Per executor: checks run (input sets and per-layer extremes) and how many failed."""
+    out: dict[str, dict] = {}
+    for check in [*result.verification, *result.layer_extremes]:
+        row = out.setdefault(check.executor, {"checks": 0, "failed": 0})
+        row["checks"] += 1
+        row["failed"] += int(not check.ok)
+    return out
+
+
+def _widths(result) -> dict[str, dict]:
+    return {w.layer or w.finn_node: {"bits": w.bits, "finn_bits": DataType[w.finn_datatype].bitwidth(),
+                                     "target": w.target_bits} for w in result.layers}
+
+
+def build_and_record(name: str, tmp_path: Path) -> dict:
+    """One model through :func:`finn_flow.build`: what the parity summary records for it."""
+    from brevitas_a2q.errors import A2QInputError as Refusal
+    from finn_flow import build
+    from finn_flow.environment import cppsim_available
+    from finn_flow.finn_compat import step_times
+
+    torch.set_num_threads(1)
+    path = tmp_path / f"{name}.onnx"
+    _export(name, path)
+    executors = ["hls-arith"] + (["cppsim"] if cppsim_available() else [])
+    start = time.perf_counter()
+    try:
+        result = build(path, tmp_path / "out", verify=executors, random_count=RANDOM_INPUTS)
+    except Refusal as err:
+        return {"status": "refused", "refusal": str(err).replace(str(tmp_path), "<tmp>"),
+                "executors": executors}
+    wall = time.perf_counter() - start
+    verify_s = sum(t for step, t in step_times(tmp_path / "out").items()
+                   if step.startswith("step_a2q_verify"))
+    return {"status": "built", "refusal": None, "executors": executors,
+            "widths": _widths(result), "verdicts": _verdicts(result), "verified": result.verified,
+            "build_s": round(wall - verify_s, 1), "verify_s": round(verify_s, 1),
+            "summary": result.verification_summary().splitlines()}
+
+
+@pytest.fixture(scope="module")
+def parity_record():
+    """The summary of this run, written (merged by model) to ``$A2Q_PARITY_RECORD`` at the end."""
+    record: dict = {}
+    yield record
+    target = os.environ.get(RECORD_ENV)
+    if not target or not record:
+        return
+    from finn_flow.finn_compat import detect_finn
+
+    path = Path(target)
+    old = json.loads(path.read_text()) if path.exists() else {}
+    data = {"finn": detect_finn().describe().split(" at ")[0],
+            "command": f"{RECORD_ENV}={target} pytest -m finn tests/test_finn_parity.py",
+            "random_inputs": RANDOM_INPUTS,
+            "models": {**old.get("models", {}), **record}}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
+def _upstream(name: str) -> dict | None:
+    if not UPSTREAM_SUMMARY.exists():
+        return None
+    return json.loads(UPSTREAM_SUMMARY.read_text()).get("models", {}).get(name)
+
+
+@pytest.mark.finn
+@pytest.mark.slow
+@pytest.mark.skipif(not FINN_OK, reason=f"FINN not importable: {FINN_REASON}")
+@pytest.mark.parametrize("name", list(PARITY_MODELS))
+def test_network_builds_verified_and_as_on_upstream_finn(name, tmp_path, parity_record):
+    """Builds and verifies bit-exactly on this FINN; under FINN+ also the same widths (set and
+    FINN's), the same verdicts for the executors both ran and the same refusals as the committed
+    upstream FINN dev summary."""
+    from finn_flow.finn_compat import DEV, detect_finn
+
+    entry = build_and_record(name, tmp_path)
+    parity_record[name] = entry
+    assert entry["status"] == "built", entry["refusal"]
+    assert entry["verified"] is True, "\n".join(entry["summary"])
+    if detect_finn().flavour == DEV:
+        return  # this run is the reference (recorded with A2Q_PARITY_RECORD)
+    upstream = _upstream(name)
+    if upstream is None:
+        pytest.skip(f"no upstream FINN dev result for {name} in {UPSTREAM_SUMMARY.name}")
+    assert entry["refusal"] == upstream["refusal"]
+    assert entry["widths"] == upstream["widths"]
+    assert entry["verified"] == upstream["verified"]
+    for executor in set(entry["verdicts"]) & set(upstream["verdicts"]):
+        assert entry["verdicts"][executor] == upstream["verdicts"][executor], executor
