@@ -165,7 +165,7 @@ def test_preflight_is_the_same_on_both_finns_for_unsigned_identity_quantizers():
         ["step_qonnx_to_finn", "step_streamline", "step_convert_to_hw", "step_specialize_layers",
          "step_minimize_bit_width"])]
     assert names.index("step_a2q_relu_before_unsigned_quant") < names.index("step_qonnx_to_finn")
-    assert names.index("step_streamline") < names.index("step_a2q_relabel_float_constants") \
+    assert names.index("step_streamline") < names.index("step_a2q_relabel_for_hw") \
         < names.index("step_a2q_round_half_even_streamlined") < names.index("step_convert_to_hw")
 
 

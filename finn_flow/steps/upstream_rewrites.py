@@ -26,8 +26,16 @@ rounds the float values to the label when executing the graph ("can't be represe
 datatype annotation (INT32), they will be rounded", or ``sanitize_quant_values: Rounding error is
 too high``). FINN+ relabels them FLOAT32 in the same step. :class:`RelabelNonIntegerConstants` does
 what FINN+ does on both FINNs (every constant whose values its integer label cannot hold is labelled
-FLOAT32; no value changes), so the float tail is built and verified the same way;
-:func:`step_a2q_relabel_float_constants` is the build step (after the streamlining, before
+FLOAT32; no value changes), so the float tail is built and verified the same way.
+
+Upstream FINN's ``QuantReluHandler``/``QuantIdentityHandler`` leave a ``MultiThreshold``'s
+``data_layout`` attribute empty (FINN+'s set it), so qonnx's ``InferDataLayouts`` gives its output
+no layout; upstream's ``InferThresholdingLayer`` then moves an NCHW input to NHWC but, seeing no
+NCHW output, adds no transpose back, and the following ``Transpose`` permutes the data a second time
+(Brevitas's ResNet: the first conv reads a scrambled image, outputs off by 20 %).
+:class:`SetMultiThresholdLayouts` sets the attribute from the input's layout where that leaves the
+node's execution unchanged (the layout qonnx assumes for an empty attribute, or one threshold row).
+:func:`step_a2q_relabel_for_hw` applies both (after the streamlining, before
 ``step_convert_to_hw``).
 
 Only quantizers FINN turns into thresholds are rewritten (activation ``Quant`` of at most
@@ -46,7 +54,7 @@ from qonnx.transformation.base import Transformation
 from qonnx.util.basic import get_by_name
 
 __all__ = ["InsertReluBeforeUnsignedQuant", "RelabelNonIntegerConstants", "relu_would_be_exact",
-           "step_a2q_relabel_float_constants", "step_a2q_relu_before_unsigned_quant"]
+           "SetMultiThresholdLayouts", "step_a2q_relabel_for_hw", "step_a2q_relu_before_unsigned_quant"]
 
 MAX_BITS = 8  # finn_flow.steps.preflight.MAX_MULTITHRESHOLD_BITS (not imported: preflight imports us)
 
@@ -148,8 +156,50 @@ class RelabelNonIntegerConstants(Transformation):
         return model, False
 
 
-def step_a2q_relabel_float_constants(model: ModelWrapper, cfg) -> ModelWrapper:
-    """FINN build step, after the streamlining and before ``step_convert_to_hw``:
-    :class:`RelabelNonIntegerConstants`, so that a float bias or scale tail is labelled float on
-    both FINNs (upstream FINN dev leaves it labelled INT32 and rounds it)."""
-    return model.transform(RelabelNonIntegerConstants())
+_RANK_LAYOUT = {2: "NC", 3: "NWC", 4: "NCHW"}  # qonnx MultiThreshold's guess for an empty data_layout
+
+
+class SetMultiThresholdLayouts(Transformation):
+    """Give every ``MultiThreshold`` with an empty ``data_layout`` attribute its input's layout
+    annotation where its execution stays the same (the annotation is the layout qonnx assumes for
+    an empty attribute, or the thresholds are one row for all channels), then infer the layouts
+    again, so the output is annotated as FINN's ``InferThresholdingLayer`` needs. ``set`` lists
+    ``(node, layout)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.set: list[tuple[str, str]] = []
+
+    def apply(self, model: ModelWrapper) -> tuple[ModelWrapper, bool]:
+        from qonnx.transformation.infer_data_layouts import InferDataLayouts
+
+        self.set = []
+        for node in model.get_nodes_by_op_type("MultiThreshold"):
+            attr = get_by_name(node.attribute, "data_layout")
+            if attr is not None and attr.s:
+                continue
+            layout = model.get_tensor_layout(node.input[0])
+            thresholds = model.get_initializer(node.input[1])
+            if not layout or thresholds is None:
+                continue
+            layout = "".join(layout)
+            shape = model.get_tensor_shape(node.input[0])
+            if layout != _RANK_LAYOUT.get(len(shape)) and np.shape(thresholds)[0] != 1:
+                continue  # qonnx reads the channels elsewhere: setting it would change the node
+            if attr is None:
+                node.attribute.append(helper.make_attribute("data_layout", layout))
+            else:
+                attr.s = layout.encode()
+            self.set.append((node.name, layout))
+        if self.set:
+            model = model.transform(InferDataLayouts())
+        return model, False
+
+
+def step_a2q_relabel_for_hw(model: ModelWrapper, cfg) -> ModelWrapper:
+    """FINN build step, after the streamlining and before ``step_convert_to_hw``: the labels FINN's
+    conversion to hardware layers reads, as FINN+ leaves them, on both FINNs:
+    :class:`RelabelNonIntegerConstants` (a float bias or scale tail labelled float; upstream FINN dev
+    leaves it INT32 and rounds it) and :class:`SetMultiThresholdLayouts` (threshold layouts, without
+    which upstream FINN dev transposes the data twice)."""
+    return model.transform(RelabelNonIntegerConstants()).transform(SetMultiThresholdLayouts())
