@@ -35,6 +35,7 @@ from finn_flow.steps.preflight import check_activation_quantizers
 from finn_flow.steps.upstream_rewrites import (
     InsertReluBeforeUnsignedQuant,
     RelabelNonIntegerConstants,
+    SetMultiThresholdLayouts,
     relu_would_be_exact,
 )
 
@@ -417,3 +418,53 @@ def test_network_builds_verified_and_as_on_upstream_finn(name, tmp_path, parity_
     assert entry["verified"] == upstream["verified"]
     for executor in set(entry["verdicts"]) & set(upstream["verdicts"]):
         assert entry["verdicts"][executor] == upstream["verdicts"][executor], executor
+
+
+def _threshold_then_transpose(per_channel: bool) -> ModelWrapper:
+    """x (INT8, NCHW 1x3x4x4) -> MultiThreshold without ``data_layout`` (as upstream FINN's
+    Quant handlers leave it) -> Transpose to NHWC."""
+    from qonnx.transformation.infer_data_layouts import InferDataLayouts
+
+    nodes = [helper.make_node("MultiThreshold", ["x", "t"], ["m"], domain="qonnx.custom_op.general",
+                              name="MultiThreshold_0", out_dtype="UINT2"),
+             helper.make_node("Transpose", ["m"], ["y"], name="Transpose_0", perm=[0, 2, 3, 1])]
+    graph = helper.make_graph(nodes, "mt", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                          [1, 3, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 4, 3])],
+                              value_info=[helper.make_tensor_value_info("m", TensorProto.FLOAT,
+                                                                        [1, 3, 4, 4])])
+    model = ModelWrapper(qonnx_make_model(graph))
+    rows = np.asarray([[-20, 0, 30], [-5, 5, 60], [-40, -10, 10]] if per_channel else [[-10, 0, 10]])
+    model.set_initializer("t", rows.astype(F32))
+    model.set_tensor_datatype("x", DataType["INT8"])
+    model.set_tensor_datatype("m", DataType["UINT2"])
+    return model.transform(InferDataLayouts())
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_threshold_layouts_set_as_finn_plus_does_without_changing_the_node(per_channel):
+    model = _threshold_then_transpose(per_channel)
+    assert model.get_tensor_layout("x") == ["N", "C", "H", "W"] and not model.get_tensor_layout("m")
+    x = np.random.default_rng(0).integers(-128, 128, size=(1, 3, 4, 4)).astype(F32)
+    before = execute_onnx(model, {"x": x})["y"]
+    rewrite = SetMultiThresholdLayouts()
+    after = model.transform(rewrite)
+    assert rewrite.set == [("MultiThreshold_0", "NCHW")]
+    assert after.get_tensor_layout("m") == ["N", "C", "H", "W"]
+    assert np.array_equal(before, execute_onnx(after, {"x": x})["y"])
+
+
+@pytest.mark.finn
+@pytest.mark.skipif(not FINN_OK, reason=f"FINN not importable: {FINN_REASON}")
+def test_finn_thresholding_layer_of_an_nchw_threshold_computes_what_it_did():
+    """FINN's own MultiThreshold -> Thresholding conversion on the relabelled graph computes what
+    the MultiThreshold did (upstream FINN dev, without the label, transposes the data twice)."""
+    from finn_flow.finn_compat import import_builder, infer_thresholding_layer
+
+    import_builder()
+    model = _threshold_then_transpose(per_channel=True)
+    x = np.random.default_rng(1).integers(-128, 128, size=(1, 3, 4, 4)).astype(F32)
+    expected = execute_onnx(model, {"x": x})["y"]
+    hw = model.transform(SetMultiThresholdLayouts()).transform(infer_thresholding_layer()())
+    assert any(n.op_type == "Thresholding" for n in hw.graph.node)
+    assert np.array_equal(execute_onnx(hw, {"x": x})["y"], expected)
