@@ -306,6 +306,19 @@ def own(name: str):
     return make
 
 
+def narrow_unsigned_input() -> tuple[nn.Module, tuple[int, ...]]:
+    """A narrow unsigned input quantizer in front of an A2Q+ linear layer: refused before FINN
+    runs, with one message on both FINNs (no exact rewrite lets upstream FINN convert it)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        QuantIdentity(act_quant=Uint8ActPerTensorFloat, narrow_range=True, return_quant_tensor=True),
+        QuantLinear(64, 10, bias=False, weight_quant=A2QPlusWeightQuant, weight_bit_width=4,
+                    weight_accumulator_bit_width=16))
+    return _calibrated(model, (64,)), (64,)
+
+
+REFUSED = {"narrow_unsigned_input"}  # refused before FINN runs, on both FINNs
+
 PARITY_MODELS = {
     "mobilenet_v1": mobilenet_v1,
     "resnet18_one_block": resnet18_one_block,
@@ -314,6 +327,7 @@ PARITY_MODELS = {
     "cnv_2w2a": bnn_pynq("cnv_2w2a"),
     "own_resnet": own("resnet"),
     "own_espcn_deconv": own("espcn"),
+    "narrow_unsigned_input": narrow_unsigned_input,
 }
 
 
@@ -406,14 +420,19 @@ def test_network_builds_verified_and_as_on_upstream_finn(name, tmp_path, parity_
 
     entry = build_and_record(name, tmp_path)
     parity_record[name] = entry
-    assert entry["status"] == "built", entry["refusal"]
-    assert entry["verified"] is True, "\n".join(entry["summary"])
+    if name in REFUSED:
+        assert entry["status"] == "refused" and "narrow unsigned identity" in entry["refusal"]
+    else:
+        assert entry["status"] == "built", entry["refusal"]
+        assert entry["verified"] is True, "\n".join(entry["summary"])
     if detect_finn().flavour == DEV:
         return  # this run is the reference (recorded with A2Q_PARITY_RECORD)
     upstream = _upstream(name)
     if upstream is None:
         pytest.skip(f"no upstream FINN dev result for {name} in {UPSTREAM_SUMMARY.name}")
     assert entry["refusal"] == upstream["refusal"]
+    if name in REFUSED:
+        return
     assert entry["widths"] == upstream["widths"]
     assert entry["verified"] == upstream["verified"]
     for executor in set(entry["verdicts"]) & set(upstream["verdicts"]):
