@@ -381,22 +381,20 @@ def build_and_record(name: str, tmp_path: Path) -> dict:
             "summary": result.verification_summary().splitlines()}
 
 
-@pytest.fixture(scope="module")
-def parity_record():
-    """The summary of this run, written (merged by model) to ``$A2Q_PARITY_RECORD`` at the end."""
-    record: dict = {}
-    yield record
-    target = os.environ.get(RECORD_ENV)
-    if not target or not record:
-        return
+def _write_record(name: str, entry: dict) -> None:
+    """Merge one model's entry into the summary at ``$A2Q_PARITY_RECORD`` (written as each model
+    finishes, through a temporary file, so an interrupted run keeps what it measured)."""
     from finn_flow.finn_compat import detect_finn
 
+    target = os.environ.get(RECORD_ENV)
+    if not target:
+        return
     path = Path(target)
     old = json.loads(path.read_text()) if path.exists() else {}
     data = {"finn": detect_finn().describe().split(" at ")[0],
-            "command": f"{RECORD_ENV}={target} pytest -m finn tests/test_finn_parity.py",
+            "command": f"{RECORD_ENV}={target} python -m pytest -m finn tests/test_finn_parity.py",
             "random_inputs": RANDOM_INPUTS,
-            "models": {**old.get("models", {}), **record}}
+            "models": {**old.get("models", {}), name: entry}}
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     tmp.replace(path)
@@ -412,14 +410,14 @@ def _upstream(name: str) -> dict | None:
 @pytest.mark.slow
 @pytest.mark.skipif(not FINN_OK, reason=f"FINN not importable: {FINN_REASON}")
 @pytest.mark.parametrize("name", list(PARITY_MODELS))
-def test_network_builds_verified_and_as_on_upstream_finn(name, tmp_path, parity_record):
+def test_network_builds_verified_and_as_on_upstream_finn(name, tmp_path):
     """Builds and verifies bit-exactly on this FINN; under FINN+ also the same widths (set and
     FINN's), the same verdicts for the executors both ran and the same refusals as the committed
     upstream FINN dev summary."""
     from finn_flow.finn_compat import DEV, detect_finn
 
     entry = build_and_record(name, tmp_path)
-    parity_record[name] = entry
+    _write_record(name, entry)
     if name in REFUSED:
         assert entry["status"] == "refused" and "narrow unsigned identity" in entry["refusal"]
     else:
