@@ -326,7 +326,6 @@ PARITY_MODELS = {
     "tfc_2w2a": bnn_pynq("tfc_2w2a"),
     "cnv_2w2a": bnn_pynq("cnv_2w2a"),
     "own_resnet": own("resnet"),
-    "own_espcn_deconv": own("espcn"),
     "narrow_unsigned_input": narrow_unsigned_input,
 }
 
