@@ -27,19 +27,22 @@ RUN apt-get update && apt-get install -y --no-install-recommends \
         git g++ make zlib1g-dev libgmp-dev libmpfr-dev unzip zip rsync \
     && rm -rf /var/lib/apt/lists/*
 
-# FINN at the pinned commit, its dependency repositories from its own script, its requirements.
+# The same steps as docs/finn.md ("Upstream FINN from a checkout"): FINN at the pinned commit and
+# its dependency repositories from its own script (finn-hlslib and cnpy are what cppsim compiles).
 RUN git clone https://github.com/Xilinx/finn.git $FINN_ROOT \
     && git -C $FINN_ROOT checkout $FINN_COMMIT \
     && cd $FINN_ROOT && bash fetch-repos.sh
-RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu \
-    && pip install -r $FINN_ROOT/requirements.txt
+RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
 
-# Our packages (pins qonnx 1.0.0, brevitas 0.13.4), then FINN itself and the ap_int.h headers.
+# Our packages (pins qonnx 1.0.0, brevitas 0.13.4), then FINN itself without its requirements.txt
+# (its pins, e.g. numpy 1.24 and onnx 1.17, conflict with ours), the modules FINN imports beyond
+# ours, and the ap_int.h headers.
 COPY pyproject.toml README.md /src/
 COPY brevitas_a2q /src/brevitas_a2q
 COPY finn_flow /src/finn_flow
 RUN pip install /src \
     && pip install --no-deps -e $FINN_ROOT \
+    && pip install clize dataclasses-json importlib-resources "bitstring>=4.3.1,<4.4" \
     && pip install --no-deps hls4ml==$HLS4ML_VERSION
 
 ENTRYPOINT ["bash", "-c", "x=$FINN_XILINX_PATH; v=$FINN_XILINX_VERSION; \

@@ -50,6 +50,7 @@ __all__ = [
     "run_build",
     "set_cppsim_tools",
     "step_names",
+    "step_times",
     "unsigned_identity_quant_supported",
     "vivado_available",
     "xilinx_tools_configured",
@@ -429,6 +430,17 @@ def auto_folding_config(output_dir: Path) -> Path | None:
         if path.exists():
             return path
     return None
+
+
+def step_times(output_dir: Path) -> dict[str, float]:
+    """Seconds per build step, as FINN recorded them in ``time_per_step.json``: in the output
+    directory upstream, under ``report/`` in FINN+ (empty if the build wrote none)."""
+    import json
+
+    for path in (output_dir / "time_per_step.json", output_dir / "report" / "time_per_step.json"):
+        if path.exists():
+            return {str(k): float(v) for k, v in json.loads(path.read_text()).items()}
+    return {}
 
 
 def hlslib_gaps(hlslib: Path) -> list[str]:

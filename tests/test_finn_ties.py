@@ -315,19 +315,18 @@ def test_tie_steps_are_inserted_around_conversion_and_streamlining():
 
 # --- pre-flight refusals ---------------------------------------------------------------------
 
-def test_unsigned_identity_input_quantizer_refused_naming_node_and_fix(monkeypatch):
-    import finn_flow.steps.preflight as preflight
-
-    model = quant_model(0.0625, 4, signed=False, narrow=False, channels=4, before="Flatten")
-    monkeypatch.setattr(preflight, "unsigned_identity_quant_supported", lambda: False)
+def test_unsigned_identity_input_quantizer_refused_only_when_narrow_naming_node_and_fix():
+    """On both FINNs alike: a non-narrow unsigned identity quantizer is built (a Relu in front,
+    finn_flow.steps.upstream_rewrites), a narrow one is refused naming the node and the fix."""
+    check_activation_quantizers(quant_model(0.0625, 4, signed=False, narrow=False, channels=4,
+                                            before="Flatten"), "m.onnx")
+    model = quant_model(0.0625, 4, signed=False, narrow=True, channels=4, before="Flatten")
     with pytest.raises(A2QInputError) as err:
         check_activation_quantizers(model, "m.onnx")
     text = str(err.value)
-    for part in ("m.onnx", "Quant node 'Quant_0'", "input quantizer", "unsigned identity",
-                 "Int8ActPerTensorFloat", "QuantReLU", "signed Quant nodes for identity"):
+    for part in ("m.onnx", "Quant node 'Quant_0'", "input quantizer", "narrow unsigned identity",
+                 "Int8ActPerTensorFloat", "narrow_range=False", "signed Quant nodes for identity"):
         assert part in text, text
-    monkeypatch.setattr(preflight, "unsigned_identity_quant_supported", lambda: True)
-    check_activation_quantizers(model, "m.onnx")  # FINN+ converts it
 
 
 def test_unsigned_quantizer_after_relu_passes_and_signed_after_relu_is_refused():
@@ -621,10 +620,10 @@ def test_verified_build_bit_exact_and_equal_to_qonnx_on_tie_inputs(tie_export, t
 @pytest.mark.finn
 @pytest.mark.slow
 @pytest.mark.skipif(not FINN_OK, reason=f"FINN not importable: {FINN_REASON}")
-def test_unsigned_identity_input_quantizer_refused_before_finn_or_built_exactly(tmp_path):
-    """Upstream FINN dev rejects an unsigned QuantIdentity deep inside its conversion; build()
-    refuses it before FINN runs (no output directory made), naming the node and the fix. FINN+
-    converts it, and the build then equals QONNX on tie inputs."""
+def test_unsigned_identity_input_quantizer_built_exactly_on_both_finns(tmp_path):
+    """Upstream FINN dev rejects an unsigned QuantIdentity deep inside its conversion (FINN+
+    converts it); build() puts the exact Relu in front on both FINNs, and the build then equals
+    QONNX on tie inputs."""
     import torch
     from finn.transformation.qonnx.convert_qonnx_to_finn import ConvertQONNXtoFINN
     from qonnx.util.cleanup import cleanup_model
@@ -638,14 +637,9 @@ def test_unsigned_identity_input_quantizer_refused_before_finn_or_built_exactly(
     path = tmp_path / "unsigned_input.onnx"
     export_qonnx(model, test_x[:1], path)
     import_builder()
-    if not unsigned_identity_quant_supported():
+    if not unsigned_identity_quant_supported():  # what the rewrite is for
         with pytest.raises(ValueError, match="only supports signed Quant nodes for identity"):
             cleanup_model(ModelWrapper(str(path))).transform(ConvertQONNXtoFINN())
-        with pytest.raises(A2QInputError, match=r"Quant node 'Quant_\d+', the model's input "
-                                                r"quantizer.*unsigned identity.*QuantReLU"):
-            build(path, tmp_path / "out")
-        assert not (tmp_path / "out").exists()
-        return
     inputs = test_x[:10].numpy()
     q_in, q_hidden, q_out = _levels_qonnx(path, inputs)
     build(path, tmp_path / "out")

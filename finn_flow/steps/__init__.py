@@ -25,6 +25,10 @@ mix with FINN's step names. Ours:
 * from :mod:`finn_flow.steps.subpixel`: :func:`~finn_flow.steps.subpixel.step_a2q_subpixel_to_deconv`
   (before ``step_qonnx_to_finn``): sub-pixel convolutions (``Conv -> DepthToSpace``) as transposed
   convolutions, their accumulator records following them;
+* from :mod:`finn_flow.steps.upstream_rewrites`:
+  :func:`~finn_flow.steps.upstream_rewrites.step_a2q_relu_before_unsigned_quant` (before
+  ``step_qonnx_to_finn``) and :func:`~finn_flow.steps.upstream_rewrites.step_a2q_relabel_for_hw`
+  (before ``step_convert_to_hw``): exact rewrites so that upstream FINN dev and FINN+ build one graph;
 * from :mod:`finn_flow.steps.ties`: :func:`~finn_flow.steps.ties.step_a2q_round_half_even` (after
   ``step_qonnx_to_finn``) and :func:`~finn_flow.steps.ties.step_a2q_round_half_even_streamlined` (before
   ``step_convert_to_hw``): thresholds that round half to even as QONNX and Brevitas do.

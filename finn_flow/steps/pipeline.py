@@ -23,6 +23,10 @@ from finn_flow.steps.streamline import (
 )
 from finn_flow.steps.subpixel import step_a2q_subpixel_to_deconv
 from finn_flow.steps.ties import step_a2q_round_half_even, step_a2q_round_half_even_streamlined
+from finn_flow.steps.upstream_rewrites import (
+    step_a2q_relabel_for_hw,
+    step_a2q_relu_before_unsigned_quant,
+)
 
 __all__ = [
     "insert_a2q_steps",
@@ -178,8 +182,12 @@ def insert_a2q_steps(steps: Sequence, *, accumulators: Step = step_a2q_accumulat
                      ties_streamlined: Step | None = step_a2q_round_half_even_streamlined,
                      subpixel: Step | None = step_a2q_subpixel_to_deconv,
                      chains: Step | None = step_a2q_record_activation_chains,
+                     unsigned_quant: Step | None = step_a2q_relu_before_unsigned_quant,
+                     hw_labels: Step | None = step_a2q_relabel_for_hw,
                      folding_check: Step | None = step_a2q_check_folding) -> list:
-    """A FINN step list with ours inserted: ``subpixel`` (sub-pixel convolutions as transposed
+    """A FINN step list with ours inserted: ``unsigned_quant`` (a ReLU in front of unsigned
+    identity quantizers, so that both FINNs convert them alike, :mod:`finn_flow.steps.upstream_rewrites`),
+    ``subpixel`` (sub-pixel convolutions as transposed
     convolutions, :mod:`finn_flow.steps.subpixel`) and ``chains`` (what the exact integer
     thresholds of :mod:`finn_flow.steps.exact_thresholds` are derived from) before
     ``step_qonnx_to_finn``,
@@ -191,19 +199,23 @@ def insert_a2q_steps(steps: Sequence, *, accumulators: Step = step_a2q_accumulat
     streamlining gets neither), and where it has ``step_create_dataflow_partition``, ``check``
     before it; where it has
     ``step_qonnx_to_finn``, ``ties`` after it, and where it has
-    ``step_convert_to_hw``, ``ties_streamlined`` before it (round half to even,
-    :mod:`finn_flow.steps.ties`); where it has ``step_apply_folding_config``, ``folding_check``
+    ``step_convert_to_hw``, ``hw_labels`` and then ``ties_streamlined`` before it (float
+    constants and threshold layouts labelled as FINN+ leaves them, on both FINNs,
+    :mod:`finn_flow.steps.upstream_rewrites`; round half to even, :mod:`finn_flow.steps.ties`);
+    where it has ``step_apply_folding_config``, ``folding_check``
     before it (the folding file's PE/SIMD against FINN's graph, :mod:`finn_flow.options`). Steps
     of ours already in ``steps`` are not added twice.
     Raises :class:`~brevitas_a2q.errors.A2QInputError` if an anchor step is missing."""
     out = list(steps)
     names = [_name(s) for s in out]
-    for step, anchor, after in ((subpixel, "step_qonnx_to_finn", False),
+    for step, anchor, after in ((unsigned_quant, "step_qonnx_to_finn", False),
+                                (subpixel, "step_qonnx_to_finn", False),
                                 (chains, "step_qonnx_to_finn", False),
                                 (streamline_forks, "step_streamline", False),
                                 (streamline, "step_streamline", True),
                                 (check, "step_create_dataflow_partition", False),
                                 (ties, "step_qonnx_to_finn", True),
+                                (hw_labels, "step_convert_to_hw", False),
                                 (ties_streamlined, "step_convert_to_hw", False),
                                 (folding_check, "step_apply_folding_config", False)):
         if step is None or _name(step) in names or anchor not in names:

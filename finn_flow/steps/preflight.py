@@ -13,8 +13,10 @@ Their conditions, which FINN checks only deep inside the build:
   for Relu activations");
 * identity (not after a ``Relu``): upstream FINN dev needs it signed ("FINN only supports signed
   Quant nodes for identity activations"); FINN+ 1.6.1 also converts unsigned ones
-  (:func:`finn_flow.finn_compat.unsigned_identity_quant_supported`); a ``BipolarQuant`` needs a
-  scale of exactly 1;
+  (:func:`finn_flow.finn_compat.unsigned_identity_quant_supported`). Both FINNs get the same graph:
+  an unsigned, non-narrow one gets an exact ``Relu`` in front
+  (:func:`finn_flow.steps.upstream_rewrites.step_a2q_relu_before_unsigned_quant`), a narrow unsigned
+  one is refused here on both; a ``BipolarQuant`` needs a scale of exactly 1;
 * FINN's thresholds always round to nearest whatever ``rounding_mode`` says, and only ``ROUND``
   (half to even) is made exact by :mod:`finn_flow.steps.ties`; FINN's Selu thresholds are not a rounding
   grid at all;
@@ -34,7 +36,7 @@ from qonnx.core.modelwrapper import ModelWrapper
 from qonnx.util.basic import get_by_name
 
 from brevitas_a2q.errors import A2QInputError
-from finn_flow.finn_compat import high_bit_quant_rounds_half_up, unsigned_identity_quant_supported
+from finn_flow.finn_compat import high_bit_quant_rounds_half_up
 
 __all__ = ["MAX_MULTITHRESHOLD_BITS", "check_activation_quantizers"]
 
@@ -121,11 +123,12 @@ def check_activation_quantizers(model: ModelWrapper, source: str = "the model",
                 f"{source}: {name} is {'signed' if signed else 'narrow'} after a ReLU; FINN only "
                 "converts unsigned, non-narrow quantizers after a ReLU. Use QuantReLU with an "
                 "unsigned quantizer such as Uint8ActPerTensorFloat (narrow_range=False)")
-        if after != "Relu" and not signed and not unsigned_identity_quant_supported():
+        if after != "Relu" and not signed and narrow:
             raise A2QInputError(
-                f"{source}: {name} is an unsigned identity quantizer; upstream FINN converts "
+                f"{source}: {name} is a narrow unsigned identity quantizer; upstream FINN converts "
                 "identity quantizers (any not directly after a ReLU) only when signed ('FINN only "
-                "supports signed Quant nodes for identity activations'). Use a signed quantizer, "
-                "e.g. QuantIdentity(act_quant=Int8ActPerTensorFloat), or, for a non-negative input "
-                "that should stay unsigned, a QuantReLU(act_quant=Uint8ActPerTensorFloat) in its "
-                "place (FINN converts an unsigned quantizer after a ReLU)")
+                "supports signed Quant nodes for identity activations'), and the exact rewrite "
+                "that lets both FINNs build an unsigned one (a ReLU in front, "
+                "finn_flow.steps.upstream_rewrites) needs it non-narrow (FINN converts only "
+                "non-narrow quantizers after a ReLU). Use narrow_range=False, or a signed quantizer, "
+                "e.g. QuantIdentity(act_quant=Int8ActPerTensorFloat)")
