@@ -186,7 +186,8 @@ def _shipped_rows(d: dict) -> dict[tuple[str, ...], list[str]]:
             ", ".join(map(str, targets)) or "–", n["targets_proven"], f"{min(bits)}–{max(bits)}",
             f"{n['lut_set']:,} / {n['lut_int32']:,}", n["exact_thresholds"], checked,
             n["layer_extremes_ok"], str(s["finn_steps"]), str(s["finn_flow_steps"]),
-            str(s["verification"]), f"{n['ratio_verification_to_finn_steps']:.2f}"]
+            str(s["verification"]), "–" if n["ratio_verification_to_finn_steps"] is None
+            else f"{n['ratio_verification_to_finn_steps']:.2f}"]
     return rows
 
 
