@@ -68,7 +68,7 @@ def _prepared(make: Callable[[], nn.Module], real: torch.Tensor) -> nn.Module:
     from brevitas_a2q.train.ep_init import euclidean_projection_init
 
     model = make()
-    if any(type(m).__name__.startswith("Shipped") for m in _weight_quantizers(model)):
+    if any(q.__name__.startswith("Shipped") for q in _weight_quantizers(model)):
         euclidean_projection_init(model, real[:8])
     model.train()
     with torch.no_grad():

@@ -132,6 +132,17 @@ def test_record_follows_a_permutation_of_the_output_channels():
         mvau_model(changed).transform(SetProvenAccumulatorWidths([record], require_records=True))
 
 
+def test_layers_with_identical_weights_each_get_their_own_record():
+    """Two layers whose integer weights are identical (e.g. both rounded to zero) share a
+    fingerprint; matched in graph order, each FINN node takes the first record not yet taken."""
+    from finn_flow.steps.accumulators import _find_record
+
+    q = np.zeros((4, 8))
+    first, second = record_for(q, 12, layer="conv2"), record_for(q, 12, layer="conv3")
+    assert _find_record([first, second], q)[0] is first
+    assert _find_record([first, second], q, used=[first])[0] is second
+
+
 def test_exported_records_carry_the_channel_set_fingerprint(tmp_path):
     from brevitas_a2q import export_qonnx
     from brevitas_a2q.analysis.records import read_records

@@ -164,18 +164,23 @@ def range_datatype(minimum: int, maximum: int) -> DataType:
     return DataType[f"INT{bits}"]
 
 
-def _find_record(records: Sequence[AccumulatorRecord], q: np.ndarray
-                 ) -> tuple[AccumulatorRecord | None, bool]:
+def _find_record(records: Sequence[AccumulatorRecord], q: np.ndarray,
+                 used: Sequence[AccumulatorRecord] = ()) -> tuple[AccumulatorRecord | None, bool]:
     """The record of the layer whose integer weights are ``q`` (by
     :func:`~brevitas_a2q.analysis.records.weight_fingerprint`), else of the layer whose channels
-    ``q`` holds in another order (an exact transformation permuted them); and whether permuted."""
+    ``q`` holds in another order (an exact transformation permuted them); and whether permuted.
+    Among layers with identical weights (e.g. several rounded to all zeros), the first one not in
+    ``used`` (the records already matched, in graph order)."""
+    def first(matches: list[AccumulatorRecord]) -> AccumulatorRecord:
+        return next((r for r in matches if not any(r is u for u in used)), matches[0])
+
     fingerprint = weight_fingerprint(q)
     matches = [r for r in records if r.fingerprint == fingerprint]
     if matches:
-        return matches[0], False
+        return first(matches), False
     channels = channel_set_fingerprint(q)
     matches = [r for r in records if r.extra.get("channel_set_fingerprint") == channels]
-    return (matches[0], True) if matches else (None, False)
+    return (first(matches), True) if matches else (None, False)
 
 
 def _l1_bits(q: np.ndarray, idt: DataType, record: AccumulatorRecord | None) -> int | None:
@@ -218,6 +223,7 @@ class SetProvenAccumulatorWidths(Transformation):
         self.layers: list[LayerWidths] = []
 
     def apply(self, model: ModelWrapper) -> tuple[ModelWrapper, bool]:
+        self._matched: list[AccumulatorRecord] = []
         self.column_groups: dict[str, list[np.ndarray]] = {}
         self.layers = [self._apply_node(model, node) for node in accumulating_nodes(model)]
         if self.column_groups:
@@ -233,7 +239,9 @@ class SetProvenAccumulatorWidths(Transformation):
         if not idt.is_integer():
             raise A2QInputError(f"FINN node {node.name!r}: input type {idt.name} is not integer")
         wdt = model.get_tensor_datatype(node.input[1])
-        record, permuted = _find_record(self.records, q)
+        record, permuted = _find_record(self.records, q, self._matched)
+        if record is not None:
+            self._matched.append(record)
         if record is None and self.require_records:
             raise A2QInputError(
                 f"FINN node {node.name!r} ({q.shape[0]}x{q.shape[1]} weights) matches no "
