@@ -10,6 +10,11 @@ flows declare image inputs), and then every target is proven on its FINN node, e
 derived exactly (residual joins included), and the accelerator equals the exact evaluation of the
 model on 100 random and 100 real inputs and on every layer's accumulator extremes.
 
+The network is untrained and without Euclidean-projection init, so at P = 12 whole layers round to
+zero: their FINN thresholds (~1e13, from tiny weight scales) lie far outside the accumulator's
+range and are clamped to it exactly (``finn_flow.steps.threshold_matching``), and several layers
+with identical (zero) weights each keep their own record.
+
 Oracles: the exact evaluation (:class:`finn_flow.verify.exact.ExactModel`, rational arithmetic)
 and qonnx's execution of the exported file; the targets from the model definition.
 """

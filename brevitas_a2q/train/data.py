@@ -20,7 +20,7 @@ from torch.utils.data import TensorDataset
 
 from brevitas_a2q.errors import A2QInputError
 
-__all__ = ["DATASETS", "IDX_FILES", "default_data_dir", "load_dataset", "load_digits",
+__all__ = ["DATASETS", "IDX_FILES", "default_data_dir", "digit_images", "load_dataset", "load_digits",
            "load_idx_dataset", "read_idx"]
 
 DATASETS = ("digits", "fashion-mnist", "mnist")
