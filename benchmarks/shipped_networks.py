@@ -18,7 +18,7 @@ Each is exported (``export_qonnx``) and built once with FINN (:func:`finn_flow.b
 outputs, FINN's default folding) with ``--verify hls-arith`` on 100 random inputs, 200 real ones (100
 for ResNet18; the digits test images scaled to the input size: the networks' own data sets, MNIST
 and CIFAR-10, cannot be had offline) and the extreme inputs, against the exact evaluation of the
-model. Times are FINN's own per-step times (``report/time_per_step.json``, whole seconds) from the same build:
+model. Times are FINN's own per-step times (its ``time_per_step.json``, whole seconds) from the same build:
 FINN's steps, finn_flow's other steps, and verification. Writes ``--results`` (default
 ``benchmarks/results/shipped_networks.json``). Needs FINN; prints "skipped: <why>" without.
 """
@@ -93,6 +93,7 @@ def measure(name: str, out: Path) -> dict:
 
     from brevitas_a2q.export.qonnx import export_qonnx
     from finn_flow import build
+    from finn_flow.finn_compat import step_times
     from finn_flow.options import declare_input_type
     from finn_flow.verify.exact import ExactModel
 
@@ -106,7 +107,7 @@ def measure(name: str, out: Path) -> dict:
     result = build(onnx, out / slug, verify=("hls-arith",), verify_inputs=real.numpy(),
                    input_type=input_type, overwrite=True)
     wall_s = time.perf_counter() - start
-    times = json.loads((out / slug / "report" / "time_per_step.json").read_text())
+    times = {k: int(v) for k, v in step_times(out / slug).items()}  # FINN writes whole seconds
     times.pop("total_build_time", None)
     finn_s = sum(v for k, v in times.items() if not k.startswith("step_a2q_"))
     ours_s = sum(v for k, v in times.items() if k.startswith("step_a2q_") and k != VERIFY_STEP)
