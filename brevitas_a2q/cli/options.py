@@ -8,7 +8,7 @@ import argparse
 from collections.abc import Callable
 
 __all__ = ["ACC_BITS", "ACT_BITS", "WEIGHT_BITS", "bits_type", "int_range", "positive_float",
-           "positive_int", "non_negative_float"]
+           "positive_int", "non_negative_float", "add_resumable_output_options"]
 
 # the ranges the reference models and the exact bounds support
 ACC_BITS = (2, 64)
@@ -76,6 +76,26 @@ def layer_bits(text: str) -> tuple[str, int]:
 
 
 layer_bits.__name__ = "LAYER=P"
+
+
+def add_resumable_output_options(parser: argparse.ArgumentParser, default_out: str,
+                                 resume_requires: str) -> None:
+    """The "output" options of a resumable run (``a2q train``, ``a2q finetune``): ``--out``
+    (default ``default_out``), ``--resume`` (``resume_requires``: what must be unchanged),
+    ``--overwrite``, ``--threads``, ``--json``, ``--no-progress``."""
+    from pathlib import Path
+
+    out = parser.add_argument_group("output")
+    out.add_argument("--out", type=Path, default=Path(default_out),
+                     help="output directory (default: %(default)s)")
+    out.add_argument("--resume", action="store_true",
+                     help=f"continue from OUT/model.pt ({resume_requires} required)")
+    out.add_argument("--overwrite", action="store_true",
+                     help="start afresh, replacing the files of an earlier run in OUT")
+    out.add_argument("--threads", type=positive_int, default=1,
+                     help="torch threads (default: %(default)s)")
+    out.add_argument("--json", action="store_true", help="print the results as JSON")
+    out.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
 def paragraphs(*texts: str, width: int = 78) -> str:

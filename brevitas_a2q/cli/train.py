@@ -29,6 +29,7 @@ from brevitas_a2q.cli.options import (
     ACT_BITS,
     WEIGHT_BITS,
     HelpFormatter,
+    add_resumable_output_options,
     bits_type,
     layer_bits,
     non_negative_float,
@@ -144,17 +145,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     help="(default: %(default)s)")
     ft.add_argument("--finetune-lr", type=positive_float, default=1e-4,
                     help="(default: %(default)s)")
-    out = p.add_argument_group("output")
-    out.add_argument("--out", type=Path, default=Path("a2q-train"),
-                     help="output directory (default: %(default)s)")
-    out.add_argument("--resume", action="store_true",
-                     help="continue from OUT/model.pt (same configuration required)")
-    out.add_argument("--overwrite", action="store_true",
-                     help="start afresh, replacing the files of an earlier run in OUT")
-    out.add_argument("--threads", type=positive_int, default=1,
-                     help="torch threads (default: %(default)s)")
-    out.add_argument("--json", action="store_true", help="print the results as JSON")
-    out.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_resumable_output_options(p, "a2q-train", "same configuration")
     p.set_defaults(func=run)
     return p
 
