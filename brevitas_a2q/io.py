@@ -11,7 +11,8 @@ from pathlib import Path
 
 from brevitas_a2q.errors import A2QInputError
 
-__all__ = ["atomic_output", "check_input_file", "check_output_dir", "check_writable"]
+__all__ = ["atomic_output", "check_input_file", "check_output_dir", "check_writable",
+           "import_source"]
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -99,3 +100,28 @@ def atomic_output(path: str | os.PathLike, overwrite: bool = False) -> Iterator[
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def import_source(source: str, where: str, file_label: str):
+    """The module ``source`` names: a Python file (``path.py``, checked as ``file_label``) or an
+    importable module (``pkg.mod``), for ``FILE.py:NAME`` / ``MODULE:NAME`` options. A failed
+    import is one :class:`~brevitas_a2q.errors.A2QInputError` starting with ``where``, naming
+    the source and the error."""
+    import importlib
+    import importlib.util
+
+    from brevitas_a2q.errors import A2QInputError
+
+    try:
+        if source.endswith(".py"):
+            check_input_file(Path(source), file_label)
+            loader = importlib.util.spec_from_file_location(Path(source).stem, source)
+            module = importlib.util.module_from_spec(loader)
+            loader.loader.exec_module(module)
+            return module
+        return importlib.import_module(source)
+    except A2QInputError:
+        raise
+    except Exception as err:  # the user's file failed to import: say which and why
+        raise A2QInputError(f"{where}: importing {source} failed: {type(err).__name__}: "
+                            f"{err}") from None

@@ -134,27 +134,12 @@ def load_verify_inputs(path: Path, shape: tuple[int, ...]):
 
 def load_steps(spec: str) -> list:
     """The step list ``NAME`` of a Python file (``path.py:NAME``) or module (``pkg.mod:NAME``)."""
-    import importlib
-    import importlib.util
+    from brevitas_a2q.io import import_source
 
     source, sep, name = spec.rpartition(":")
     if not sep or not source or not name:
         raise A2QInputError(f"--steps {spec!r}: give FILE.py:NAME or MODULE:NAME")
-    try:
-        if source.endswith(".py"):
-            from brevitas_a2q.io import check_input_file
-
-            check_input_file(Path(source), "--steps")
-            loader = importlib.util.spec_from_file_location(Path(source).stem, source)
-            module = importlib.util.module_from_spec(loader)
-            loader.loader.exec_module(module)
-        else:
-            module = importlib.import_module(source)
-    except A2QInputError:
-        raise
-    except Exception as err:  # the user's file failed to import: say which and why
-        raise A2QInputError(f"--steps {spec!r}: importing {source} failed: "
-                            f"{type(err).__name__}: {err}") from None
+    module = import_source(source, f"--steps {spec!r}", "--steps")
     steps = getattr(module, name, None)
     if not isinstance(steps, (list, tuple)) or not steps or not all(
             isinstance(s, str) or callable(s) for s in steps):

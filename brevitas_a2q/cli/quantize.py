@@ -112,25 +112,10 @@ def _is_factory(source: str) -> bool:
 
 def load_factory(spec: str):
     """The function ``FN`` of ``MODULE:FN`` or ``FILE.py:FN``."""
-    import importlib
-    import importlib.util
-
-    from brevitas_a2q.io import check_input_file
+    from brevitas_a2q.io import import_source
 
     source, _, name = spec.rpartition(":")
-    try:
-        if source.endswith(".py"):
-            check_input_file(Path(source), "model file")
-            loader = importlib.util.spec_from_file_location(Path(source).stem, source)
-            module = importlib.util.module_from_spec(loader)
-            loader.loader.exec_module(module)
-        else:
-            module = importlib.import_module(source)
-    except A2QInputError:
-        raise
-    except Exception as err:
-        raise A2QInputError(f"{spec}: importing {source} failed: {type(err).__name__}: "
-                            f"{err}") from None
+    module = import_source(source, spec, "model file")
     factory = getattr(module, name, None)
     if not callable(factory):
         raise A2QInputError(f"{spec}: {source} has no function {name!r}")
