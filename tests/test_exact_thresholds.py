@@ -21,7 +21,14 @@ from qonnx.util.cleanup import cleanup_model
 from torch import nn
 
 from brevitas_a2q import A2QPlusWeightQuant, export_qonnx
-from finn_flow.steps.exact_thresholds import ActivationChain, ExactValue, record_activation_chains
+from finn_flow.steps.exact_thresholds import (
+    ActivationChain,
+    ExactValue,
+    _float_sign,
+    _reaches,
+    _reaches_exactly,
+    record_activation_chains,
+)
 from finn_flow.steps.threshold_matching import exact_integer_thresholds
 
 D = decimal.Context(prec=100)
@@ -209,3 +216,37 @@ def test_thresholds_beyond_the_accumulator_range_are_clamped_to_it():
     np.testing.assert_array_equal(exact[0], [oracle_thresholds(chain, 0, -40, 40)[level]
                                              for level in levels])
     np.testing.assert_array_equal(exact[1], np.full(15, 41))  # level 1 needs acc >= 2^37
+
+
+_fractions = st.fractions(min_value=-4, max_value=4, max_denominator=10**5)
+
+
+@given(scale=st.fractions(min_value=Fraction(1, 10**4), max_value=1, max_denominator=10**5),
+       mul=_fractions, add=_fractions, gamma=_fractions, beta=_fractions, mean=_fractions,
+       var=st.fractions(min_value=Fraction(1, 100), max_value=100, max_denominator=10**5),
+       relu=st.booleans(), acc=st.integers(-2**20, 2**20), level=st.integers(-16, 16))
+@settings(max_examples=500, deadline=None)
+def test_float_decisions_of_levels_are_the_exact_ones(scale, mul, add, gamma, beta, mean, var, relu,
+                                                      acc, level):
+    """Where float64 decides whether an accumulator reaches a level, it decides as rational
+    arithmetic does; the rest is left to the exact comparison."""
+    ops = [{"op": "affine", "mul": [str(mul)], "add": [str(add)]},
+           {"op": "bn", "gamma": [str(gamma)], "beta": [str(beta)], "mean": [str(mean)],
+            "var": [str(var)]}] + ([{"op": "relu"}] if relu else [])
+    chain = ActivationChain(layer_node="n", fingerprint="", scale=[str(scale)], ops=ops,
+                            quant_scale=["1/16"], low=-16, high=16)
+    exact = _reaches_exactly(chain, 0, acc, level)
+    sign = _float_sign(chain, 0, acc, level)
+    assert sign == 0 or (sign > 0) == exact
+    assert _reaches(chain, 0, acc, level) == exact
+
+
+def test_ties_are_left_to_the_exact_comparison():
+    """acc / 2 against level - 1/2: odd accumulators are exact ties, which float64 must not
+    decide; every other accumulator it decides."""
+    chain = ActivationChain(layer_node="n", fingerprint="", scale=["1/8"],
+                            ops=[{"op": "relu"}], quant_scale=["1/4"], low=0, high=15)
+    for acc in range(1, 31):
+        for level in range(1, 16):
+            tie = acc == 2 * level - 1
+            assert (_float_sign(chain, 0, acc, level) == 0) == tie, (acc, level)

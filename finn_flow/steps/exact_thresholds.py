@@ -347,8 +347,67 @@ def _value(chain: ActivationChain, c: int, acc: int, relu: bool = True) -> Exact
     return x
 
 
+FLOAT_MARGIN = 1e-12
+"""Relative margin of :func:`_float_sign`: float64 evaluation of a chain (a dozen operations, each
+rounding by at most 2^-53 of the magnitudes involved) errs by less than 1e-14 of the sum of those
+magnitudes, so a float64 difference beyond 1e-12 of it has the exact difference's sign."""
+
+
+def _float_constants(chain: ActivationChain) -> tuple:
+    """The chain's constants as float64 arrays (one entry per channel, or one for all), computed
+    once per chain (kept on the instance, outside its fields)."""
+    cached = chain.__dict__.get("_float_constants")
+    if cached is None:
+        def floats(values: list[str]) -> np.ndarray:
+            return np.array([float(_parsed(v)) for v in values])
+        ops = [(op["op"], {k: floats(v) for k, v in op.items() if k != "op"}) for op in chain.ops]
+        cached = chain.__dict__["_float_constants"] = (floats(chain.scale), ops,
+                                                       floats(chain.quant_scale))
+    return cached
+
+
+def _float_sign(chain: ActivationChain, c: int, acc: int, level: int) -> int:
+    """Sign of ``value(acc) - (level - 1/2) * quant_scale`` from a float64 mirror of :func:`_value`,
+    or 0 where float64 cannot decide it (a difference, or a ReLU's input, within
+    :data:`FLOAT_MARGIN` of the magnitudes it came from): then only the exact comparison can."""
+    scale, ops, quant_scale = _float_constants(chain)
+
+    def at(values: np.ndarray) -> float:
+        return float(values[0] if len(values) == 1 else values[c])
+
+    r0, r1 = at(scale) * acc, 0.0  # value = r0 + r1, as ExactValue's r0 + r1 * w
+    m0, m1 = abs(r0), 0.0  # magnitudes bounding each part's float64 error
+    for kind, k in ops:
+        if kind == "affine":
+            mul, add = at(k["mul"]), at(k["add"])
+            r0, r1, m0, m1 = r0 * mul + add, r1 * mul, m0 * abs(mul) + abs(add), m1 * abs(mul)
+        elif kind == "bn":
+            gain, mean = at(k["gamma"]) / math.sqrt(at(k["var"])), at(k["mean"])
+            r0, r1, m0, m1 = at(k["beta"]), (r0 - mean) * gain, abs(at(k["beta"])), \
+                (m0 + abs(mean)) * abs(gain)
+        elif kind == "relu":
+            if abs(r0 + r1) <= FLOAT_MARGIN * (m0 + m1):
+                return 0
+            if r0 + r1 < 0:
+                r0 = r1 = m0 = m1 = 0.0
+        else:
+            return 0
+    half = (level - 0.5) * at(quant_scale)
+    difference = r0 + r1 - half
+    if abs(difference) <= FLOAT_MARGIN * (m0 + m1 + abs(half)):
+        return 0
+    return 1 if difference > 0 else -1
+
+
 def _reaches(chain: ActivationChain, c: int, acc: int, level: int) -> bool:
-    """Whether the Quant's level for ``acc`` is ``>= level`` (round half to even, exact)."""
+    """Whether the Quant's level for ``acc`` is ``>= level`` (round half to even, exact): decided
+    in float64 where :func:`_float_sign` can, else in rationals (:func:`_reaches_exactly`)."""
+    sign = _float_sign(chain, c, acc, level)
+    return sign > 0 if sign else _reaches_exactly(chain, c, acc, level)
+
+
+def _reaches_exactly(chain: ActivationChain, c: int, acc: int, level: int) -> bool:
+    """:func:`_reaches` in rational arithmetic alone."""
     half = (Fraction(level) - Fraction(1, 2)) * _at(chain.quant_scale, c)
     sign = _value(chain, c, acc).compare(half)
     return sign > 0 or (sign == 0 and level % 2 == 0)
