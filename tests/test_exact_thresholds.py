@@ -225,7 +225,7 @@ _fractions = st.fractions(min_value=-4, max_value=4, max_denominator=10**5)
        mul=_fractions, add=_fractions, gamma=_fractions, beta=_fractions, mean=_fractions,
        var=st.fractions(min_value=Fraction(1, 100), max_value=100, max_denominator=10**5),
        relu=st.booleans(), acc=st.integers(-2**20, 2**20), level=st.integers(-16, 16))
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=200, deadline=None)
 def test_float_decisions_of_levels_are_the_exact_ones(scale, mul, add, gamma, beta, mean, var, relu,
                                                       acc, level):
     """Where float64 decides whether an accumulator reaches a level, it decides as rational
