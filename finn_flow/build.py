@@ -27,6 +27,7 @@ from brevitas_a2q.errors import A2QInputError
 from finn_flow.environment import prepare_cppsim
 from finn_flow.errors import FinnBuildError
 from finn_flow.finn_compat import (
+    FinnStepFailure,
     auto_folding_config,
     build_session,
     config_options,
@@ -421,7 +422,9 @@ def _finn_failure(work: Path, out: Path, error: Exception | None) -> FinnBuildEr
     log = work / "build_dataflow.log"
     text = log.read_text(errors="replace") if log.exists() else ""
     steps = re.findall(r"Running step: (\S+)", text)
-    if error is not None:
+    if isinstance(error, FinnStepFailure):
+        reason = str(error)
+    elif error is not None:
         reason = f"{type(error).__name__}: {error}"
     else:
         found = re.findall(r"FINN (?:INTERNAL COMPILER )?ERROR: (.*)", text)

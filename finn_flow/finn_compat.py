@@ -47,6 +47,7 @@ __all__ = [
     "import_builder",
     "infer_thresholding_layer",
     "lut_estimation",
+    "FinnStepFailure",
     "run_build",
     "set_cppsim_tools",
     "step_names",
@@ -327,18 +328,55 @@ def _interrupts_recorded(state: dict) -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
+class FinnStepFailure(Exception):
+    """A failed FINN step known only from the traceback FINN printed (upstream FINN catches the
+    step's exception, prints its traceback to stderr and returns -1): its last line, e.g.
+    ``AssertionError: ...``."""
+
+
+class _Tee:
+    """A text stream writing to ``stream`` and keeping a copy (FINN's console output is left as
+    it was; the copy is searched for the failed step's exception)."""
+
+    def __init__(self, stream) -> None:
+        self.stream, self.parts = stream, []
+
+    def write(self, text: str) -> int:
+        self.parts.append(text)
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def __getattr__(self, name: str):
+        return getattr(self.stream, name)
+
+
+def _printed_exception(text: str) -> FinnStepFailure | None:
+    """The exception line closing the last traceback in ``text`` (None without one)."""
+    tail = text.rsplit("Traceback (most recent call last):", 1)
+    if len(tail) < 2:
+        return None
+    lines = [line for line in tail[1].splitlines() if line.strip() and not line.startswith(" ")]
+    return FinnStepFailure(lines[-1].strip()) if lines else None
+
+
 def run_build(build_dataflow: types.ModuleType, model_file: str, cfg) -> tuple[int, Exception | None]:
-    """``build_dataflow_cfg`` as ``(status, exception)``: upstream FINN returns -1 on a failed step;
-    FINN+ re-raises the step's exception when it runs under pytest. An interrupt (Ctrl-C) is raised
-    as ``KeyboardInterrupt`` whether or not FINN caught it."""
+    """``build_dataflow_cfg`` as ``(status, exception)``: upstream FINN returns -1 on a failed step
+    and prints the step's traceback (then the exception is a :class:`FinnStepFailure` with its last
+    line); FINN+ re-raises the step's exception when it runs under pytest. An interrupt (Ctrl-C) is
+    raised as ``KeyboardInterrupt`` whether or not FINN caught it."""
     state: dict = {}
-    with _interrupts_recorded(state):
+    stderr = _Tee(sys.stderr)
+    with _interrupts_recorded(state), contextlib.redirect_stderr(stderr):
         try:
             status, error = build_dataflow.build_dataflow_cfg(model_file, cfg), None
         except Exception as err:  # the failed step's own exception (FINN+ under pytest)
             status, error = -1, err
     if state.get("interrupted") or isinstance(error, KeyboardInterrupt):
         raise KeyboardInterrupt
+    if status != 0 and error is None:
+        error = _printed_exception("".join(stderr.parts))
     return status, error
 
 

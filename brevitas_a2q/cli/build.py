@@ -1,10 +1,11 @@
 """``a2q build MODEL.onnx --out DIR``: a FINN build with accumulator widths proven from the A2Q
 bound (see :mod:`finn_flow`). Every option, the model and the --verify-inputs array are checked
-before FINN is imported or a step runs."""
+before FINN is imported (a --steps file is read after it, as it may import FINN) or a step runs."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 from pathlib import Path
 
@@ -135,10 +136,14 @@ def load_verify_inputs(path: Path, shape: tuple[int, ...]):
 def load_steps(spec: str) -> list:
     """The step list ``NAME`` of a Python file (``path.py:NAME``) or module (``pkg.mod:NAME``)."""
     from brevitas_a2q.io import import_source
+    from finn_flow.errors import FinnUnavailableError
+    from finn_flow.finn_compat import import_builder
 
     source, sep, name = spec.rpartition(":")
     if not sep or not source or not name:
         raise A2QInputError(f"--steps {spec!r}: give FILE.py:NAME or MODULE:NAME")
+    with contextlib.suppress(FinnUnavailableError):  # reported when the build needs FINN
+        import_builder()  # FINN imported with its fixes (finn_compat) before the file imports it
     module = import_source(source, f"--steps {spec!r}", "--steps")
     steps = getattr(module, name, None)
     if not isinstance(steps, (list, tuple)) or not steps or not all(
