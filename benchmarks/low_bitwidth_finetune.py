@@ -319,6 +319,19 @@ def plot(summary: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def redraw(out: Path) -> int:
+    """Summary, PNG and tables again from the rows of ``out``'s results file."""
+    path = out / "low_bitwidth_finetune.json"
+    result = json.loads(path.read_text())
+    result["summary"] = summarize(result["rows"], result["settings"]["tolerance"])
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    plot(result["summary"], out / "low_bitwidth_finetune.png")
+    print(readme_table(result["summary"]))
+    print()
+    print(tables(result["summary"]))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, default=3)
@@ -335,7 +348,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir")
     parser.add_argument("--out-dir", default=str(RESULTS))
     parser.add_argument("--quick", action="store_true", help="1 seed, tiny sizes (smoke test)")
+    parser.add_argument("--plot-only", action="store_true",
+                        help="redo the summary, tables and PNG from <out-dir>'s JSON (no training)")
     args = parser.parse_args(argv)
+    if args.plot_only:
+        return redraw(Path(args.out_dir))
     if args.quick:
         args.seeds, args.train_images, args.epochs, args.finetune_images = 1, 1024, 1, 128
         args.resnet_test_images, args.narrow = 128, args.narrow[:1]

@@ -447,3 +447,32 @@ def test_espcn_accelerator_equals_the_exact_evaluation():
     assert d["qonnx_float32_vs_exact"]["quantizer_values_unexplained"] == {}
     targeted = [w for w in d["layers"] if w["target_bits"] is not None]
     assert targeted and all(w["bits_set"] <= w["target_bits"] for w in targeted)
+
+
+def test_low_bitwidth_claims_are_the_committed_results():
+    """The README's and the benchmarks page's tables of Blumenfeld et al.'s claims are exactly what
+    benchmarks/low_bitwidth_finetune.py makes of its committed rows, with the settings the page
+    states (seeds, fine-tuning images, test images)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "low_bitwidth_finetune", ROOT / "benchmarks" / "low_bitwidth_finetune.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    data = json.loads((RESULTS / "low_bitwidth_finetune.json").read_text())
+    settings = data["settings"]
+    summary = bench.summarize(data["rows"], settings["tolerance"])
+    assert summary == json.loads(json.dumps(data["summary"]))
+    assert {r["seed"] for r in data["rows"]} == set(range(settings["seeds"]))
+    assert bench.readme_table(summary).strip() in page_text("README.md")
+    text = page_text(BENCHMARKS)
+    assert bench.tables(summary).strip() in text
+    stated = re.findall(r"(\d+) seeds, fine-tuning on ([\d,]+) training images, tested on ([\d,]+) "
+                        r"\(cnn\) and ([\d,]+) \(resnet20\) test images", text)
+    assert stated == [(str(settings["seeds"]), thousands(settings["finetune_images"]),
+                       thousands(settings["test_images"]["cnn"]),
+                       thousands(settings["test_images"]["resnet20"]))]
+    trained = re.findall(r"Adam ([\d.e-]+), one pass, batch 64; models trained (\d+) epochs on ([\d,]+) "
+                         r"images; ([\d.]+) min wall on 2 cores", text)
+    assert trained == [(repr(float(settings["lr"])), str(settings["epochs"]),
+                        thousands(settings["train_images"]), minutes(data["wall_seconds"]))]
