@@ -326,6 +326,7 @@ PARITY_MODELS = {
     "tfc_2w2a": bnn_pynq("tfc_2w2a"),
     "cnv_2w2a": bnn_pynq("cnv_2w2a"),
     "own_resnet": own("resnet"),
+    "own_dwsep_residual": own("dwsep_residual"),
     "narrow_unsigned_input": narrow_unsigned_input,
 }
 
