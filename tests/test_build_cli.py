@@ -140,12 +140,18 @@ def test_bad_input_refused_in_one_line_without_output(files, tmp_path, case):
     assert time.perf_counter() - start < 120  # before: each ran FINN's build for 7-15 s, then failed
 
 
+def _ctrl_c_interrupts() -> None:
+    """In the child: Ctrl-C raises KeyboardInterrupt even where this test runs with SIGINT
+    ignored (a background job inherits SIG_IGN, and Python then installs no handler)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_interrupt_during_finn_exits_130_and_leaves_nothing(files, tmp_path):
     """Ctrl-C while FINN runs its steps (FINN+ catches KeyboardInterrupt itself)."""
     out = tmp_path / "out"
     proc = subprocess.Popen([str(A2Q), "build", str(files / "model.onnx"), "--out", str(out),
                              "--verify", "hls-arith"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_ctrl_c_interrupts)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         logs = list(tmp_path.glob(".out.*/build_dataflow.log"))
