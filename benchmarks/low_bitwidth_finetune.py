@@ -61,9 +61,8 @@ def build(network: str) -> torch.nn.Module:
     return build_cnn("none", image_size=28) if network == "cnn" else build_resnet20("none")
 
 
-def exact_layers(network: str) -> dict[str, None]:
-    """The first and last layers keep exact accumulators (``simulate_accumulators`` overrides)."""
-    return {"conv1": None, "fc": None}
+# the first and last layers (named alike in both networks) keep exact accumulators
+EXACT_LAYERS = {"conv1": None, "fc": None}
 
 
 def _init_worker(data_dir: str | None) -> None:
@@ -113,7 +112,7 @@ def _evaluate(model, network: str, spec: str | None, args) -> dict:
     from brevitas_a2q.sim.evaluate import evaluate_accuracy
 
     test = _test(args.test_images[network])
-    acc, stats = evaluate_accuracy(model, test, spec, exact_layers(network) if spec else None,
+    acc, stats = evaluate_accuracy(model, test, spec, EXACT_LAYERS if spec else None,
                                    batch_size=250)
     row = {"accuracy": acc, "test_images": len(test)}
     if stats is not None:
@@ -135,7 +134,7 @@ def _finetuned(base: dict, network: str, seed: int, spec: str | None, gradient: 
     if spec is None:
         train_epochs(model, _loader(seed + 100, args.finetune_images), 1, lr=args.lr, progress=False)
     else:
-        with simulate_accumulators(model, spec, exact_layers(network), gradient=gradient):
+        with simulate_accumulators(model, spec, EXACT_LAYERS, gradient=gradient):
             train_epochs(model, _loader(seed + 100, args.finetune_images), 1, lr=args.lr,
                          progress=False)
     seconds = time.perf_counter() - start
