@@ -20,8 +20,10 @@ it is not skipped. (The FINN LUT table of docs/benchmarks.md is checked in tests
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
+import types
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +61,15 @@ class Table:
     rows: Callable[[dict], dict[tuple[str, ...], list[str]]]
     key_columns: int = 1
     page: str = BENCHMARKS
+
+
+def benchmark(name: str) -> types.ModuleType:
+    """The script ``benchmarks/<name>.py`` as a module (its table functions make the pages'
+    tables from the committed results)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def f2(x: float) -> str:
@@ -384,12 +395,7 @@ def test_rounding_tables_are_the_committed_results():
     """The benchmarks page's round-to-zero vs budgeted-rounding tables are exactly what the benchmark's own
     table function makes of the committed results (benchmarks/accuracy_vs_accumulator.py
     --study rounding), and the prose figures quoted below them are cells of those tables."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "accuracy_vs_accumulator", ROOT / "benchmarks" / "accuracy_vs_accumulator.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = benchmark("accuracy_vs_accumulator")
     data = json.loads((RESULTS / "accuracy_vs_accumulator_rounding.json").read_text())
     rows = data["rows"]
     floats = [100 * r["accuracy"] for r in rows if r["method"] == "float"]
@@ -409,12 +415,7 @@ def test_ptq_section_is_the_committed_results():
     """docs/ptq.md's comparison with Brevitas's AXE: its table and its per-P statements are exactly
     what benchmarks/ptq_vs_axe.py makes of the committed runs, and the settings in its prose
     (float accuracy and epochs, calibration images, seeds, test images) are the JSON's."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("ptq_vs_axe",
-                                                  ROOT / "benchmarks" / "ptq_vs_axe.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = benchmark("ptq_vs_axe")
     data = json.loads((RESULTS / "ptq_vs_axe.json").read_text())
     summary = bench.summarize(data["runs"], data["float"]["test_accuracy"])
     text = page_text("docs/ptq.md")
@@ -453,12 +454,7 @@ def test_low_bitwidth_claims_are_the_committed_results():
     """The README's and the benchmarks page's tables of Blumenfeld et al.'s claims are exactly what
     benchmarks/low_bitwidth_finetune.py makes of its committed rows, with the settings the page
     states (seeds, fine-tuning images, test images)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "low_bitwidth_finetune", ROOT / "benchmarks" / "low_bitwidth_finetune.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = benchmark("low_bitwidth_finetune")
     data = json.loads((RESULTS / "low_bitwidth_finetune.json").read_text())
     settings = data["settings"]
     summary = bench.summarize(data["rows"], settings["tolerance"])
