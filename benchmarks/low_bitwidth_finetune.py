@@ -124,19 +124,18 @@ def _evaluate(model, network: str, spec: str | None, args) -> dict:
 def _finetuned(base: dict, network: str, seed: int, spec: str | None, gradient: str, args) -> dict:
     """A copy of the trained model fine-tuned under ``spec`` (exact when None), evaluated under
     the same accumulator."""
-    from brevitas_a2q.sim.layers import simulate_accumulators
+    from brevitas_a2q.sim.evaluate import finetune
     from brevitas_a2q.train.loop import train_epochs
 
     torch.manual_seed(seed)
     model = build(network)
     model.load_state_dict(base)
+    loader = _loader(seed + 100, args.finetune_images)
     start = time.perf_counter()
     if spec is None:
-        train_epochs(model, _loader(seed + 100, args.finetune_images), 1, lr=args.lr, progress=False)
+        train_epochs(model, loader, 1, lr=args.lr, progress=False)
     else:
-        with simulate_accumulators(model, spec, EXACT_LAYERS, gradient=gradient):
-            train_epochs(model, _loader(seed + 100, args.finetune_images), 1, lr=args.lr,
-                         progress=False)
+        finetune(model, loader, spec, 1, args.lr, EXACT_LAYERS, gradient, progress=False)
     seconds = time.perf_counter() - start
     return {**_evaluate(model, network, spec, args), "finetune_seconds": seconds}
 

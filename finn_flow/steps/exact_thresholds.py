@@ -127,6 +127,15 @@ class ActivationChain:
             lengths += [len(v) for k, v in op.items() if k != "op"]
         return max(lengths)
 
+    @functools.cached_property
+    def float_constants(self) -> tuple[np.ndarray, list, np.ndarray]:
+        """``(scale, ops, quant_scale)`` as float64 arrays (one entry per channel, or one for
+        all), for :func:`_float_sign`; computed once (not a field: not recorded)."""
+        def floats(values: list[str]) -> np.ndarray:
+            return np.array([float(_parsed(v)) for v in values])
+        ops = [(op["op"], {k: floats(v) for k, v in op.items() if k != "op"}) for op in self.ops]
+        return floats(self.scale), ops, floats(self.quant_scale)
+
 
 def _per_channel(value: np.ndarray | float) -> list[str]:
     flat = np.asarray(value, dtype=np.float64).reshape(-1)
@@ -353,24 +362,11 @@ rounding by at most 2^-53 of the magnitudes involved) errs by less than 1e-14 of
 magnitudes, so a float64 difference beyond 1e-12 of it has the exact difference's sign."""
 
 
-def _float_constants(chain: ActivationChain) -> tuple:
-    """The chain's constants as float64 arrays (one entry per channel, or one for all), computed
-    once per chain (kept on the instance, outside its fields)."""
-    cached = chain.__dict__.get("_float_constants")
-    if cached is None:
-        def floats(values: list[str]) -> np.ndarray:
-            return np.array([float(_parsed(v)) for v in values])
-        ops = [(op["op"], {k: floats(v) for k, v in op.items() if k != "op"}) for op in chain.ops]
-        cached = chain.__dict__["_float_constants"] = (floats(chain.scale), ops,
-                                                       floats(chain.quant_scale))
-    return cached
-
-
 def _float_sign(chain: ActivationChain, c: int, acc: int, level: int) -> int:
     """Sign of ``value(acc) - (level - 1/2) * quant_scale`` from a float64 mirror of :func:`_value`,
     or 0 where float64 cannot decide it (a difference, or a ReLU's input, within
     :data:`FLOAT_MARGIN` of the magnitudes it came from): then only the exact comparison can."""
-    scale, ops, quant_scale = _float_constants(chain)
+    scale, ops, quant_scale = chain.float_constants
 
     def at(values: np.ndarray) -> float:
         return float(values[0] if len(values) == 1 else values[c])
