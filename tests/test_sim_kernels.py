@@ -204,3 +204,84 @@ def test_cuda_kernels_under_numbas_simulator_equal_the_chain():
                          text=True, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip() == "checked"
+
+
+# Integer saturation by blocks (brevitas_a2q.sim.saturating): sizes with several blocks per
+# chain and enough (row, output) pairs that the method applies; each sum type it can take
+
+def _block_operands(seed, signed, scale, rows=130, outs=40, k=300):
+    """Operands whose partial sums cross the P-bit range's ends, some outputs often, others
+    never: ``scale`` 1 gives int8 operands, 16 float32 sums, 2^20 float64 sums."""
+    gen = torch.Generator().manual_seed(seed)
+    low = -3 if signed else 0
+    x = torch.randint(low, 16, (rows, k), generator=gen).double() * scale
+    x[torch.rand(rows, k, generator=gen) < 0.4] = 0.0
+    w = torch.randint(-7, 8, (outs, k), generator=gen).double()
+    w[: outs // 4] = w[: outs // 4].abs()  # same-sign rows: long saturated runs
+    return x, w
+
+
+@pytest.mark.parametrize("spec,scale", [("int10-sat", 1), ("int12-sat-c100", 1),
+                                        ("int9-sat-c8", 1), ("int16-sat-c16", 16),
+                                        ("int32-sat-c40", 2.0**20), ("int12-sat-c300", 1)])
+@pytest.mark.parametrize("signed", [False, True])
+def test_saturating_blocks_are_the_chain_bit_for_bit(spec, scale, signed):
+    from brevitas_a2q.sim import saturating
+
+    cfg = parse_accumulator(spec)
+    x, w = _block_operands(0, signed, scale)
+    chunk = min(cfg.chunk_size or x.shape[1], x.shape[1])
+    blocks = saturating.chain(x, w, cfg, chunk)
+    assert blocks is not None, "the block method must apply to these operands"
+    oracle = _run_chain(x, w, cfg, fast=False)
+    _same(blocks, oracle)
+    assert oracle.overflow_events > 0
+
+
+def test_saturating_blocks_refuse_what_they_cannot_sum_exactly():
+    from brevitas_a2q.sim import saturating
+
+    cfg = parse_accumulator("int12-sat")
+    x, w = _block_operands(0, False, 1)
+    assert saturating.chain(x * 0.5, w, cfg, x.shape[1]) is None  # not integers
+    assert saturating.chain(x[:, :40], w[:, :40], parse_accumulator("int12-sat-c4"), 4) is None
+    assert saturating.chain(x[:8], w[:8], cfg, x.shape[1]) is None  # 64 pairs: the chain
+
+
+@pytest.mark.parametrize("mode", ["immediate", "recursive"])
+@pytest.mark.parametrize("spec", ["int10-sat", "int10-sat-c16", "int12-sat-c100", "int9-sat-c8"])
+@pytest.mark.parametrize("signed", [False, True])
+def test_saturating_block_gradients_equal_the_chain_masks(spec, mode, signed):
+    from brevitas_a2q.sim import saturating
+
+    cfg = parse_accumulator(spec, gradient=mode)
+    x, w = _block_operands(1, signed, 1)
+    xs, ws = 0.5, torch.full((w.shape[0],), 0.25, dtype=torch.float64)
+    xv, wv = (x * xs).requires_grad_(True), (w * ws[:, None]).requires_grad_(True)
+    g = torch.randn(x.shape[0], w.shape[0], generator=torch.Generator().manual_seed(2),
+                    dtype=torch.float64)
+    assert saturating.chain(x, w, cfg, min(cfg.chunk_size or 300, 300)) is not None
+    y, _ = simulate_matmul(xv, wv, xs, ws, cfg)
+    y.backward(g)
+    gx, gw = _oracle_grads(x, w, xv.detach(), wv.detach(), g, cfg)
+    assert not torch.allclose(gx, g @ wv.detach()), "the case must cut some gradient"
+    torch.testing.assert_close(xv.grad, gx, rtol=1e-12, atol=1e-11)
+    torch.testing.assert_close(wv.grad, gw, rtol=1e-12, atol=1e-11)
+
+
+@pytest.mark.parametrize("spec", ["fp12-e4m7", "fp10-e4m5-c16", "fp9-e3m5-c5-rz"])
+def test_recursive_float_gradients_with_late_and_early_events(spec):
+    # recursive keeps the products after each output's last event: the kernel subtracts the
+    # cut prefix where it is the shorter, adds the kept suffix where that is; both occur here
+    cfg = parse_accumulator(spec, gradient="recursive")
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(24, 200, generator=gen).float().double()
+    w = (torch.randn(10, 200, generator=gen) * 0.3).float().double()
+    x[:12, 150:] *= 1e-4  # tiny late addends: swamped, so the last event comes late
+    xv, wv = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    g = torch.randn(24, 10, generator=gen, dtype=torch.float64)
+    y, _ = simulate_matmul(xv, wv, 1.0, torch.ones(10, dtype=torch.float64), cfg)
+    y.backward(g)
+    gx, gw = _oracle_grads(x, w, x, w, g, cfg)
+    torch.testing.assert_close(xv.grad, gx, rtol=1e-12, atol=1e-11)
+    torch.testing.assert_close(wv.grad, gw, rtol=1e-12, atol=1e-11)

@@ -72,23 +72,22 @@ def add_events(a, s, mode, lo, hi, man_bits, min_bits, magic, maxv):
 
 
 @njit(inline="always", **opts)
-def chunk_steps(x, w_t, rows, t0, nt, c, chunk, acc, over_any, counts, ev, last_step, record,
-                mode, lo, hi, man_bits, min_bits, magic, maxv):
+def chunk_steps(x, w_t, rows, t0, nt, c, chunk, acc, over_any, counts, ev, stamp, last_step,
+                record, mode, lo, hi, man_bits, min_bits, magic, maxv):
     """The chain of chunk ``c`` for rows ``rows[t0:t0 + nt]`` into ``acc`` (TILE, O), from 0.
-    ``record`` 1: step events into ``ev`` (TILE, chunk, O); 2: the last event's step into
-    ``last_step`` (TILE, nC, O)."""
+    ``record`` 1: ``ev[t, j, o] = stamp`` (TILE, chunk, O) at each step with an event (no
+    reset needed: ``stamp`` is new for every tile and chunk) and the last one's step into
+    ``last_step[t, 0, o]``; 2: the last event's step into ``last_step[t, c, o]`` (TILE, nC, O).
+    """
     k_len, outs = w_t.shape
     skip_zero = mode != 2
+    slot = c if record == 2 else 0
     for t in range(nt):
         for o in range(outs):
             acc[t, o] = 0.0
-        if record == 2:
+        if record != 0:
             for o in range(outs):
-                last_step[t, c, o] = -1
-        if record == 1:
-            for j in range(chunk):
-                for o in range(outs):
-                    ev[t, j, o] = False
+                last_step[t, slot, o] = -1
     for j in range(chunk):
         k = c * chunk + j
         if k >= k_len and skip_zero:
@@ -109,10 +108,10 @@ def chunk_steps(x, w_t, rows, t0, nt, c, chunk, acc, over_any, counts, ev, last_
                 n_swamp += swamp
                 n_under += under
                 over_any[t, o] |= over
-                if record == 1:
-                    ev[t, j, o] = over or swamp or under
-                elif record == 2 and (over or swamp or under):
-                    last_step[t, c, o] = j
+                if record != 0 and (over or swamp or under):
+                    last_step[t, slot, o] = j
+                    if record == 1:
+                        ev[t, j, o] = stamp
                 acc[t, o] = q
             counts[t, 0] += n_over
             counts[t, 2] += n_swamp
@@ -183,8 +182,8 @@ def _forward_body(x, w_t, rows, chunk, mode, lo, hi, man_bits, min_bits, magic, 
         over_any = np.zeros((TILE, outs), dtype=np.bool_)
         tc = counts[t0:t0 + nt]
         for c in range(n_chunks):
-            chunk_steps(x, w_t, rows, t0, nt, c, chunk, acc, over_any, tc, no_b, no_i, 0, mode,
-                        lo, hi, man_bits, min_bits, magic, maxv)
+            chunk_steps(x, w_t, rows, t0, nt, c, chunk, acc, over_any, tc, no_i, 0, no_i, 0,
+                        mode, lo, hi, man_bits, min_bits, magic, maxv)
             combine(acc, total, nt, c, over_any, tc, no_b[0], no_i[0], 0, mode, lo, hi,
                     man_bits, min_bits, magic, maxv)
         count_outputs(over_any, nt, tc)
@@ -192,47 +191,71 @@ def _forward_body(x, w_t, rows, chunk, mode, lo, hi, man_bits, min_bits, magic, 
 
 
 @njit(inline="always", **opts)
-def grad_step(t, i, r, k, keep_g, xg, wg_t, gx, gw, part):
-    """``gx[i, k] = sum_o keep_g[t, o] wg[o, k]``; ``gw_t[k] += keep_g[t] * xg[r, k]``."""
-    outs = wg_t.shape[1]
-    xk = xg[r, k]
-    for u in range(8):
-        part[u] = 0.0
-    for o0 in range(0, outs - outs % 8, 8):
-        for u in range(8):  # eight independent sums: a vectorizable reduction
-            part[u] += keep_g[t, o0 + u] * wg_t[k, o0 + u]
-    s = 0.0
-    for u in range(8):
-        s += part[u]
-    for o in range(outs - outs % 8, outs):
-        s += keep_g[t, o] * wg_t[k, o]
-    gx[i, k] = s
-    if xk != 0.0:
-        for o in range(outs):
-            gw[k, o] += keep_g[t, o] * xk
+def add_range(gx_i, gw_o, gro, xg_r, wg_o, k0, k1):
+    """Add products ``k0 <= k < k1`` of one output (gradient ``gro``) to the gradients."""
+    for k in range(k0, k1):
+        gx_i[k] += gro * wg_o[k]
+        gw_o[k] += gro * xg_r[k]
 
 
 @njit(inline="always", **opts)
-def cut(t, i, r, k, o, g, xg, wg_t, gx, gw):
-    """Take product ``k`` of output ``(rows[i], o)`` out of the exact gradient."""
-    gro = g[i, o]
-    gx[i, k] -= gro * wg_t[k, o]
-    gw[k, o] -= gro * xg[r, k]
+def recursive_cuts(t, i, r, n_chunks, chunk, k_len, g, xg, wg, gx, gw, last_step, last_comb,
+                   use_exact):
+    """``recursive``: product ``j`` of chunk ``c`` is cut where ``j <= last_step[c]`` or
+    ``c <= last_comb``. Per output, the shorter of the two: minus the cut products (with the
+    exact gradient, ``use_exact``), or the kept ones alone (without it)."""
+    for o in range(g.shape[1]):
+        gro = g[i, o]
+        lc = last_comb[t, o]
+        n_cut = 0
+        for c in range(n_chunks):
+            n_cut += min(chunk, k_len - c * chunk) if c <= lc else last_step[t, c, o] + 1
+        use_exact[i, o] = 2 * n_cut <= k_len
+        if gro == 0.0:
+            continue
+        for c in range(n_chunks):
+            k0 = c * chunk
+            k1 = min(k0 + chunk, k_len)
+            split = k1 if c <= lc else min(k0 + last_step[t, c, o] + 1, k1)
+            if use_exact[i, o]:
+                add_range(gx[i], gw[o], -gro, xg[r], wg[o], k0, split)
+            else:
+                add_range(gx[i], gw[o], gro, xg[r], wg[o], split, k1)
 
 
 @njit(inline="always", **opts)
-def _backward_body(x, w_t, xg, wg_t, g, rows, chunk, recursive, n_blocks, mode, lo, hi,
+def immediate_cuts(t, i, r, c, chunk, k_len, g, xg, wg, gx, gw, ev, stamp, last_step, comb):
+    """``immediate``: minus each product of chunk ``c`` whose addition had an event, or all of
+    the chunk's products where its combination had one."""
+    k0 = c * chunk
+    k1 = min(k0 + chunk, k_len)
+    for o in range(g.shape[1]):
+        gro = g[i, o]
+        if gro == 0.0:
+            continue
+        if comb[t, o]:
+            add_range(gx[i], gw[o], -gro, xg[r], wg[o], k0, k1)
+            continue
+        for j in range(min(last_step[t, 0, o] + 1, k1 - k0)):
+            if ev[t, j, o] == stamp:
+                add_range(gx[i], gw[o], -gro, xg[r], wg[o], k0 + j, k0 + j + 1)
+
+
+@njit(inline="always", **opts)
+def _backward_body(x, w_t, xg, wg, g, rows, chunk, recursive, n_blocks, mode, lo, hi,
                    man_bits, min_bits, magic, maxv):
-    """Integer saturation (mode 0, events rare): minus the gradient of every product whose
-    gradient the mode cuts (the caller adds the exact gradient). Floating point (swamping is
-    frequent): the gradient of the kept products itself. Immediate: per chunk, its step events
-    and its combination event, then its products. Recursive: the whole chain (last event per
-    chunk, last combination event), then every product."""
+    """The fine-grained gradients (module docstring of :mod:`brevitas_a2q.sim`) as corrections
+    to the exact gradient: re-run each row's chain recording its events, then ``gx`` (n, K),
+    ``gw`` (O, K) and ``use_exact`` (n, O) such that the mode's gradient is the exact gradient
+    of the outputs where ``use_exact``, plus ``gx``, ``gw``. Immediate: per chunk, its step
+    events and its combination event, then minus its cut products. Recursive: the whole chain
+    (last event per chunk, last combination event), then :func:`recursive_cuts`."""
     k_len, outs = w_t.shape
     n_chunks = (k_len + chunk - 1) // chunk
     n = rows.shape[0]
-    gx = np.zeros((n, k_len))
-    gw_parts = np.zeros((n_blocks, k_len, outs))
+    gx = np.zeros((n, k_len), dtype=xg.dtype)
+    use_exact = np.ones((n, outs), dtype=np.bool_)
+    gw_parts = np.zeros((n_blocks, outs, k_len))
     n_tiles = (n + TILE - 1) // TILE
     per_block = (n_tiles + n_blocks - 1) // n_blocks
     for b in prange(n_blocks):
@@ -240,62 +263,33 @@ def _backward_body(x, w_t, xg, wg_t, g, rows, chunk, recursive, n_blocks, mode, 
         total = np.empty((TILE, outs))
         over_any = np.zeros((TILE, outs), dtype=np.bool_)
         counts = np.zeros((TILE, 4), dtype=np.int64)
-        ev = np.zeros((TILE, chunk if not recursive else 1, outs), dtype=np.bool_)
+        ev = np.zeros((TILE, 1 if recursive else chunk, outs), dtype=np.int32)
         comb = np.zeros((TILE, outs), dtype=np.bool_)
         last_step = np.zeros((TILE, n_chunks if recursive else 1, outs), dtype=np.int32)
         last_comb = np.zeros((TILE, outs), dtype=np.int32)
-        keep_g = np.empty((TILE, outs))
-        part = np.empty(8)
         gw = gw_parts[b]
         for tile in range(b * per_block, min(n_tiles, (b + 1) * per_block)):
             t0 = tile * TILE
             nt = min(TILE, n - t0)
-            if recursive:
-                for c in range(n_chunks):
-                    chunk_steps(x, w_t, rows, t0, nt, c, chunk, acc, over_any, counts, ev,
-                                last_step, 2, mode, lo, hi, man_bits, min_bits, magic, maxv)
-                    combine(acc, total, nt, c, over_any, counts, comb, last_comb, 2, mode, lo,
-                            hi, man_bits, min_bits, magic, maxv)
-                for c in range(n_chunks):
-                    for j in range(chunk):
-                        k = c * chunk + j
-                        if k >= k_len:
-                            break
-                        for t in range(nt):
-                            if mode != 0:
-                                for o in range(outs):
-                                    keep = j > last_step[t, c, o] and c > last_comb[t, o]
-                                    keep_g[t, o] = g[t0 + t, o] if keep else 0.0
-                                grad_step(t, t0 + t, rows[t0 + t], k, keep_g, xg, wg_t, gx, gw,
-                                          part)
-                                continue
-                            for o in range(outs):
-                                if j <= last_step[t, c, o] or c <= last_comb[t, o]:
-                                    cut(t, t0 + t, rows[t0 + t], k, o, g, xg, wg_t, gx, gw)
-                continue
             for c in range(n_chunks):
-                chunk_steps(x, w_t, rows, t0, nt, c, chunk, acc, over_any, counts, ev,
-                            last_step, 1, mode, lo, hi, man_bits, min_bits, magic, maxv)
-                combine(acc, total, nt, c, over_any, counts, comb, last_comb, 1, mode, lo, hi,
-                        man_bits, min_bits, magic, maxv)
-                for j in range(chunk):
-                    k = c * chunk + j
-                    if k >= k_len:
-                        break
+                stamp = tile * n_chunks + c + 1
+                chunk_steps(x, w_t, rows, t0, nt, c, chunk, acc, over_any, counts, ev, stamp,
+                            last_step, 2 if recursive else 1, mode, lo, hi, man_bits, min_bits,
+                            magic, maxv)
+                combine(acc, total, nt, c, over_any, counts, comb, last_comb,
+                        2 if recursive else 1, mode, lo, hi, man_bits, min_bits, magic, maxv)
+                if not recursive:
                     for t in range(nt):
-                        if mode != 0:
-                            for o in range(outs):
-                                keep = not ev[t, j, o] and not comb[t, o]
-                                keep_g[t, o] = g[t0 + t, o] if keep else 0.0
-                            grad_step(t, t0 + t, rows[t0 + t], k, keep_g, xg, wg_t, gx, gw, part)
-                            continue
-                        for o in range(outs):
-                            if ev[t, j, o] or comb[t, o]:
-                                cut(t, t0 + t, rows[t0 + t], k, o, g, xg, wg_t, gx, gw)
-    gw_t = gw_parts[0].copy()
+                        immediate_cuts(t, t0 + t, rows[t0 + t], c, chunk, k_len, g, xg, wg,
+                                       gx, gw, ev, stamp, last_step, comb)
+            if recursive:
+                for t in range(nt):
+                    recursive_cuts(t, t0 + t, rows[t0 + t], n_chunks, chunk, k_len, g, xg, wg,
+                                   gx, gw, last_step, last_comb, use_exact)
+    gw_sum = gw_parts[0].copy()
     for b in range(1, n_blocks):
-        gw_t += gw_parts[b]
-    return gx, gw_t
+        gw_sum += gw_parts[b]
+    return gx, gw_sum, use_exact
 
 
 @njit(parallel=True, **opts)
@@ -317,44 +311,44 @@ FORWARD = (forward_int, forward_nearest, forward_toward_zero)
 
 
 @njit(parallel=True, **opts)
-def backward_int_immediate(x, w_t, xg, wg_t, g, rows, chunk, n_blocks, lo, hi, man_bits,
+def backward_int_immediate(x, w_t, xg, wg, g, rows, chunk, n_blocks, lo, hi, man_bits,
                              min_bits, magic, maxv):
-    return _backward_body(x, w_t, xg, wg_t, g, rows, chunk, False, n_blocks, 0, lo, hi,
+    return _backward_body(x, w_t, xg, wg, g, rows, chunk, False, n_blocks, 0, lo, hi,
                           man_bits, min_bits, magic, maxv)
 
 
 @njit(parallel=True, **opts)
-def backward_int_recursive(x, w_t, xg, wg_t, g, rows, chunk, n_blocks, lo, hi, man_bits,
+def backward_int_recursive(x, w_t, xg, wg, g, rows, chunk, n_blocks, lo, hi, man_bits,
                              min_bits, magic, maxv):
-    return _backward_body(x, w_t, xg, wg_t, g, rows, chunk, True, n_blocks, 0, lo, hi,
+    return _backward_body(x, w_t, xg, wg, g, rows, chunk, True, n_blocks, 0, lo, hi,
                           man_bits, min_bits, magic, maxv)
 
 
 @njit(parallel=True, **opts)
-def backward_nearest_immediate(x, w_t, xg, wg_t, g, rows, chunk, n_blocks, lo, hi, man_bits,
+def backward_nearest_immediate(x, w_t, xg, wg, g, rows, chunk, n_blocks, lo, hi, man_bits,
                              min_bits, magic, maxv):
-    return _backward_body(x, w_t, xg, wg_t, g, rows, chunk, False, n_blocks, 1, lo, hi,
+    return _backward_body(x, w_t, xg, wg, g, rows, chunk, False, n_blocks, 1, lo, hi,
                           man_bits, min_bits, magic, maxv)
 
 
 @njit(parallel=True, **opts)
-def backward_nearest_recursive(x, w_t, xg, wg_t, g, rows, chunk, n_blocks, lo, hi, man_bits,
+def backward_nearest_recursive(x, w_t, xg, wg, g, rows, chunk, n_blocks, lo, hi, man_bits,
                              min_bits, magic, maxv):
-    return _backward_body(x, w_t, xg, wg_t, g, rows, chunk, True, n_blocks, 1, lo, hi,
+    return _backward_body(x, w_t, xg, wg, g, rows, chunk, True, n_blocks, 1, lo, hi,
                           man_bits, min_bits, magic, maxv)
 
 
 @njit(parallel=True, **opts)
-def backward_toward_zero_immediate(x, w_t, xg, wg_t, g, rows, chunk, n_blocks, lo, hi, man_bits,
+def backward_toward_zero_immediate(x, w_t, xg, wg, g, rows, chunk, n_blocks, lo, hi, man_bits,
                              min_bits, magic, maxv):
-    return _backward_body(x, w_t, xg, wg_t, g, rows, chunk, False, n_blocks, 2, lo, hi,
+    return _backward_body(x, w_t, xg, wg, g, rows, chunk, False, n_blocks, 2, lo, hi,
                           man_bits, min_bits, magic, maxv)
 
 
 @njit(parallel=True, **opts)
-def backward_toward_zero_recursive(x, w_t, xg, wg_t, g, rows, chunk, n_blocks, lo, hi, man_bits,
+def backward_toward_zero_recursive(x, w_t, xg, wg, g, rows, chunk, n_blocks, lo, hi, man_bits,
                              min_bits, magic, maxv):
-    return _backward_body(x, w_t, xg, wg_t, g, rows, chunk, True, n_blocks, 2, lo, hi,
+    return _backward_body(x, w_t, xg, wg, g, rows, chunk, True, n_blocks, 2, lo, hi,
                           man_bits, min_bits, magic, maxv)
 
 

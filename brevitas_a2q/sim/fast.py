@@ -73,7 +73,13 @@ def kernel_threads() -> int:
 
 def _run_kernel(x: Tensor, w: Tensor, cfg: AccumulatorConfig, chunk: int) -> _ChainResult:
     """:func:`_run_chain` through the numba kernel (:mod:`.kernels`): the exact product for the
-    rows :func:`_int_safe_rows` proves event-free, the compiled chain for the others."""
+    rows :func:`_int_safe_rows` proves event-free, the compiled chain for the others; integer
+    saturation by blocks (:mod:`.saturating`) where that applies."""
+    from brevitas_a2q.sim import saturating
+
+    res = saturating.chain(x, w, cfg, chunk)
+    if res is not None:
+        return res
     safe = _int_safe_rows(x, w, cfg)
     y = torch.empty(x.shape[0], w.shape[0], dtype=torch.float64)
     if bool(safe.any()):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from brevitas_a2q.sim import saturating
 from brevitas_a2q.sim.chain import _ChainResult, _chunked, _row_blocks, _run_chain, _wrap_chain
 from brevitas_a2q.sim.config import AccumulatorConfig
 
@@ -74,18 +75,17 @@ def simulate_matmul(x_val: Tensor, w_val: Tensor, x_scale: Tensor | float,
     x_scale = torch.as_tensor(x_scale, dtype=torch.float64, device=dev).reshape(())
     w_scale = torch.as_tensor(w_scale, dtype=torch.float64, device=dev).reshape(-1)
     if cfg.kind == "int":
-        ax = torch.round(x_val.detach().double() / x_scale)
-        aw = torch.round(w_val.detach().double() / w_scale[:, None])
+        ax, aw = _integers(x_val, x_scale), _integers(w_val, w_scale[:, None])
     else:
         ax, aw = x_val.detach().double(), w_val.detach().double()
     jit = not cfg.is_wrap and cfg.gradient != "ste" and _use_kernels(x_val)
-    if cfg.is_wrap:
-        chain = _wrap_chain(ax, aw, cfg.bits)
-    else:
-        record = cfg.gradient if cfg.gradient != "ste" and torch.is_grad_enabled() else None
-        record = None if jit else record  # the kernel recomputes the events in backward
-        with torch.no_grad():
-            chain = _run_chain(ax, aw, cfg, record=record)
+    k = ax.shape[1]
+    # integer saturation by blocks takes the integers in their own type; the others float64
+    chain = saturating.chain(ax, aw, cfg, min(cfg.chunk_size or k, k), integers=True) \
+        if k else None
+    if chain is None:
+        ax, aw = ax.double(), aw.double()
+        chain = _chain(ax, aw, cfg, jit)
     y = chain.y
     if cfg.kind == "int":
         y = y * (x_scale * w_scale)[None, :]
@@ -93,8 +93,7 @@ def simulate_matmul(x_val: Tensor, w_val: Tensor, x_scale: Tensor | float,
     if not (torch.is_grad_enabled() and (x_val.requires_grad or w_val.requires_grad)):
         return y, chain
     if cfg.gradient == "ste":
-        exact = x_val @ w_val.t()
-        return exact + (y - exact).detach(), chain
+        return _IdentitySTE.apply(x_val, w_val, y), chain
     if cfg.is_wrap:
         exact = x_val @ w_val.t()
         ste = exact + (y - exact).detach()
@@ -102,6 +101,43 @@ def simulate_matmul(x_val: Tensor, w_val: Tensor, x_scale: Tensor | float,
     if jit:
         return _KernelFineGrained.apply(x_val, w_val, y, ax, aw, cfg), chain
     return _FineGrainedChain.apply(x_val, w_val, y, ax, aw, cfg, chain), chain
+
+
+def _chain(ax: Tensor, aw: Tensor, cfg: AccumulatorConfig, jit: bool) -> _ChainResult:
+    """The chain of float64 addend factors, with the events the backward pass needs where
+    the kernels do not recompute them."""
+    if cfg.is_wrap:
+        return _wrap_chain(ax, aw, cfg.bits)
+    record = cfg.gradient if cfg.gradient != "ste" and torch.is_grad_enabled() else None
+    with torch.no_grad():
+        return _run_chain(ax, aw, cfg, record=None if jit else record)
+
+
+def _integers(value: Tensor, scale: Tensor) -> Tensor:
+    """``round(value / scale)`` in ``value``'s type where that is exact (float32: integers
+    below 2^22, so that the quotient's rounding error cannot reach 1/2), else in float64."""
+    q = torch.round(value.detach() / scale.detach().to(value.dtype))
+    if q.dtype == torch.float64 or saturating.max_abs(q) < 2**22:
+        return q
+    return torch.round(value.detach().double() / scale)
+
+
+class _IdentitySTE(torch.autograd.Function):
+    """Forward: the simulated result (given). Backward: the exact layer's, ``dL/dx = g w``,
+    ``dL/dw = g^T x`` (identity straight-through estimator), without the exact forward
+    product."""
+
+    @staticmethod
+    def forward(ctx, x_val, w_val, y_sim):
+        ctx.save_for_backward(x_val, w_val)
+        return y_sim.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        x_val, w_val = ctx.saved_tensors
+        gx = g @ w_val if ctx.needs_input_grad[0] else None
+        gw = g.t() @ x_val if ctx.needs_input_grad[1] else None
+        return gx, gw, None
 
 
 def _use_kernels(x: Tensor) -> bool:
@@ -146,7 +182,7 @@ class _KernelFineGrained(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        from brevitas_a2q.sim import kernels
+        from brevitas_a2q.sim import kernels, saturating
         from brevitas_a2q.sim.fast import _int_safe_rows, kernel_threads
 
         x_val, w_val, ax, aw = ctx.saved_tensors
@@ -157,25 +193,25 @@ class _KernelFineGrained(torch.autograd.Function):
             gx, gw = _cuda_grads(ax, aw, x_val.detach().double(), w_val.detach().double(),
                                  g.double(), cfg, chunk)
             return gx.to(x_val.dtype), gw.to(w_val.dtype), None, None, None, None
-        safe = _int_safe_rows(ax, aw, cfg)
-        rows = (~safe).nonzero().squeeze(1)
-        g64 = g.double()
-        if cfg.kind == "int":  # exact; the kernel takes the cut products out
-            gx, gw = g64 @ w_val.detach().double(), g64.t() @ x_val.detach().double()
-        else:
-            gx = torch.zeros(x_val.shape, dtype=torch.float64)
-            gw = torch.zeros(w_val.shape, dtype=torch.float64)
-        if len(rows):
-            n_blocks = min(kernel_threads(), len(rows))
-            xn = ax.contiguous().numpy()
-            gx_rows, gw_t = kernels.backward(
-                xn, aw.t().contiguous().numpy(), x_val.detach().double().contiguous().numpy(),
-                w_val.detach().double().t().contiguous().numpy(),
-                g[rows].double().contiguous().numpy(), rows.numpy(), chunk, cfg,
-                cfg.gradient == "recursive", n_blocks)
-            if cfg.kind == "int":  # the kernel gave minus the cut products' gradient
-                gx[rows] += torch.from_numpy(gx_rows)
-                gw += torch.from_numpy(gw_t).t()
-            else:  # every row went through the kernel, which gave the kept products' gradient
-                gx, gw = torch.from_numpy(gx_rows), torch.from_numpy(gw_t).t()
+        xv, wv = x_val.detach(), w_val.detach()
+        if cfg.kind == "int":  # the exact gradient, less the cut products' (by blocks)
+            gx, gw = g @ wv, g.t() @ xv
+            if saturating.subtract_cut(ax, aw, cfg, chunk, g, xv, wv, gx, gw):
+                return gx, gw, None, None, None, None
+        ax, aw = ax.double(), aw.double()
+        rows = (~_int_safe_rows(ax, aw, cfg)).nonzero().squeeze(1)
+        g_exact, corrections = g, None
+        if len(rows):  # the kernel's corrections, and the outputs that take the exact part
+            gx_rows, gw_corr, use_exact = kernels.backward(
+                ax.contiguous().numpy(), aw.t().contiguous().numpy(), xv.contiguous().numpy(),
+                wv.contiguous().numpy(), g[rows].contiguous().numpy(), rows.numpy(), chunk, cfg,
+                cfg.gradient == "recursive", min(kernel_threads(), len(rows)))
+            if not use_exact.all():
+                g_exact = g.clone()
+                g_exact[rows] *= torch.from_numpy(use_exact)
+            corrections = torch.from_numpy(gx_rows), torch.from_numpy(gw_corr)
+        gx, gw = g_exact @ wv, g_exact.t() @ xv
+        if corrections is not None:
+            gx[rows] += corrections[0].to(gx.dtype)
+            gw += corrections[1].to(gw.dtype)
         return gx.to(x_val.dtype), gw.to(w_val.dtype), None, None, None, None

@@ -84,19 +84,33 @@ def forward(x: np.ndarray, w_t: np.ndarray, rows: np.ndarray, chunk: int, cfg: A
     return _kernels()["forward"][mode](x, w_t, rows, chunk, *params)
 
 
-def backward(x: np.ndarray, w_t: np.ndarray, xg: np.ndarray, wg_t: np.ndarray, g: np.ndarray,
+def backward(x: np.ndarray, w_t: np.ndarray, xg: np.ndarray, wg: np.ndarray, g: np.ndarray,
              rows: np.ndarray, chunk: int, cfg: AccumulatorConfig, recursive: bool,
-             n_blocks: int) -> tuple[np.ndarray, np.ndarray]:
-    """Fine-grained gradients for ``rows``: ``gx`` (len(rows), K) and ``gw_t`` (K, O) of
-    ``sum_{r,o,k} g[r,o] keep[r,o,k] xg[r,k] wg[o,k]`` (floating point), or of minus the cut
-    part, ``-sum g (1 - keep) xg wg``, to add to the exact gradient (integers), where ``keep``
-    is the ``immediate`` or ``recursive`` mask of the chain of addends ``x``, ``w_t`` (module
-    docstring of :mod:`brevitas_a2q.sim`). ``g`` is
-    (len(rows), O); ``n_blocks`` row blocks run in parallel, each with its own ``gw_t``
-    accumulator."""
+             n_blocks: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Fine-grained gradients for ``rows`` (module docstring of :mod:`brevitas_a2q.sim`) of
+    the chain of addends ``x`` (R, K), ``w_t`` (K, O) with real-valued factors ``xg`` (R, K),
+    ``wg`` (O, K) and ``g`` (len(rows), O) = dL/dY: ``(gx (len(rows), K), gw (O, K),
+    use_exact (len(rows), O))``, the mode's gradient being the exact gradient of the outputs
+    where ``use_exact`` plus ``gx``, ``gw`` (:func:`brevitas_a2q.sim._jit._backward_body`).
+    ``n_blocks`` row blocks run in parallel, each with its own ``gw`` accumulator."""
     mode, *params = format_params(cfg)
-    return _kernels()["backward"][mode][int(recursive)](x, w_t, xg, wg_t, g, rows, chunk,
+    return _kernels()["backward"][mode][int(recursive)](x, w_t, xg, wg, g, rows, chunk,
                                                         n_blocks, *params)
+
+
+def saturating_advance(*args) -> None:
+    """:func:`brevitas_a2q.sim._jit_blocks.advance` (saturating chain, one block)."""
+    _kernels()["saturating"].advance(*args)
+
+
+def saturating_chunk_cuts(*args) -> None:
+    """:func:`brevitas_a2q.sim._jit_blocks.chunk_cuts` (a chunk's fine-grained cuts)."""
+    _kernels()["saturating"].chunk_cuts(*args)
+
+
+def saturating_prefix_cuts(*args) -> None:
+    """:func:`brevitas_a2q.sim._jit_blocks.prefix_cuts` (``recursive`` without chunks)."""
+    _kernels()["saturating"].prefix_cuts(*args)
 
 
 def _compile() -> dict:
@@ -108,9 +122,9 @@ def _compile() -> dict:
         # numba's own thread pool: its OpenMP layer's idle threads spin and slowed torch's
         # (also OpenMP) matrix products by 20x here after a kernel had run
         numba.config.THREADING_LAYER = "workqueue"
-    from brevitas_a2q.sim import _jit
+    from brevitas_a2q.sim import _jit, _jit_blocks
 
-    return {"forward": _jit.FORWARD, "backward": _jit.BACKWARD}
+    return {"forward": _jit.FORWARD, "backward": _jit.BACKWARD, "saturating": _jit_blocks}
 
 
 # ------------------------------------------------------------------------------------------------

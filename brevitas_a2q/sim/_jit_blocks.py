@@ -1,0 +1,189 @@
+"""numba kernels of :mod:`brevitas_a2q.sim.saturating` (imported only through
+:mod:`brevitas_a2q.sim.kernels`, which falls back when numba is missing): the saturating integer
+chain one block of steps at a time, for every row and output.
+
+For a block of steps ``[k0, k1)``, ``sums[r, 0, o]`` is its exact sum ``S`` and
+``sums[r, 1, o]`` its sum of absolute products ``A`` (from a matrix product). Every partial sum
+of the block, started from ``a``, lies in ``[a - (A - S) / 2, a + (A + S) / 2]`` (the sums of
+the negative and of the positive products). Where that interval is inside the range the block
+has no event and ends at ``a + S``; only the other (row, output) pairs run it step by step. Every
+value is an integer below 2^53, so each float64 operation is exact and the result equals the
+step-by-step chain bit for bit, event counts included.
+
+The fine-grained gradients (Blumenfeld et al., ICLR 2024, Sec. 4) are taken as the exact
+gradient minus the cut products' share: ``cut`` subtracts ``g[r, o] * w[o, k]`` from
+``gx[r, k]`` and ``g[r, o] * x[r, k]`` from ``gw[o, k]``, each task of rows into its own ``gw``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+SUB = 16  # steps per sub-block of a block that failed the range test
+opts = {"cache": True, "nogil": True, "error_model": "numpy", "boundscheck": False}
+
+
+@njit(inline="always", **opts)
+def block_pass(a, s_b, a_b, lo, hi, ok):
+    """Vectorized over outputs: add the block sum where the block provably has no event;
+    ``ok`` marks those. Returns how many outputs must run the block step by step."""
+    n_fail = 0
+    for o in range(a.shape[0]):
+        s = np.float64(s_b[o])
+        t = np.float64(a_b[o])
+        good = (a[o] + 0.5 * (t + s) <= hi) & (a[o] - 0.5 * (t - s) >= lo)
+        ok[o] = good
+        a[o] = a[o] + s if good else a[o]
+        n_fail += not good
+    return n_fail
+
+
+@njit(inline="always", **opts)
+def cut(gx_r, gw_o, g, xg_r, wg_o, k0, k1):
+    """Take products ``k0 <= k < k1`` of one output (gradient ``g``) out of the gradients."""
+    for k in range(k0, k1):
+        gx_r[k] -= g * wg_o[k]
+        gw_o[k] -= g * xg_r[k]
+
+
+@njit(inline="always", **opts)
+def steps(v, xr, wo, k0, k1, lo, hi, cut_events, gx_r, gw_o, g, xg_r, wg_o):
+    """The chain ``v = clamp(v + x_k w_k)`` over ``k0 <= k < k1``: ``(v, events, last event's
+    k or -1)``; with ``cut_events``, each product whose addition saturated is cut."""
+    n = 0
+    last = -1
+    # in int64: the values are integers below 2^53 (exact either way), and integer
+    # arithmetic needs no conversions
+    acc = np.int64(v)
+    lo_i, hi_i = np.int64(lo), np.int64(hi)
+    for k in range(k0, k1):
+        s = acc + np.int64(xr[k]) * np.int64(wo[k])
+        acc = min(max(s, lo_i), hi_i)
+        if acc != s:
+            n += 1
+            last = k
+            if cut_events:
+                cut(gx_r, gw_o, g, xg_r, wg_o, k, k + 1)
+    return np.float64(acc), n, last
+
+
+@njit(inline="always", **opts)
+def combine_row(total, a, c, lo, hi, over_any, comb, last_comb):
+    """Add chunk ``c``'s results ``a`` to ``total`` (one row; c = 0: copy); ``comb``: that
+    addition saturated, and then ``last_comb`` is set to ``c``. Returns the events."""
+    if c == 0:
+        total[:] = a
+        comb[:] = False
+        return 0
+    n = 0
+    for o in range(total.shape[0]):
+        s = total[o] + a[o]
+        over = (s > hi) | (s < lo)
+        total[o] = min(max(s, lo), hi)
+        comb[o] = over
+        over_any[o] |= over
+        n += over
+    if n:
+        for o in range(total.shape[0]):
+            if comb[o]:
+                last_comb[o] = c
+    return n
+
+
+@njit(inline="always", **opts)
+def fail_steps(x, w, r, k0, k1, lo, hi, ar, ok, over_any, last_k, counts, cut_events, g, xg, wg,
+               gx, gw):
+    """The block for the outputs of row ``r`` that failed the range test: the same test on
+    sub-blocks of :data:`SUB` steps (their sums by vectorized dot products), step by step only
+    in the sub-blocks that fail it. In int64: the values are integers below 2^53. (Indexed,
+    not sliced: array views cost reference counting here.)"""
+    lo_i, hi_i = np.int64(lo), np.int64(hi)
+    for o in range(ar.shape[0]):
+        if ok[o]:
+            continue
+        v = np.int64(ar[o])
+        for j0 in range(k0, k1, SUB):
+            j1 = min(j0 + SUB, k1)
+            s = np.int64(0)
+            t = np.int64(0)
+            for k in range(j0, j1):
+                p = np.int64(x[r, k]) * np.int64(w[o, k])
+                s += p
+                t += abs(p)
+            if (2 * v + t + s <= 2 * hi_i) & (2 * v - t + s >= 2 * lo_i):
+                v += s
+                continue
+            for k in range(j0, j1):
+                s = v + np.int64(x[r, k]) * np.int64(w[o, k])
+                v = min(max(s, lo_i), hi_i)
+                if v != s:
+                    counts[r] += 1
+                    over_any[r, o] = True
+                    last_k[r, o] = k
+                    if cut_events:
+                        cut(gx[r], gw[o], g[r, o], xg[r], wg[o], k, k + 1)
+        ar[o] = np.float64(v)
+
+
+@njit(parallel=True, **opts)
+def advance(x, w, sums, k0, k1, first, c, lo, hi, a, total, over_any, comb, last_comb, last_k,
+            counts, cut_events, g, xg, wg, gx, gw_parts):
+    """Run block ``[k0, k1)`` for every row and output: ``a`` (R, O) the chains' values (set
+    to 0 first where ``first``, a chunk's start), ``over_any`` (R, O) set where an addition
+    saturated, ``last_k`` (R, O) the step of the last saturation so far, ``counts`` (R,) the
+    rows' events. ``c >= 0``: the block ends chunk ``c``, added to ``total`` (R, O) as
+    :func:`combine_row`. ``cut_events``: cut each saturated product (``immediate`` without
+    chunks)."""
+    rows, outs = a.shape
+    n_tasks = gw_parts.shape[0]
+    per_task = (rows + n_tasks - 1) // n_tasks
+    for task in prange(n_tasks):
+        gw = gw_parts[task]
+        ok = np.empty(outs, dtype=np.bool_)
+        for r in range(task * per_task, min(rows, (task + 1) * per_task)):
+            ar = a[r]
+            if first:
+                ar[:] = 0.0
+            if block_pass(ar, sums[r, 0], sums[r, 1], lo, hi, ok) > 0:
+                fail_steps(x, w, r, k0, k1, lo, hi, ar, ok, over_any, last_k, counts,
+                           cut_events, g, xg, wg, gx, gw)
+            if c >= 0:
+                counts[r] += combine_row(total[r], ar, c, lo, hi, over_any[r], comb[r],
+                                         last_comb[r])
+
+
+@njit(parallel=True, **opts)
+def chunk_cuts(x, w, k0, k1, lo, hi, whole, last_k, recursive, g, xg, wg, gx, gw_parts):
+    """The cuts of chunk ``[k0, k1)`` (one block) once its combination is known: every product
+    where ``whole`` (R, O); else, where the chunk saturated (``last_k >= k0``), ``recursive``
+    every product up to the last saturation, ``immediate`` each saturated one (replayed)."""
+    rows, outs = whole.shape
+    n_tasks = gw_parts.shape[0]
+    per_task = (rows + n_tasks - 1) // n_tasks
+    for task in prange(n_tasks):
+        gw = gw_parts[task]
+        for r in range(task * per_task, min(rows, (task + 1) * per_task)):
+            for o in range(outs):
+                if whole[r, o]:
+                    cut(gx[r], gw[o], g[r, o], xg[r], wg[o], k0, k1)
+                elif last_k[r, o] >= k0:
+                    if recursive:
+                        cut(gx[r], gw[o], g[r, o], xg[r], wg[o], k0, last_k[r, o] + 1)
+                    else:
+                        steps(0.0, x[r], w[o], k0, k1, lo, hi, True, gx[r], gw[o], g[r, o],
+                              xg[r], wg[o])
+
+
+@njit(parallel=True, **opts)
+def prefix_cuts(last_k, g, xg, wg, gx, gw_parts):
+    """``recursive`` without chunks: cut every product up to each output's last saturation."""
+    rows, outs = last_k.shape
+    n_tasks = gw_parts.shape[0]
+    per_task = (rows + n_tasks - 1) // n_tasks
+    for task in prange(n_tasks):
+        gw = gw_parts[task]
+        for r in range(task * per_task, min(rows, (task + 1) * per_task)):
+            for o in range(outs):
+                if last_k[r, o] >= 0:
+                    cut(gx[r], gw[o], g[r, o], xg[r], wg[o], 0, last_k[r, o] + 1)
