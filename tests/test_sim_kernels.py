@@ -285,3 +285,31 @@ def test_recursive_float_gradients_with_late_and_early_events(spec):
     gx, gw = _oracle_grads(x, w, x, w, g, cfg)
     torch.testing.assert_close(xv.grad, gx, rtol=1e-12, atol=1e-11)
     torch.testing.assert_close(wv.grad, gw, rtol=1e-12, atol=1e-11)
+
+
+@pytest.mark.parametrize("spec", ["fp8-e4m3", "fp12-e4m7", "fp10-e3m6-c8", "fp9-e3m5-c5-rz",
+                                  "fp6-e2m3-c3"])
+@pytest.mark.parametrize("seed", range(4))
+def test_no_overflow_proof_holds_where_the_kernel_skips_the_check(spec, seed):
+    # may_overflow False lets the kernels skip every comparison with the largest value: the
+    # operands are scaled so that the proof's bound (2 L, 4 L with chunks, L toward zero) is
+    # just inside the range, with same-sign runs that round up at every step where they can
+    from brevitas_a2q.sim.fast import may_overflow
+
+    cfg = parse_accumulator(spec)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand(16, 90, generator=gen).float().double()
+    x[:, : 30 + 10 * seed] = x[:, :1]  # equal addends: each rounds up by up to half an ulp
+    w = torch.ones(5, 90, dtype=torch.float64)
+    w[1:] = (torch.rand(4, 90, generator=gen) * 2 - 1).float().double()
+    chunk = min(cfg.chunk_size or 90, 90)
+    factor = 1 if cfg.float_format.rounding != "nearest" else (4 if chunk < 90 else 2)
+    l1 = float(x.abs().sum(1).max())
+    x = (x * (cfg.float_format.max_value / (factor * l1) * 0.999)).float().double()
+    assert not may_overflow(x, w, cfg, chunk)
+    oracle = _run_chain(x, w, cfg, fast=False)
+    assert oracle.overflow_events == 0
+    _same(_run_chain(x, w, cfg), oracle)
+    x *= 4  # beyond the bound: the check is kept
+    assert may_overflow(x, w, cfg, chunk)
+    _same(_run_chain(x, w, cfg), _run_chain(x, w, cfg, fast=False))

@@ -32,8 +32,10 @@ opts = {"cache": True, "nogil": True, "error_model": "numpy", "boundscheck": Fal
 
 
 @njit(inline="always", **opts)
-def rnd(s, mode, lo, hi, man_bits, min_bits, magic, maxv):
-    """A(s): (rounded, overflowed)."""
+def rnd(s, mode, lo, hi, man_bits, min_bits, magic, maxv, check):
+    """A(s): (rounded, overflowed). Floating point with ``check`` False: overflow is
+    impossible (:func:`brevitas_a2q.sim.fast.may_overflow`), no comparison with the largest
+    value."""
     if mode == 0:
         if s > hi:
             return hi, True
@@ -52,20 +54,19 @@ def rnd(s, mode, lo, hi, man_bits, min_bits, magic, maxv):
             e = min_bits
         q = i2f(e)
         r = np.trunc(s / q) * q
-    if r > maxv:
-        return maxv, True
-    if r < -maxv:
-        return -maxv, True
-    return r, False
+    if not check:  # the caller proved that no addition reaches the largest value
+        return r, False
+    over = abs(r) > maxv
+    return (np.copysign(maxv, r) if over else r), over
 
 
 TILE = 8  # rows advanced together: each step's weight row w_t[k] is read once per tile
 
 
 @njit(inline="always", **opts)
-def add_events(a, s, mode, lo, hi, man_bits, min_bits, magic, maxv):
+def add_events(a, s, mode, lo, hi, man_bits, min_bits, magic, maxv, check):
     """One accumulator addition: ``(A(s), overflow, swamping, underflow)``."""
-    q, over = rnd(s, mode, lo, hi, man_bits, min_bits, magic, maxv)
+    q, over = rnd(s, mode, lo, hi, man_bits, min_bits, magic, maxv, check)
     swamp = mode != 0 and q == a and s != a and not over
     under = mode != 0 and q == 0.0 and s != 0.0
     return q, over, swamp, under
@@ -73,7 +74,7 @@ def add_events(a, s, mode, lo, hi, man_bits, min_bits, magic, maxv):
 
 @njit(inline="always", **opts)
 def chunk_steps(x, w_t, rows, t0, nt, c, chunk, acc, over_any, counts, ev, stamp, last_step,
-                record, mode, lo, hi, man_bits, min_bits, magic, maxv):
+                record, mode, lo, hi, man_bits, min_bits, magic, maxv, check):
     """The chain of chunk ``c`` for rows ``rows[t0:t0 + nt]`` into ``acc`` (TILE, O), from 0.
     ``record`` 1: ``ev[t, j, o] = stamp`` (TILE, chunk, O) at each step with an event (no
     reset needed: ``stamp`` is new for every tile and chunk) and the last one's step into
@@ -103,7 +104,7 @@ def chunk_steps(x, w_t, rows, t0, nt, c, chunk, acc, over_any, counts, ev, stamp
                 a = acc[t, o]
                 s = a + xk * w_t[k, o] if k < k_len else a + 0.0
                 q, over, swamp, under = add_events(a, s, mode, lo, hi, man_bits, min_bits,
-                                                   magic, maxv)
+                                                   magic, maxv, check)
                 n_over += over
                 n_swamp += swamp
                 n_under += under
@@ -120,7 +121,7 @@ def chunk_steps(x, w_t, rows, t0, nt, c, chunk, acc, over_any, counts, ev, stamp
 
 @njit(inline="always", **opts)
 def combine(acc, total, nt, c, over_any, counts, comb, last_comb, record, mode, lo, hi,
-            man_bits, min_bits, magic, maxv):
+            man_bits, min_bits, magic, maxv, check):
     """Add chunk ``c``'s results ``acc`` to ``total`` (c = 0: copy). ``record`` 1: the events
     into ``comb`` (TILE, O); 2: ``c`` into ``last_comb`` (TILE, O) where one occurred."""
     outs = acc.shape[1]
@@ -139,7 +140,7 @@ def combine(acc, total, nt, c, over_any, counts, comb, last_comb, record, mode, 
         for o in range(outs):
             a = total[t, o]
             q, over, swamp, under = add_events(a, a + acc[t, o], mode, lo, hi, man_bits,
-                                               min_bits, magic, maxv)
+                                               min_bits, magic, maxv, check)
             n_over += over
             n_swamp += swamp
             n_under += under
@@ -166,7 +167,7 @@ def count_outputs(over_any, nt, counts):
 
 
 @njit(inline="always", **opts)
-def _forward_body(x, w_t, rows, chunk, mode, lo, hi, man_bits, min_bits, magic, maxv):
+def _forward_body(x, w_t, rows, chunk, mode, lo, hi, man_bits, min_bits, magic, maxv, check):
     k_len, outs = w_t.shape
     n_chunks = (k_len + chunk - 1) // chunk
     n = rows.shape[0]
@@ -183,9 +184,9 @@ def _forward_body(x, w_t, rows, chunk, mode, lo, hi, man_bits, min_bits, magic, 
         tc = counts[t0:t0 + nt]
         for c in range(n_chunks):
             chunk_steps(x, w_t, rows, t0, nt, c, chunk, acc, over_any, tc, no_i, 0, no_i, 0,
-                        mode, lo, hi, man_bits, min_bits, magic, maxv)
+                        mode, lo, hi, man_bits, min_bits, magic, maxv, check)
             combine(acc, total, nt, c, over_any, tc, no_b[0], no_i[0], 0, mode, lo, hi,
-                    man_bits, min_bits, magic, maxv)
+                    man_bits, min_bits, magic, maxv, check)
         count_outputs(over_any, nt, tc)
     return y, counts
 
@@ -243,7 +244,7 @@ def immediate_cuts(t, i, r, c, chunk, k_len, g, xg, wg, gx, gw, ev, stamp, last_
 
 @njit(inline="always", **opts)
 def _backward_body(x, w_t, xg, wg, g, rows, chunk, recursive, n_blocks, mode, lo, hi,
-                   man_bits, min_bits, magic, maxv):
+                   man_bits, min_bits, magic, maxv, check):
     """The fine-grained gradients (module docstring of :mod:`brevitas_a2q.sim`) as corrections
     to the exact gradient: re-run each row's chain recording its events, then ``gx`` (n, K),
     ``gw`` (O, K) and ``use_exact`` (n, O) such that the mode's gradient is the exact gradient
@@ -275,9 +276,9 @@ def _backward_body(x, w_t, xg, wg, g, rows, chunk, recursive, n_blocks, mode, lo
                 stamp = tile * n_chunks + c + 1
                 chunk_steps(x, w_t, rows, t0, nt, c, chunk, acc, over_any, counts, ev, stamp,
                             last_step, 2 if recursive else 1, mode, lo, hi, man_bits, min_bits,
-                            magic, maxv)
+                            magic, maxv, check)
                 combine(acc, total, nt, c, over_any, counts, comb, last_comb,
-                        2 if recursive else 1, mode, lo, hi, man_bits, min_bits, magic, maxv)
+                        2 if recursive else 1, mode, lo, hi, man_bits, min_bits, magic, maxv, check)
                 if not recursive:
                     for t in range(nt):
                         immediate_cuts(t, t0 + t, rows[t0 + t], c, chunk, k_len, g, xg, wg,
@@ -293,18 +294,18 @@ def _backward_body(x, w_t, xg, wg, g, rows, chunk, recursive, n_blocks, mode, lo
 
 
 @njit(parallel=True, **opts)
-def forward_int(x, w_t, rows, chunk, lo, hi, man_bits, min_bits, magic, maxv):
-    return _forward_body(x, w_t, rows, chunk, 0, lo, hi, man_bits, min_bits, magic, maxv)
+def forward_int(x, w_t, rows, chunk, lo, hi, man_bits, min_bits, magic, maxv, check):
+    return _forward_body(x, w_t, rows, chunk, 0, lo, hi, man_bits, min_bits, magic, maxv, check)
 
 
 @njit(parallel=True, **opts)
-def forward_nearest(x, w_t, rows, chunk, lo, hi, man_bits, min_bits, magic, maxv):
-    return _forward_body(x, w_t, rows, chunk, 1, lo, hi, man_bits, min_bits, magic, maxv)
+def forward_nearest(x, w_t, rows, chunk, lo, hi, man_bits, min_bits, magic, maxv, check):
+    return _forward_body(x, w_t, rows, chunk, 1, lo, hi, man_bits, min_bits, magic, maxv, check)
 
 
 @njit(parallel=True, **opts)
-def forward_toward_zero(x, w_t, rows, chunk, lo, hi, man_bits, min_bits, magic, maxv):
-    return _forward_body(x, w_t, rows, chunk, 2, lo, hi, man_bits, min_bits, magic, maxv)
+def forward_toward_zero(x, w_t, rows, chunk, lo, hi, man_bits, min_bits, magic, maxv, check):
+    return _forward_body(x, w_t, rows, chunk, 2, lo, hi, man_bits, min_bits, magic, maxv, check)
 
 
 FORWARD = (forward_int, forward_nearest, forward_toward_zero)
@@ -312,44 +313,44 @@ FORWARD = (forward_int, forward_nearest, forward_toward_zero)
 
 @njit(parallel=True, **opts)
 def backward_int_immediate(x, w_t, xg, wg, g, rows, chunk, n_blocks, lo, hi, man_bits,
-                             min_bits, magic, maxv):
+                             min_bits, magic, maxv, check):
     return _backward_body(x, w_t, xg, wg, g, rows, chunk, False, n_blocks, 0, lo, hi,
-                          man_bits, min_bits, magic, maxv)
+                          man_bits, min_bits, magic, maxv, check)
 
 
 @njit(parallel=True, **opts)
 def backward_int_recursive(x, w_t, xg, wg, g, rows, chunk, n_blocks, lo, hi, man_bits,
-                             min_bits, magic, maxv):
+                             min_bits, magic, maxv, check):
     return _backward_body(x, w_t, xg, wg, g, rows, chunk, True, n_blocks, 0, lo, hi,
-                          man_bits, min_bits, magic, maxv)
+                          man_bits, min_bits, magic, maxv, check)
 
 
 @njit(parallel=True, **opts)
 def backward_nearest_immediate(x, w_t, xg, wg, g, rows, chunk, n_blocks, lo, hi, man_bits,
-                             min_bits, magic, maxv):
+                             min_bits, magic, maxv, check):
     return _backward_body(x, w_t, xg, wg, g, rows, chunk, False, n_blocks, 1, lo, hi,
-                          man_bits, min_bits, magic, maxv)
+                          man_bits, min_bits, magic, maxv, check)
 
 
 @njit(parallel=True, **opts)
 def backward_nearest_recursive(x, w_t, xg, wg, g, rows, chunk, n_blocks, lo, hi, man_bits,
-                             min_bits, magic, maxv):
+                             min_bits, magic, maxv, check):
     return _backward_body(x, w_t, xg, wg, g, rows, chunk, True, n_blocks, 1, lo, hi,
-                          man_bits, min_bits, magic, maxv)
+                          man_bits, min_bits, magic, maxv, check)
 
 
 @njit(parallel=True, **opts)
 def backward_toward_zero_immediate(x, w_t, xg, wg, g, rows, chunk, n_blocks, lo, hi, man_bits,
-                             min_bits, magic, maxv):
+                             min_bits, magic, maxv, check):
     return _backward_body(x, w_t, xg, wg, g, rows, chunk, False, n_blocks, 2, lo, hi,
-                          man_bits, min_bits, magic, maxv)
+                          man_bits, min_bits, magic, maxv, check)
 
 
 @njit(parallel=True, **opts)
 def backward_toward_zero_recursive(x, w_t, xg, wg, g, rows, chunk, n_blocks, lo, hi, man_bits,
-                             min_bits, magic, maxv):
+                             min_bits, magic, maxv, check):
     return _backward_body(x, w_t, xg, wg, g, rows, chunk, True, n_blocks, 2, lo, hi,
-                          man_bits, min_bits, magic, maxv)
+                          man_bits, min_bits, magic, maxv, check)
 
 
 BACKWARD = ((backward_int_immediate, backward_int_recursive),

@@ -61,6 +61,23 @@ def _int_safe_rows(x: Tensor, w: Tensor, cfg: AccumulatorConfig) -> Tensor:
     return _l1_bound(x, w) <= _int_range(cfg.bits)[1]
 
 
+def may_overflow(x: Tensor, w: Tensor, cfg: AccumulatorConfig, chunk: int) -> bool:
+    """Whether an addition of the floating-point chain might overflow (True for integers).
+    Round to nearest: ``|A(a + p) - (a + p)| <= |p|`` (``a`` itself is a representable
+    candidate), so ``|A(a + p)| <= |a| + 2 |p|``: every partial sum of a chain stays within
+    ``2 L`` and, with chunks, every combination within ``4 L``, ``L = max_r sum_k |x_rk|
+    max |w|``; toward zero, within ``L``. No overflow is possible below the largest value."""
+    if cfg.kind != "float":
+        return True
+    if not x.numel() or not w.numel():
+        return False
+    k = x.shape[1]
+    factor = 1 if cfg.float_format.rounding != "nearest" else (4 if chunk < k else 2)
+    margin = 1 + (k + 8) * 2.0**-22  # float32 summation of |x|
+    l1 = float(torch.linalg.vector_norm(x, 1, dim=1).amax()) * float(w.abs().amax())
+    return not factor * l1 * margin <= cfg.float_format.max_value  # (NaN: might)
+
+
 def kernel_threads() -> int:
     """Run the numba kernels on as many threads as torch uses (the benchmarks compare both
     at the same count)."""
@@ -90,7 +107,8 @@ def _run_kernel(x: Tensor, w: Tensor, cfg: AccumulatorConfig, chunk: int) -> _Ch
         kernel_threads()
         xn = x.detach().contiguous().numpy()
         wn = w.detach().t().contiguous().numpy()
-        part, counts = kernels.forward(xn, wn, rows.numpy(), chunk, cfg)
+        part, counts = kernels.forward(xn, wn, rows.numpy(), chunk, cfg,
+                                       may_overflow(x, w, cfg, chunk))
         y[rows] = torch.from_numpy(part)
         total = counts.sum(0)
         res.overflow_events, res.overflow_outputs = int(total[0]), int(total[1])

@@ -77,14 +77,16 @@ def simulate_matmul(x_val: Tensor, w_val: Tensor, x_scale: Tensor | float,
     if cfg.kind == "int":
         ax, aw = _integers(x_val, x_scale), _integers(w_val, w_scale[:, None])
     else:
-        ax, aw = x_val.detach().double(), w_val.detach().double()
+        ax, aw = x_val.detach(), w_val.detach().double()
     jit = not cfg.is_wrap and cfg.gradient != "ste" and _use_kernels(x_val)
     k = ax.shape[1]
-    # integer saturation by blocks takes the integers in their own type; the others float64
+    # integer saturation by blocks takes the integers in their own type; the CPU kernels take
+    # float32 addends (each product is exact in their float64); the rest float64
     chain = saturating.chain(ax, aw, cfg, min(cfg.chunk_size or k, k), integers=True) \
         if k else None
     if chain is None:
-        ax, aw = ax.double(), aw.double()
+        if not (cfg.kind == "float" and _cpu_kernels(x_val)):
+            ax, aw = ax.double(), aw.double()
         chain = _chain(ax, aw, cfg, jit)
     y = chain.y
     if cfg.kind == "int":
@@ -114,10 +116,14 @@ def _chain(ax: Tensor, aw: Tensor, cfg: AccumulatorConfig, jit: bool) -> _ChainR
 
 
 def _integers(value: Tensor, scale: Tensor) -> Tensor:
-    """``round(value / scale)`` in ``value``'s type where that is exact (float32: integers
-    below 2^22, so that the quotient's rounding error cannot reach 1/2), else in float64."""
-    q = torch.round(value.detach() / scale.detach().to(value.dtype))
-    if q.dtype == torch.float64 or saturating.max_abs(q) < 2**22:
+    """``round(value / scale)``: int8 where every value fits, else in ``value``'s type where
+    that is exact (float32: integers below 2^22, so that the quotient's rounding error cannot
+    reach 1/2), else in float64."""
+    q = (value.detach() / scale.detach().to(value.dtype)).round_()
+    largest = saturating.max_abs(q) if q.numel() else 0.0
+    if largest <= 127:  # the block method's own type, and a quarter of the memory
+        return q.to(torch.int8)
+    if q.dtype == torch.float64 or largest < 2**22:
         return q
     return torch.round(value.detach().double() / scale)
 
@@ -140,11 +146,15 @@ class _IdentitySTE(torch.autograd.Function):
         return gx, gw, None
 
 
-def _use_kernels(x: Tensor) -> bool:
-    """Compiled kernels: numba on CPU, numba.cuda on a GPU (which falls back inside)."""
+def _cpu_kernels(x: Tensor) -> bool:
     from brevitas_a2q.sim import kernels
 
-    return x.device.type == "cuda" or (x.device.type == "cpu" and kernels.available())
+    return x.device.type == "cpu" and kernels.available()
+
+
+def _use_kernels(x: Tensor) -> bool:
+    """Compiled kernels: numba on CPU, numba.cuda on a GPU (which falls back inside)."""
+    return x.device.type == "cuda" or _cpu_kernels(x)
 
 
 def _torch_chain_grads(ax, aw, xv, wv, g64, cfg, chunk) -> tuple[Tensor, Tensor]:
@@ -183,7 +193,7 @@ class _KernelFineGrained(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         from brevitas_a2q.sim import kernels, saturating
-        from brevitas_a2q.sim.fast import _int_safe_rows, kernel_threads
+        from brevitas_a2q.sim.fast import _int_safe_rows, kernel_threads, may_overflow
 
         x_val, w_val, ax, aw = ctx.saved_tensors
         cfg = ctx.cfg
@@ -198,14 +208,16 @@ class _KernelFineGrained(torch.autograd.Function):
             gx, gw = g @ wv, g.t() @ xv
             if saturating.subtract_cut(ax, aw, cfg, chunk, g, xv, wv, gx, gw):
                 return gx, gw, None, None, None, None
-        ax, aw = ax.double(), aw.double()
+        if cfg.kind == "int":  # float32 real-valued addends go to the kernel as they are
+            ax, aw = ax.double(), aw.double()
         rows = (~_int_safe_rows(ax, aw, cfg)).nonzero().squeeze(1)
         g_exact, corrections = g, None
         if len(rows):  # the kernel's corrections, and the outputs that take the exact part
             gx_rows, gw_corr, use_exact = kernels.backward(
                 ax.contiguous().numpy(), aw.t().contiguous().numpy(), xv.contiguous().numpy(),
                 wv.contiguous().numpy(), g[rows].contiguous().numpy(), rows.numpy(), chunk, cfg,
-                cfg.gradient == "recursive", min(kernel_threads(), len(rows)))
+                cfg.gradient == "recursive", min(kernel_threads(), len(rows)),
+                may_overflow(ax, aw, cfg, chunk))
             if not use_exact.all():
                 g_exact = g.clone()
                 g_exact[rows] *= torch.from_numpy(use_exact)

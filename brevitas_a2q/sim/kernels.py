@@ -75,18 +75,21 @@ def format_params(cfg: AccumulatorConfig) -> tuple:
             fmt.max_value)
 
 
-def forward(x: np.ndarray, w_t: np.ndarray, rows: np.ndarray, chunk: int, cfg: AccumulatorConfig
-            ) -> tuple[np.ndarray, np.ndarray]:
-    """The chain for ``rows`` of ``x`` (R, K) against ``w_t`` (K, O), both float64 C-contiguous.
-    Returns ``y`` (len(rows), O) and per-row counts (len(rows), 4): overflow events, outputs
-    with an overflow, swamping events, underflow events."""
+def forward(x: np.ndarray, w_t: np.ndarray, rows: np.ndarray, chunk: int, cfg: AccumulatorConfig,
+            check: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """The chain for ``rows`` of ``x`` (R, K) against ``w_t`` (K, O), C-contiguous, ``w_t``
+    float64 and ``x`` float64 or float32 (each product exact in float64). Returns ``y``
+    (len(rows), O) and per-row counts (len(rows), 4): overflow events, outputs with an
+    overflow, swamping events, underflow events. ``check`` False: no addition can overflow
+    (:func:`brevitas_a2q.sim.fast.may_overflow`), so none is compared with the largest value.
+    """
     mode, *params = format_params(cfg)
-    return _kernels()["forward"][mode](x, w_t, rows, chunk, *params)
+    return _kernels()["forward"][mode](x, w_t, rows, chunk, *params, check)
 
 
 def backward(x: np.ndarray, w_t: np.ndarray, xg: np.ndarray, wg: np.ndarray, g: np.ndarray,
              rows: np.ndarray, chunk: int, cfg: AccumulatorConfig, recursive: bool,
-             n_blocks: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+             n_blocks: int, check: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Fine-grained gradients for ``rows`` (module docstring of :mod:`brevitas_a2q.sim`) of
     the chain of addends ``x`` (R, K), ``w_t`` (K, O) with real-valued factors ``xg`` (R, K),
     ``wg`` (O, K) and ``g`` (len(rows), O) = dL/dY: ``(gx (len(rows), K), gw (O, K),
@@ -95,7 +98,7 @@ def backward(x: np.ndarray, w_t: np.ndarray, xg: np.ndarray, wg: np.ndarray, g: 
     ``n_blocks`` row blocks run in parallel, each with its own ``gw`` accumulator."""
     mode, *params = format_params(cfg)
     return _kernels()["backward"][mode][int(recursive)](x, w_t, xg, wg, g, rows, chunk,
-                                                        n_blocks, *params)
+                                                        n_blocks, *params, check)
 
 
 def saturating_advance(*args) -> None:
