@@ -73,22 +73,29 @@ def add_events(a, s, mode, lo, hi, man_bits, min_bits, magic, maxv, check):
 
 
 @njit(inline="always", **opts)
-def chunk_steps(x, w_t, rows, t0, nt, c, chunk, acc, over_any, counts, ev, stamp, last_step,
-                record, mode, lo, hi, man_bits, min_bits, magic, maxv, check):
+def add_range(gx_i, gw_o, gro, xg_r, wg_o, k0, k1):
+    """Add products ``k0 <= k < k1`` of one output (gradient ``gro``) to the gradients."""
+    for k in range(k0, k1):
+        gx_i[k] += gro * wg_o[k]
+        gw_o[k] += gro * xg_r[k]
+
+
+@njit(inline="always", **opts)
+def chunk_steps(x, w_t, rows, t0, nt, c, chunk, acc, over_any, counts, ev, step_ev, stamp,
+                last_step, record, mode, lo, hi, man_bits, min_bits, magic, maxv, check):
     """The chain of chunk ``c`` for rows ``rows[t0:t0 + nt]`` into ``acc`` (TILE, O), from 0.
-    ``record`` 1: ``ev[t, j, o] = stamp`` (TILE, chunk, O) at each step with an event (no
-    reset needed: ``stamp`` is new for every tile and chunk) and the last one's step into
-    ``last_step[t, 0, o]``; 2: the last event's step into ``last_step[t, c, o]`` (TILE, nC, O).
-    """
+    ``record`` 1: ``ev[t, j, o] = stamp`` (TILE, chunk, O) at each step with an event and
+    ``step_ev[t, j] = stamp`` (TILE, chunk) at each step with any (no reset needed: ``stamp``
+    is new for every tile and chunk); 2: the last event's step into ``last_step[t, c, o]``
+    (TILE, nC, O)."""
     k_len, outs = w_t.shape
     skip_zero = mode != 2
-    slot = c if record == 2 else 0
     for t in range(nt):
         for o in range(outs):
             acc[t, o] = 0.0
-        if record != 0:
+        if record == 2:
             for o in range(outs):
-                last_step[t, slot, o] = -1
+                last_step[t, c, o] = -1
     for j in range(chunk):
         k = c * chunk + j
         if k >= k_len and skip_zero:
@@ -110,10 +117,13 @@ def chunk_steps(x, w_t, rows, t0, nt, c, chunk, acc, over_any, counts, ev, stamp
                 n_under += under
                 over_any[t, o] |= over
                 if record != 0 and (over or swamp or under):
-                    last_step[t, slot, o] = j
                     if record == 1:
                         ev[t, j, o] = stamp
+                    else:
+                        last_step[t, c, o] = j
                 acc[t, o] = q
+            if record == 1 and n_over + n_swamp + n_under > 0:
+                step_ev[t, j] = stamp
             counts[t, 0] += n_over
             counts[t, 2] += n_swamp
             counts[t, 3] += n_under
@@ -183,8 +193,8 @@ def _forward_body(x, w_t, rows, chunk, mode, lo, hi, man_bits, min_bits, magic, 
         over_any = np.zeros((TILE, outs), dtype=np.bool_)
         tc = counts[t0:t0 + nt]
         for c in range(n_chunks):
-            chunk_steps(x, w_t, rows, t0, nt, c, chunk, acc, over_any, tc, no_i, 0, no_i, 0,
-                        mode, lo, hi, man_bits, min_bits, magic, maxv, check)
+            chunk_steps(x, w_t, rows, t0, nt, c, chunk, acc, over_any, tc, no_i, no_i[0], 0,
+                        no_i, 0, mode, lo, hi, man_bits, min_bits, magic, maxv, check)
             combine(acc, total, nt, c, over_any, tc, no_b[0], no_i[0], 0, mode, lo, hi,
                     man_bits, min_bits, magic, maxv, check)
         count_outputs(over_any, nt, tc)
@@ -192,54 +202,63 @@ def _forward_body(x, w_t, rows, chunk, mode, lo, hi, man_bits, min_bits, magic, 
 
 
 @njit(inline="always", **opts)
-def add_range(gx_i, gw_o, gro, xg_r, wg_o, k0, k1):
-    """Add products ``k0 <= k < k1`` of one output (gradient ``gro``) to the gradients."""
-    for k in range(k0, k1):
-        gx_i[k] += gro * wg_o[k]
-        gw_o[k] += gro * xg_r[k]
-
-
-@njit(inline="always", **opts)
 def recursive_cuts(t, i, r, n_chunks, chunk, k_len, g, xg, wg, gx, gw, last_step, last_comb,
                    use_exact):
     """``recursive``: product ``j`` of chunk ``c`` is cut where ``j <= last_step[c]`` or
     ``c <= last_comb``. Per output, the shorter of the two: minus the cut products (with the
-    exact gradient, ``use_exact``), or the kept ones alone (without it)."""
+    exact gradient, ``use_exact``), or the kept ones alone (without it); adjacent ranges are
+    taken as one."""
     for o in range(g.shape[1]):
         gro = g[i, o]
         lc = last_comb[t, o]
-        n_cut = 0
-        for c in range(n_chunks):
-            n_cut += min(chunk, k_len - c * chunk) if c <= lc else last_step[t, c, o] + 1
-        use_exact[i, o] = 2 * n_cut <= k_len
+        cut_to = min((lc + 1) * chunk, k_len)  # every chunk up to the last combination event
+        n_cut = cut_to
+        for c in range(lc + 1, n_chunks):
+            n_cut += min(last_step[t, c, o] + 1, k_len - c * chunk)
+        exact = 2 * n_cut <= k_len
+        use_exact[i, o] = exact
         if gro == 0.0:
             continue
-        for c in range(n_chunks):
+        sign = -gro if exact else gro
+        start = 0 if exact else cut_to  # the open range of products to take
+        stop = cut_to if exact else cut_to
+        for c in range(lc + 1, n_chunks):
             k0 = c * chunk
-            k1 = min(k0 + chunk, k_len)
-            split = k1 if c <= lc else min(k0 + last_step[t, c, o] + 1, k1)
-            if use_exact[i, o]:
-                add_range(gx[i], gw[o], -gro, xg[r], wg[o], k0, split)
-            else:
-                add_range(gx[i], gw[o], gro, xg[r], wg[o], split, k1)
+            split = min(k0 + last_step[t, c, o] + 1, k_len)  # cut [k0, split), keep the rest
+            lo_k, hi_k = (k0, split) if exact else (split, min(k0 + chunk, k_len))
+            if lo_k == hi_k:
+                continue
+            if lo_k != stop:
+                add_range(gx[i], gw[o], sign, xg[r], wg[o], start, stop)
+                start = lo_k
+            stop = hi_k
+        add_range(gx[i], gw[o], sign, xg[r], wg[o], start, stop)
 
 
 @njit(inline="always", **opts)
-def immediate_cuts(t, i, r, c, chunk, k_len, g, xg, wg, gx, gw, ev, stamp, last_step, comb):
-    """``immediate``: minus each product of chunk ``c`` whose addition had an event, or all of
-    the chunk's products where its combination had one."""
+def immediate_cuts(t, i, r, c, chunk, k_len, g, xg, wg, wg_t, gx, gw, gw_t, ev, step_ev, stamp,
+                   comb):
+    """``immediate``, chunk ``c`` of one row: minus the products whose addition had an event
+    (vectorized over outputs, at the steps that had any), and all of the chunk's products of
+    an output whose combination had one."""
     k0 = c * chunk
     k1 = min(k0 + chunk, k_len)
+    for j in range(k1 - k0):
+        if step_ev[t, j] != stamp:
+            continue
+        k = k0 + j
+        xk = xg[r, k]
+        g_cut = 0.0
+        for o in range(g.shape[1]):
+            cut = g[i, o] if ev[t, j, o] == stamp and not comb[t, o] else 0.0
+            g_cut += cut * wg_t[k, o]
+            gw_t[k, o] -= cut * xk
+        gx[i, k] -= g_cut
+    if c == 0:
+        return  # the first chunk's result is copied: no combination event
     for o in range(g.shape[1]):
-        gro = g[i, o]
-        if gro == 0.0:
-            continue
         if comb[t, o]:
-            add_range(gx[i], gw[o], -gro, xg[r], wg[o], k0, k1)
-            continue
-        for j in range(min(last_step[t, 0, o] + 1, k1 - k0)):
-            if ev[t, j, o] == stamp:
-                add_range(gx[i], gw[o], -gro, xg[r], wg[o], k0 + j, k0 + j + 1)
+            add_range(gx[i], gw[o], -g[i, o], xg[r], wg[o], k0, k1)
 
 
 @njit(inline="always", **opts)
@@ -256,7 +275,9 @@ def _backward_body(x, w_t, xg, wg, g, rows, chunk, recursive, n_blocks, mode, lo
     n = rows.shape[0]
     gx = np.zeros((n, k_len), dtype=xg.dtype)
     use_exact = np.ones((n, outs), dtype=np.bool_)
-    gw_parts = np.zeros((n_blocks, outs, k_len))
+    gw_parts = np.zeros((n_blocks, outs, k_len))  # ranges of k (recursive, chunk cuts)
+    wg_t = np.ascontiguousarray(wg.T) if not recursive else wg[:1, :1]
+    gw_t_parts = np.zeros((n_blocks, k_len, outs) if not recursive else (n_blocks, 1, 1))
     n_tiles = (n + TILE - 1) // TILE
     per_block = (n_tiles + n_blocks - 1) // n_blocks
     for b in prange(n_blocks):
@@ -265,31 +286,36 @@ def _backward_body(x, w_t, xg, wg, g, rows, chunk, recursive, n_blocks, mode, lo
         over_any = np.zeros((TILE, outs), dtype=np.bool_)
         counts = np.zeros((TILE, 4), dtype=np.int64)
         ev = np.zeros((TILE, 1 if recursive else chunk, outs), dtype=np.int32)
+        step_ev = np.zeros((TILE, 1 if recursive else chunk), dtype=np.int32)
         comb = np.zeros((TILE, outs), dtype=np.bool_)
         last_step = np.zeros((TILE, n_chunks if recursive else 1, outs), dtype=np.int32)
         last_comb = np.zeros((TILE, outs), dtype=np.int32)
         gw = gw_parts[b]
+        gw_t = gw_t_parts[b]
         for tile in range(b * per_block, min(n_tiles, (b + 1) * per_block)):
             t0 = tile * TILE
             nt = min(TILE, n - t0)
             for c in range(n_chunks):
                 stamp = tile * n_chunks + c + 1
-                chunk_steps(x, w_t, rows, t0, nt, c, chunk, acc, over_any, counts, ev, stamp,
-                            last_step, 2 if recursive else 1, mode, lo, hi, man_bits, min_bits,
-                            magic, maxv, check)
+                chunk_steps(x, w_t, rows, t0, nt, c, chunk, acc, over_any, counts, ev, step_ev,
+                            stamp, last_step, 2 if recursive else 1, mode, lo, hi, man_bits,
+                            min_bits, magic, maxv, check)
                 combine(acc, total, nt, c, over_any, counts, comb, last_comb,
                         2 if recursive else 1, mode, lo, hi, man_bits, min_bits, magic, maxv, check)
                 if not recursive:
                     for t in range(nt):
                         immediate_cuts(t, t0 + t, rows[t0 + t], c, chunk, k_len, g, xg, wg,
-                                       gx, gw, ev, stamp, last_step, comb)
+                                       wg_t, gx, gw, gw_t, ev, step_ev, stamp, comb)
             if recursive:
                 for t in range(nt):
                     recursive_cuts(t, t0 + t, rows[t0 + t], n_chunks, chunk, k_len, g, xg, wg,
                                    gx, gw, last_step, last_comb, use_exact)
     gw_sum = gw_parts[0].copy()
-    for b in range(1, n_blocks):
-        gw_sum += gw_parts[b]
+    for b in range(n_blocks):
+        if b:
+            gw_sum += gw_parts[b]
+        if not recursive:
+            gw_sum += gw_t_parts[b].T
     return gx, gw_sum, use_exact
 
 
