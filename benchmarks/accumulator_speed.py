@@ -246,7 +246,12 @@ def main() -> None:
     p.add_argument("--out", default="benchmarks/results/accumulator_speed.json")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--memory-child", nargs=4, help=argparse.SUPPRESS)
+    p.add_argument("--table", action="store_true",
+                   help="print the markdown table of the results file --out and stop")
     args = p.parse_args()
+    if args.table:
+        print(table(json.loads(Path(args.out).read_text())))
+        return
     torch.set_num_threads(args.threads)
     if args.memory_child:
         name, device, spec, grad = args.memory_child
@@ -288,6 +293,36 @@ def main() -> None:
     print(f"\nwrote {args.out}")
     if failed:
         sys.exit(f"setups that failed: {', '.join(failed)}")
+
+
+def _cell(mode: dict | None) -> str:
+    if mode is None:
+        return "–"
+    if mode["ratio"] is None:
+        return "no ratio (plain step: no growth)"
+    text = f"{mode['ratio']:.2f}x"
+    return text if mode["met"] else f"**{text}** missed"
+
+
+def table(result: dict) -> str:
+    """The benchmarks page's table (markdown) of a results file: each ratio of a setup and
+    accumulator, missed targets in bold."""
+    t = result["targets"]
+    lines = [f"| setup | accumulator | train step, ste (<= {t['ste']:g}x) | immediate "
+             f"(<= {t['immediate']:g}x) | recursive (<= {t['recursive']:g}x) | forward "
+             f"(<= {t['forward']:g}x) | peak memory, ste / immediate / recursive "
+             f"(<= {t['memory']:g}x) |", "|---|---|---|---|---|---|---|"]
+    for name, setup in result["setups"].items():
+        if "error" in setup:
+            lines.append(f"| {name} | failed: {setup['error']} | | | | | |")
+            continue
+        modes = {(m["spec"], m["gradient"]): m for m in setup["modes"]}
+        memory = {(m["spec"], m["gradient"]): m for m in setup.get("memory", {}).get("modes", [])}
+        for spec in dict.fromkeys(m["spec"] for m in setup["modes"]):
+            cells = [_cell(modes.get((spec, g))) for g in GRADIENTS + (None,)]
+            peak = " / ".join(_cell(memory.get((spec, g))) for g in GRADIENTS)
+            lines.append(f"| {name} | {spec} | {' | '.join(cells)} | {peak} |")
+    return "\n".join(lines)
 
 
 def _kernels_used(device: str) -> str:
