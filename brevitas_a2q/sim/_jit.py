@@ -177,7 +177,11 @@ def count_outputs(over_any, nt, counts):
 
 
 @njit(inline="always", **opts)
-def _forward_body(x, w_t, rows, chunk, mode, lo, hi, man_bits, min_bits, magic, maxv, check):
+def _forward_body(x, w_t, rows, chunk, mode, lo, hi, man_bits, min_bits, magic, maxv, check,
+                  last, record):
+    """The chain; ``record`` 2 (a constant: a runtime flag here costs the loop its vector
+    code), one chunk only: each output's last event's step into ``last`` (n, O) int32 (what
+    ``recursive`` needs of the chain, :func:`recursive_from_last`)."""
     k_len, outs = w_t.shape
     n_chunks = (k_len + chunk - 1) // chunk
     n = rows.shape[0]
@@ -191,12 +195,15 @@ def _forward_body(x, w_t, rows, chunk, mode, lo, hi, man_bits, min_bits, magic, 
         acc = np.empty((TILE, outs))
         total = y[t0:t0 + nt]
         over_any = np.zeros((TILE, outs), dtype=np.bool_)
+        last_step = np.empty((TILE, 1, outs), dtype=np.int32)
         tc = counts[t0:t0 + nt]
         for c in range(n_chunks):
             chunk_steps(x, w_t, rows, t0, nt, c, chunk, acc, over_any, tc, no_i, no_i[0], 0,
-                        no_i, 0, mode, lo, hi, man_bits, min_bits, magic, maxv, check)
+                        last_step, record, mode, lo, hi, man_bits, min_bits, magic, maxv, check)
             combine(acc, total, nt, c, over_any, tc, no_b[0], no_i[0], 0, mode, lo, hi,
                     man_bits, min_bits, magic, maxv, check)
+        if record:
+            last[t0:t0 + nt] = last_step[:nt, 0]
         count_outputs(over_any, nt, tc)
     return y, counts
 
@@ -320,21 +327,64 @@ def _backward_body(x, w_t, xg, wg, g, rows, chunk, recursive, n_blocks, mode, lo
 
 
 @njit(parallel=True, **opts)
-def forward_int(x, w_t, rows, chunk, lo, hi, man_bits, min_bits, magic, maxv, check):
-    return _forward_body(x, w_t, rows, chunk, 0, lo, hi, man_bits, min_bits, magic, maxv, check)
+def forward_int(x, w_t, rows, chunk, lo, hi, man_bits, min_bits, magic, maxv, check, last):
+    return _forward_body(x, w_t, rows, chunk, 0, lo, hi, man_bits, min_bits, magic, maxv, check,
+                         last, 0)
 
 
 @njit(parallel=True, **opts)
-def forward_nearest(x, w_t, rows, chunk, lo, hi, man_bits, min_bits, magic, maxv, check):
-    return _forward_body(x, w_t, rows, chunk, 1, lo, hi, man_bits, min_bits, magic, maxv, check)
+def forward_nearest(x, w_t, rows, chunk, lo, hi, man_bits, min_bits, magic, maxv, check, last):
+    return _forward_body(x, w_t, rows, chunk, 1, lo, hi, man_bits, min_bits, magic, maxv, check,
+                         last, 0)
 
 
 @njit(parallel=True, **opts)
-def forward_toward_zero(x, w_t, rows, chunk, lo, hi, man_bits, min_bits, magic, maxv, check):
-    return _forward_body(x, w_t, rows, chunk, 2, lo, hi, man_bits, min_bits, magic, maxv, check)
+def forward_toward_zero(x, w_t, rows, chunk, lo, hi, man_bits, min_bits, magic, maxv, check, last):
+    return _forward_body(x, w_t, rows, chunk, 2, lo, hi, man_bits, min_bits, magic, maxv, check,
+                         last, 0)
 
 
 FORWARD = (forward_int, forward_nearest, forward_toward_zero)
+
+
+@njit(parallel=True, **opts)
+def forward_nearest_last(x, w_t, rows, chunk, lo, hi, man_bits, min_bits, magic, maxv, check,
+                         last):
+    return _forward_body(x, w_t, rows, chunk, 1, lo, hi, man_bits, min_bits, magic, maxv, check,
+                         last, 2)
+
+
+@njit(parallel=True, **opts)
+def forward_toward_zero_last(x, w_t, rows, chunk, lo, hi, man_bits, min_bits, magic, maxv,
+                             check, last):
+    return _forward_body(x, w_t, rows, chunk, 2, lo, hi, man_bits, min_bits, magic, maxv, check,
+                         last, 2)
+
+
+FORWARD_LAST = (None, forward_nearest_last, forward_toward_zero_last)  # floating point only
+
+
+@njit(parallel=True, **opts)
+def recursive_from_last(xg, wg, g, last, n_blocks):
+    """``recursive`` gradients of one-chunk chains from each output's last event's step
+    ``last`` (n, O), recorded by the forward pass: :func:`recursive_cuts` without re-running
+    the chain. Returns ``(gx, gw, use_exact)`` as :func:`_backward_body`."""
+    n, outs = last.shape
+    k_len = xg.shape[1]
+    gx = np.zeros((n, k_len), dtype=xg.dtype)
+    use_exact = np.ones((n, outs), dtype=np.bool_)
+    gw_parts = np.zeros((n_blocks, outs, k_len))
+    no_comb = np.full((n, outs), -1, dtype=np.int32)
+    last_step = last.reshape(n, 1, outs)
+    per_block = (n + n_blocks - 1) // n_blocks
+    for b in prange(n_blocks):
+        for i in range(b * per_block, min(n, (b + 1) * per_block)):
+            recursive_cuts(i, i, i, 1, k_len, k_len, g, xg, wg, gx, gw_parts[b], last_step,
+                           no_comb, use_exact)
+    gw = gw_parts[0].copy()
+    for b in range(1, n_blocks):
+        gw += gw_parts[b]
+    return gx, gw, use_exact
 
 
 @njit(parallel=True, **opts)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -91,13 +93,15 @@ def kernel_threads() -> int:
     return n
 
 
-def _run_kernel(x: Tensor, w: Tensor, cfg: AccumulatorConfig, chunk: int) -> _ChainResult:
+def _run_kernel(x: Tensor, w: Tensor, cfg: AccumulatorConfig, chunk: int,
+                record_last: bool = False) -> _ChainResult:
     """:func:`_run_chain` through the numba kernel (:mod:`.kernels`): the exact product for the
     rows :func:`_int_safe_rows` proves event-free, the compiled chain for the others; integer
-    saturation by blocks (:mod:`.saturating`) where that applies."""
+    saturation by blocks (:mod:`.saturating`) where that applies. ``record_last`` (floating
+    point, one chunk): also each output's last event's step, as ``last_step_event`` (R, O, 1)."""
     from brevitas_a2q.sim import saturating
 
-    res = saturating.chain(x, w, cfg, chunk)
+    res = None if record_last else saturating.chain(x, w, cfg, chunk)
     if res is not None:
         return res
     safe = _int_safe_rows(x, w, cfg)
@@ -110,9 +114,13 @@ def _run_kernel(x: Tensor, w: Tensor, cfg: AccumulatorConfig, chunk: int) -> _Ch
         kernel_threads()
         xn = x.detach().contiguous().numpy()
         wn = w.detach().t().contiguous().numpy()
+        last = np.full((len(rows), w.shape[0]), -1, dtype=np.int32) if record_last else None
         part, counts = kernels.forward(xn, wn, rows.numpy(), chunk, cfg,
-                                       may_overflow(x, w, cfg, chunk))
+                                       may_overflow(x, w, cfg, chunk), last)
         y[rows] = torch.from_numpy(part)
+        if record_last:
+            res.last_step_event = torch.full((x.shape[0], w.shape[0], 1), -1, dtype=torch.int32)
+            res.last_step_event[rows] = torch.from_numpy(last)[..., None]
         total = counts.sum(0)
         res.overflow_events, res.overflow_outputs = int(total[0]), int(total[1])
         res.swamping_events, res.underflow_events = int(total[2]), int(total[3])

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from brevitas_a2q.sim import saturating
 from brevitas_a2q.sim.chain import _ChainResult, _chunked, _row_blocks, _run_chain, _wrap_chain
+from brevitas_a2q.sim.fast import _run_kernel
 from brevitas_a2q.sim.config import AccumulatorConfig
 
 
@@ -84,6 +85,11 @@ def simulate_matmul(x_val: Tensor, w_val: Tensor, x_scale: Tensor | float,
     # float32 addends (each product is exact in their float64); the rest float64
     chain = saturating.chain(ax, aw, cfg, min(cfg.chunk_size or k, k), integers=True) \
         if k else None
+    grad = torch.is_grad_enabled() and (x_val.requires_grad or w_val.requires_grad)
+    if chain is None and cfg.kind == "float" and _cpu_kernels(x_val):
+        # recursive over one chunk needs only each output's last event: kept from here
+        last = jit and grad and cfg.gradient == "recursive" and (cfg.chunk_size or k) >= k > 0
+        chain = _run_kernel(ax, aw, cfg, k, record_last=True) if last else None
     if chain is None:
         if not (cfg.kind == "float" and _cpu_kernels(x_val)):
             ax, aw = ax.double(), aw.double()
@@ -92,7 +98,7 @@ def simulate_matmul(x_val: Tensor, w_val: Tensor, x_scale: Tensor | float,
     if cfg.kind == "int":
         y = y * (x_scale * w_scale)[None, :]
     y = y.to(x_val.dtype)
-    if not (torch.is_grad_enabled() and (x_val.requires_grad or w_val.requires_grad)):
+    if not grad:
         return y, chain
     if cfg.gradient == "ste":
         return _IdentitySTE.apply(x_val, w_val, y), chain
@@ -101,7 +107,8 @@ def simulate_matmul(x_val: Tensor, w_val: Tensor, x_scale: Tensor | float,
         ste = exact + (y - exact).detach()
         return torch.where(chain.overflowed, y, ste), chain
     if jit:
-        return _KernelFineGrained.apply(x_val, w_val, y, ax, aw, cfg), chain
+        return _KernelFineGrained.apply(x_val, w_val, y, ax, aw, cfg,
+                                        chain.last_step_event), chain
     return _FineGrainedChain.apply(x_val, w_val, y, ax, aw, cfg, chain), chain
 
 
@@ -185,8 +192,8 @@ class _KernelFineGrained(torch.autograd.Function):
     _int_safe_rows`), the masked one for the others. GPU: :func:`_cuda_grads`."""
 
     @staticmethod
-    def forward(ctx, x_val, w_val, y_sim, addend_x, addend_w, cfg):
-        ctx.cfg = cfg
+    def forward(ctx, x_val, w_val, y_sim, addend_x, addend_w, cfg, last=None):
+        ctx.cfg, ctx.last = cfg, last
         ctx.save_for_backward(x_val, w_val, addend_x, addend_w)
         return y_sim.clone()
 
@@ -202,22 +209,27 @@ class _KernelFineGrained(torch.autograd.Function):
         if x_val.is_cuda:
             gx, gw = _cuda_grads(ax, aw, x_val.detach().double(), w_val.detach().double(),
                                  g.double(), cfg, chunk)
-            return gx.to(x_val.dtype), gw.to(w_val.dtype), None, None, None, None
+            return gx.to(x_val.dtype), gw.to(w_val.dtype), None, None, None, None, None
         xv, wv = x_val.detach(), w_val.detach()
         if cfg.kind == "int":  # the exact gradient, less the cut products' (by blocks)
             gx, gw = g @ wv, g.t() @ xv
             if saturating.subtract_cut(ax, aw, cfg, chunk, g, xv, wv, gx, gw):
-                return gx, gw, None, None, None, None
+                return gx, gw, None, None, None, None, None
         if cfg.kind == "int":  # float32 real-valued addends go to the kernel as they are
             ax, aw = ax.double(), aw.double()
         rows = (~_int_safe_rows(ax, aw, cfg)).nonzero().squeeze(1)
         g_exact, corrections = g, None
-        if len(rows):  # the kernel's corrections, and the outputs that take the exact part
+        n_blocks = min(kernel_threads(), len(rows))
+        if len(rows) and ctx.last is not None:  # the forward pass kept each last event
+            gx_rows, gw_corr, use_exact = kernels.recursive_from_last(
+                xv.contiguous().numpy(), wv.contiguous().numpy(), g.contiguous().numpy(),
+                ctx.last[..., 0].contiguous().numpy(), n_blocks)
+        elif len(rows):  # the kernel's corrections, and the outputs that take the exact part
             gx_rows, gw_corr, use_exact = kernels.backward(
                 ax.contiguous().numpy(), aw.t().contiguous().numpy(), xv.contiguous().numpy(),
                 wv.contiguous().numpy(), g[rows].contiguous().numpy(), rows.numpy(), chunk, cfg,
-                cfg.gradient == "recursive", min(kernel_threads(), len(rows)),
-                may_overflow(ax, aw, cfg, chunk))
+                cfg.gradient == "recursive", n_blocks, may_overflow(ax, aw, cfg, chunk))
+        if len(rows):
             if not use_exact.all():
                 g_exact = g.clone()
                 g_exact[rows] *= torch.from_numpy(use_exact)
@@ -226,4 +238,4 @@ class _KernelFineGrained(torch.autograd.Function):
         if corrections is not None:
             gx[rows] += corrections[0].to(gx.dtype)
             gw += corrections[1].to(gw.dtype)
-        return gx.to(x_val.dtype), gw.to(w_val.dtype), None, None, None, None
+        return gx.to(x_val.dtype), gw.to(w_val.dtype), None, None, None, None, None

@@ -76,15 +76,26 @@ def format_params(cfg: AccumulatorConfig) -> tuple:
 
 
 def forward(x: np.ndarray, w_t: np.ndarray, rows: np.ndarray, chunk: int, cfg: AccumulatorConfig,
-            check: bool = True) -> tuple[np.ndarray, np.ndarray]:
+            check: bool = True, last: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The chain for ``rows`` of ``x`` (R, K) against ``w_t`` (K, O), C-contiguous, ``w_t``
     float64 and ``x`` float64 or float32 (each product exact in float64). Returns ``y``
     (len(rows), O) and per-row counts (len(rows), 4): overflow events, outputs with an
     overflow, swamping events, underflow events. ``check`` False: no addition can overflow
     (:func:`brevitas_a2q.sim.fast.may_overflow`), so none is compared with the largest value.
-    """
+    ``last`` (len(rows), O) int32, one chunk only: filled with each output's last event's step
+    (-1: none), for :func:`recursive_from_last`."""
     mode, *params = format_params(cfg)
-    return _kernels()["forward"][mode](x, w_t, rows, chunk, *params, check)
+    if last is None:
+        return _kernels()["forward"][mode](x, w_t, rows, chunk, *params, check,
+                                           np.empty((0, 0), dtype=np.int32))
+    return _kernels()["forward_last"][mode](x, w_t, rows, chunk, *params, check, last)
+
+
+def recursive_from_last(xg: np.ndarray, wg: np.ndarray, g: np.ndarray, last: np.ndarray,
+                        n_blocks: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``recursive`` gradients of one-chunk chains from the last events :func:`forward`
+    recorded: ``(gx, gw, use_exact)`` as :func:`backward`, every row."""
+    return _kernels()["recursive_from_last"](xg, wg, g, last, n_blocks)
 
 
 def backward(x: np.ndarray, w_t: np.ndarray, xg: np.ndarray, wg: np.ndarray, g: np.ndarray,
@@ -127,7 +138,8 @@ def _compile() -> dict:
         numba.config.THREADING_LAYER = "workqueue"
     from brevitas_a2q.sim import _jit, _jit_blocks
 
-    return {"forward": _jit.FORWARD, "backward": _jit.BACKWARD, "saturating": _jit_blocks}
+    return {"forward": _jit.FORWARD, "backward": _jit.BACKWARD, "saturating": _jit_blocks,
+            "forward_last": _jit.FORWARD_LAST, "recursive_from_last": _jit.recursive_from_last}
 
 
 # ------------------------------------------------------------------------------------------------
