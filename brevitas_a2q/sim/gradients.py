@@ -10,8 +10,8 @@ from torch import Tensor
 
 from brevitas_a2q.sim import saturating
 from brevitas_a2q.sim.chain import _ChainResult, _chunked, _row_blocks, _run_chain, _wrap_chain
-from brevitas_a2q.sim.fast import _run_kernel
 from brevitas_a2q.sim.config import AccumulatorConfig
+from brevitas_a2q.sim.fast import _run_kernel
 
 
 def _recursive_grads(x: Tensor, w: Tensor, g: Tensor, chunk: int, last_step: Tensor,
