@@ -81,13 +81,33 @@ def add_range(gx_i, gw_o, gro, xg_r, wg_o, k0, k1):
 
 
 @njit(inline="always", **opts)
+def cut_step(t, i, r, k, ev_t, stamp, grads):
+    """Minus product ``k`` of row ``i`` for the outputs with ``ev_t[o] == stamp``
+    (vectorized over outputs) from ``gw_t[k, :]`` of ``grads = (g, xg, wg_t, gw_t)``; returns
+    the amount to take from ``gx[i, k]``."""
+    # distinct names: inlined into the backward kernel's parallel loop, a local reassigned
+    # under the name of one of its arrays would stand for a private copy
+    grad_y, factor_x, factor_w_t, grad_w_t = grads
+    xk = factor_x[r, k]
+    g_cut = 0.0
+    for o in range(grad_y.shape[1]):
+        cut = grad_y[i, o] if ev_t[o] == stamp else 0.0
+        g_cut += cut * factor_w_t[k, o]
+        grad_w_t[k, o] -= cut * xk
+    return g_cut
+
+
+@njit(inline="always", **opts)
 def chunk_steps(x, w_t, rows, t0, nt, c, chunk, acc, over_any, counts, ev, step_ev, stamp,
-                last_step, record, mode, lo, hi, man_bits, min_bits, magic, maxv, check):
+                last_step, record, grads, gx, mode, lo, hi, man_bits, min_bits, magic, maxv,
+                check):
     """The chain of chunk ``c`` for rows ``rows[t0:t0 + nt]`` into ``acc`` (TILE, O), from 0.
     ``record`` 1: ``ev[t, j, o] = stamp`` (TILE, chunk, O) at each step with an event and
     ``step_ev[t, j] = stamp`` (TILE, chunk) at each step with any (no reset needed: ``stamp``
     is new for every tile and chunk); 2: the last event's step into ``last_step[t, c, o]``
-    (TILE, nC, O)."""
+    (TILE, nC, O); 3 (``immediate``, one chunk: no combination can cut more): right after each
+    step with an event, its cut products out of ``gx`` and ``grads = (g, xg, wg_t, gw_t)``
+    (:func:`cut_step`; ``ev[t, 0]`` holds the step's events)."""
     k_len, outs = w_t.shape
     skip_zero = mode != 2
     for t in range(nt):
@@ -119,11 +139,16 @@ def chunk_steps(x, w_t, rows, t0, nt, c, chunk, acc, over_any, counts, ev, step_
                 if record != 0 and (over or swamp or under):
                     if record == 1:
                         ev[t, j, o] = stamp
+                    elif record == 3:
+                        ev[t, 0, o] = stamp * chunk + j  # new for every step
                     else:
                         last_step[t, c, o] = j
                 acc[t, o] = q
             if record == 1 and n_over + n_swamp + n_under > 0:
                 step_ev[t, j] = stamp
+            if record == 3 and n_over + n_swamp + n_under > 0 and k < k_len:
+                gx[t0 + t, k] -= cut_step(t, t0 + t, rows[t0 + t], k, ev[t, 0],
+                                          stamp * chunk + j, grads)
             counts[t, 0] += n_over
             counts[t, 2] += n_swamp
             counts[t, 3] += n_under
@@ -188,7 +213,9 @@ def _forward_body(x, w_t, rows, chunk, mode, lo, hi, man_bits, min_bits, magic, 
     y = np.empty((n, outs))
     counts = np.zeros((n, 4), dtype=np.int64)
     no_b = np.zeros((1, 1, 1), dtype=np.bool_)
-    no_i = np.zeros((1, 1, 1), dtype=np.int32)
+    no_i = np.zeros((1, 1, 1), dtype=np.int64)
+    no_f = np.zeros((1, 1))
+    no_grads = (no_f, no_f, no_f, no_f)  # never read: no cuts in the forward pass
     for tile in prange((n + TILE - 1) // TILE):
         t0 = tile * TILE
         nt = min(TILE, n - t0)
@@ -199,7 +226,8 @@ def _forward_body(x, w_t, rows, chunk, mode, lo, hi, man_bits, min_bits, magic, 
         tc = counts[t0:t0 + nt]
         for c in range(n_chunks):
             chunk_steps(x, w_t, rows, t0, nt, c, chunk, acc, over_any, tc, no_i, no_i[0], 0,
-                        last_step, record, mode, lo, hi, man_bits, min_bits, magic, maxv, check)
+                        last_step, record, no_grads, no_f, mode, lo, hi, man_bits, min_bits,
+                        magic, maxv, check)
             combine(acc, total, nt, c, over_any, tc, no_b[0], no_i[0], 0, mode, lo, hi,
                     man_bits, min_bits, magic, maxv, check)
         if record:
@@ -292,24 +320,35 @@ def _backward_body(x, w_t, xg, wg, g, rows, chunk, recursive, n_blocks, mode, lo
         total = np.empty((TILE, outs))
         over_any = np.zeros((TILE, outs), dtype=np.bool_)
         counts = np.zeros((TILE, 4), dtype=np.int64)
-        ev = np.zeros((TILE, 1 if recursive else chunk, outs), dtype=np.int32)
+        ev = np.zeros((TILE, chunk if n_chunks > 1 and not recursive else 1, outs),
+                      dtype=np.int64)
         step_ev = np.zeros((TILE, 1 if recursive else chunk), dtype=np.int32)
         comb = np.zeros((TILE, outs), dtype=np.bool_)
         last_step = np.zeros((TILE, n_chunks if recursive else 1, outs), dtype=np.int32)
         last_comb = np.zeros((TILE, outs), dtype=np.int32)
         gw = gw_parts[b]
         gw_t = gw_t_parts[b]
+        grads = (g, xg, wg_t, gw_t)
         for tile in range(b * per_block, min(n_tiles, (b + 1) * per_block)):
             t0 = tile * TILE
             nt = min(TILE, n - t0)
             for c in range(n_chunks):
                 stamp = tile * n_chunks + c + 1
-                chunk_steps(x, w_t, rows, t0, nt, c, chunk, acc, over_any, counts, ev, step_ev,
-                            stamp, last_step, 2 if recursive else 1, mode, lo, hi, man_bits,
-                            min_bits, magic, maxv, check)
+                if recursive:
+                    chunk_steps(x, w_t, rows, t0, nt, c, chunk, acc, over_any, counts, ev,
+                                step_ev, stamp, last_step, 2, grads, gx, mode, lo, hi, man_bits,
+                                min_bits, magic, maxv, check)
+                elif n_chunks == 1:  # the cuts as the chain goes
+                    chunk_steps(x, w_t, rows, t0, nt, c, chunk, acc, over_any, counts, ev,
+                                step_ev, stamp, last_step, 3, grads, gx, mode, lo, hi, man_bits,
+                                min_bits, magic, maxv, check)
+                else:
+                    chunk_steps(x, w_t, rows, t0, nt, c, chunk, acc, over_any, counts, ev,
+                                step_ev, stamp, last_step, 1, grads, gx, mode, lo, hi, man_bits,
+                                min_bits, magic, maxv, check)
                 combine(acc, total, nt, c, over_any, counts, comb, last_comb,
                         2 if recursive else 1, mode, lo, hi, man_bits, min_bits, magic, maxv, check)
-                if not recursive:
+                if not recursive and n_chunks > 1:
                     for t in range(nt):
                         immediate_cuts(t, t0 + t, rows[t0 + t], c, chunk, k_len, g, xg, wg,
                                        wg_t, gx, gw, gw_t, ev, step_ev, stamp, comb)
