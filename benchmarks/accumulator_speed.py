@@ -9,7 +9,8 @@ cross-entropy, backward, SGD update) under ``simulate_accumulators`` is timed in
 a plain step of the same model, repeated ``--reps`` times; the ratio of the medians is reported.
 Forward-only (``torch.no_grad``, eval mode) likewise. Peak memory: on CUDA
 ``torch.cuda.max_memory_allocated`` around one step; on CPU the growth of the process's
-peak resident set over one step, each measured in a fresh subprocess (``--memory``).
+peak resident set over one step, after a warm-up step and with the freed memory handed back to
+the system first (``malloc_trim``), each mode in a fresh subprocess.
 
     PYTHONPATH=. .venv/bin/python benchmarks/accumulator_speed.py
     PYTHONPATH=. .venv/bin/python benchmarks/accumulator_speed.py --device cuda \\
@@ -191,10 +192,15 @@ def _rss_bytes() -> int:
 def _peak_rss_growth(fn) -> int:
     """Largest resident set seen (polled every 0.2 ms from a thread) while ``fn`` runs, minus
     the resident set before it."""
+    import ctypes
     import gc
     import threading
 
     gc.collect()
+    # hand the memory freed so far back to the system, so that the step's growth is its own
+    # working set rather than whatever glibc's free lists happen to hold
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
     base = _rss_bytes()
     peak = [base]
     done = threading.Event()

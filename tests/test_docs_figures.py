@@ -472,3 +472,16 @@ def test_low_bitwidth_claims_are_the_committed_results():
                          r"images; ([\d.]+) min wall on 2 cores", text)
     assert trained == [(repr(float(settings["lr"])), str(settings["epochs"]),
                         thousands(settings["train_images"]), minutes(data["wall_seconds"]))]
+
+
+def test_accumulator_speed_table_is_the_committed_results():
+    """The benchmarks page's simulation-speed table is exactly what
+    benchmarks/accumulator_speed.py makes of its committed results, and each verdict is its
+    ratio against its target."""
+    bench = benchmark("accumulator_speed")
+    data = json.loads((RESULTS / "accumulator_speed.json").read_text())
+    assert bench.table(data).strip() in page_text(BENCHMARKS)
+    for setup in data["setups"].values():
+        for mode in setup["modes"] + setup.get("memory", {}).get("modes", []):
+            if mode["ratio"] is not None:
+                assert mode["met"] == (mode["ratio"] <= mode["target"]), mode
