@@ -255,8 +255,7 @@ def recursive_cuts(t, i, r, n_chunks, chunk, k_len, g, xg, wg, gx, gw, last_step
         if gro == 0.0:
             continue
         sign = -gro if exact else gro
-        start = 0 if exact else cut_to  # the open range of products to take
-        stop = cut_to if exact else cut_to
+        start, stop = (0 if exact else cut_to), cut_to  # the open range of products to take
         for c in range(lc + 1, n_chunks):
             k0 = c * chunk
             split = min(k0 + last_step[t, c, o] + 1, k_len)  # cut [k0, split), keep the rest

@@ -186,10 +186,12 @@ def _cuda_grads(ax, aw, xv, wv, g64, cfg, chunk) -> tuple[Tensor, Tensor]:
 
 
 class _KernelFineGrained(torch.autograd.Function):
-    """As :class:`_FineGrainedChain`, with the backward pass in a compiled kernel that recomputes
-    the events. CPU (:func:`brevitas_a2q.sim.kernels.backward`): the exact gradient (dense
-    matrix products) for the rows proven event-free (:func:`brevitas_a2q.sim.fast.
-    _int_safe_rows`), the masked one for the others. GPU: :func:`_cuda_grads`."""
+    """As :class:`_FineGrainedChain`, with the backward pass in compiled kernels. CPU: the
+    exact gradient (two matrix products) plus corrections that take out the products the mode
+    cuts (saturating integers by blocks, :func:`brevitas_a2q.sim.saturating.subtract_cut`;
+    otherwise :func:`brevitas_a2q.sim.kernels.backward`, which re-runs the chain of the rows
+    not proven event-free, or, for ``recursive`` over one chunk, from the last events the
+    forward pass kept). GPU: :func:`_cuda_grads`."""
 
     @staticmethod
     def forward(ctx, x_val, w_val, y_sim, addend_x, addend_w, cfg, last=None):
@@ -215,8 +217,7 @@ class _KernelFineGrained(torch.autograd.Function):
             gx, gw = g @ wv, g.t() @ xv
             if saturating.subtract_cut(ax, aw, cfg, chunk, g, xv, wv, gx, gw):
                 return gx, gw, None, None, None, None, None
-        if cfg.kind == "int":  # float32 real-valued addends go to the kernel as they are
-            ax, aw = ax.double(), aw.double()
+            ax, aw = ax.double(), aw.double()  # (float32 real-valued addends go as they are)
         rows = (~_int_safe_rows(ax, aw, cfg)).nonzero().squeeze(1)
         g_exact, corrections = g, None
         n_blocks = min(kernel_threads(), len(rows))
