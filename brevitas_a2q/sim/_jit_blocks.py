@@ -95,9 +95,8 @@ def combine_row(total, a, c, lo, hi, over_any, comb, last_comb):
 def fail_steps(x, w, r, k0, k1, lo, hi, ar, ok, over_any, last_k, counts, cut_events, g, xg, wg,
                gx, gw):
     """The block for the outputs of row ``r`` that failed the range test: the same test on
-    sub-blocks of :data:`SUB` steps (their sums by vectorized dot products), step by step only
-    in the sub-blocks that fail it. In int64: the values are integers below 2^53. (Indexed,
-    not sliced: array views cost reference counting here.)"""
+    sub-blocks of :data:`SUB` steps (their sums by vectorized dot products), :func:`steps` only
+    in the sub-blocks that fail it. In int64: the values are integers below 2^53."""
     lo_i, hi_i = np.int64(lo), np.int64(hi)
     for o in range(ar.shape[0]):
         if ok[o]:
@@ -114,15 +113,14 @@ def fail_steps(x, w, r, k0, k1, lo, hi, ar, ok, over_any, last_k, counts, cut_ev
             if (2 * v + t + s <= 2 * hi_i) & (2 * v - t + s >= 2 * lo_i):
                 v += s
                 continue
-            for k in range(j0, j1):
-                s = v + np.int64(x[r, k]) * np.int64(w[o, k])
-                v = min(max(s, lo_i), hi_i)
-                if v != s:
-                    counts[r] += 1
-                    over_any[r, o] = True
-                    last_k[r, o] = k
-                    if cut_events:
-                        cut(gx[r], gw[o], g[r, o], xg[r], wg[o], k, k + 1)
+            g_ro = g[r, o] if cut_events else 0.0  # g is a dummy without cuts
+            v_f, n, last = steps(np.float64(v), x[r], w[o], j0, j1, lo, hi, cut_events, gx[r],
+                                 gw[o], g_ro, xg[r], wg[o])
+            v = np.int64(v_f)
+            if n:
+                counts[r] += n
+                over_any[r, o] = True
+                last_k[r, o] = last
         ar[o] = np.float64(v)
 
 
@@ -155,9 +153,10 @@ def advance(x, w, sums, k0, k1, first, c, lo, hi, a, total, over_any, comb, last
 
 @njit(parallel=True, **opts)
 def chunk_cuts(x, w, k0, k1, lo, hi, whole, last_k, recursive, g, xg, wg, gx, gw_parts):
-    """The cuts of chunk ``[k0, k1)`` (one block) once its combination is known: every product
-    where ``whole`` (R, O); else, where the chunk saturated (``last_k >= k0``), ``recursive``
-    every product up to the last saturation, ``immediate`` each saturated one (replayed)."""
+    """The cuts of chunk ``[k0, k1)`` once its combination is known: every product where
+    ``whole`` (R, O); else, where the chunk saturated (``last_k >= k0``), ``recursive`` every
+    product up to the last saturation, ``immediate`` each saturated one (replayed, so one block
+    per chunk). Without chunks, ``recursive`` is this over ``[0, K)`` with no ``whole``."""
     rows, outs = whole.shape
     n_tasks = gw_parts.shape[0]
     per_task = (rows + n_tasks - 1) // n_tasks
@@ -173,17 +172,3 @@ def chunk_cuts(x, w, k0, k1, lo, hi, whole, last_k, recursive, g, xg, wg, gx, gw
                     else:
                         steps(0.0, x[r], w[o], k0, k1, lo, hi, True, gx[r], gw[o], g[r, o],
                               xg[r], wg[o])
-
-
-@njit(parallel=True, **opts)
-def prefix_cuts(last_k, g, xg, wg, gx, gw_parts):
-    """``recursive`` without chunks: cut every product up to each output's last saturation."""
-    rows, outs = last_k.shape
-    n_tasks = gw_parts.shape[0]
-    per_task = (rows + n_tasks - 1) // n_tasks
-    for task in prange(n_tasks):
-        gw = gw_parts[task]
-        for r in range(task * per_task, min(rows, (task + 1) * per_task)):
-            for o in range(outs):
-                if last_k[r, o] >= 0:
-                    cut(gx[r], gw[o], g[r, o], xg[r], wg[o], 0, last_k[r, o] + 1)

@@ -122,10 +122,6 @@ def saturating_chunk_cuts(*args) -> None:
     _kernels()["saturating"].chunk_cuts(*args)
 
 
-def saturating_prefix_cuts(*args) -> None:
-    """:func:`brevitas_a2q.sim._jit_blocks.prefix_cuts` (``recursive`` without chunks)."""
-    _kernels()["saturating"].prefix_cuts(*args)
-
 
 def _compile() -> dict:
     import os

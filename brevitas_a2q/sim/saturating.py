@@ -188,8 +188,10 @@ def subtract_cut(x: Tensor, w: Tensor, cfg: AccumulatorConfig, chunk: int, g: Te
 
     if not chunked:  # one chain per output: immediate cuts as it goes, recursive a prefix
         _run(plan, state, grads, cut_events=not recursive)
-        if recursive:
-            kernels.saturating_prefix_cuts(state.last_k, *grads)
+        if recursive:  # every product up to each output's last saturation
+            kernels.saturating_chunk_cuts(x_n, w_n, 0, x.shape[1], plan.lo, plan.hi,
+                                          np.zeros((rows, outs), dtype=np.bool_), state.last_k,
+                                          True, *grads)
     elif not recursive:  # each chunk's cuts once its combination is known
         _run(plan, state, grads, chunk_done=cuts)
     else:  # the last combination events first, then each chunk's cuts
