@@ -313,3 +313,46 @@ def test_no_overflow_proof_holds_where_the_kernel_skips_the_check(spec, seed):
     x *= 4  # beyond the bound: the check is kept
     assert may_overflow(x, w, cfg, chunk)
     _same(_run_chain(x, w, cfg), _run_chain(x, w, cfg, fast=False))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("mode", ["immediate", "recursive"])
+@pytest.mark.parametrize("spec", ["fp12-e4m7", "fp12-e4m7-c16", "fp8-e3m4", "fp9-e3m5-c5-rz",
+                                  "fp6-e2m3-c3", "fp10-e3m6-c8"])
+def test_event_log_gradients_equal_the_chain_masks(spec, mode, threads):
+    # floating point on CPU: the forward pass logs its events and the backward pass cuts from
+    # the log (no second chain); several tiles of rows, split over threads, and a log that
+    # outgrows its first allocation
+    cfg = parse_accumulator(spec, gradient=mode)
+    _, x, w = _operands(spec, 11, rows=53, outs=13, k=77)
+    xv, wv = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    g = torch.randn(53, 13, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        y, chain = simulate_matmul(xv, wv, 1.0, torch.ones(13, dtype=torch.float64), cfg)
+        y.backward(g)
+    finally:
+        torch.set_num_threads(before)
+    one_chunk = cfg.chunk_size is None
+    if mode == "recursive" and one_chunk:  # each output's last event is all it needs
+        assert chain.event_log is None and chain.last_step_event is not None
+    else:
+        assert chain.event_log is not None and len(chain.event_log[1]) > 4096
+    oracle = _run_chain(x, w, cfg, fast=False)
+    assert torch.equal(y.detach().view(torch.int64), oracle.y.view(torch.int64))
+    for count in COUNTS:
+        assert getattr(chain, count) == getattr(oracle, count), count
+    gx, gw = _oracle_grads(x, w, x, w, g, cfg)
+    assert not torch.allclose(gx, g @ w), "the case must cut some gradient"
+    torch.testing.assert_close(xv.grad, gx, rtol=1e-12, atol=1e-11)
+    torch.testing.assert_close(wv.grad, gw, rtol=1e-12, atol=1e-11)
+
+
+def test_event_log_declines_layers_whose_entries_would_not_fit_int32():
+    import numpy as np
+
+    cfg = parse_accumulator("fp12-e4m7")
+    w_t = np.broadcast_to(np.zeros(1), (2**14, 2**15))  # K and O of 15 and 16 bits: no memory
+    x = np.zeros((8, 2**14), dtype=np.float32)
+    assert kernels.forward_events(x, w_t, np.arange(8), 2**14, cfg, False, 1) is None

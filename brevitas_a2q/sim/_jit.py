@@ -27,6 +27,15 @@ def i2f(typingctx, x):
     return types.float64(types.int64), codegen
 
 
+@intrinsic
+def cttz(typingctx, x):
+    """The number of trailing zero bits of a non-zero ``uint64``."""
+    def codegen(context, builder, signature, args):
+        return builder.cttz(args[0], ir.Constant(ir.IntType(1), 1))
+
+    return types.int64(types.uint64), codegen
+
+
 EXP_MASK = 0x7FF << 52
 opts = {"cache": True, "nogil": True, "error_model": "numpy", "boundscheck": False}
 
@@ -67,8 +76,8 @@ TILE = 8  # rows advanced together: each step's weight row w_t[k] is read once p
 def add_events(a, s, mode, lo, hi, man_bits, min_bits, magic, maxv, check):
     """One accumulator addition: ``(A(s), overflow, swamping, underflow)``."""
     q, over = rnd(s, mode, lo, hi, man_bits, min_bits, magic, maxv, check)
-    swamp = mode != 0 and q == a and s != a and not over
-    under = mode != 0 and q == 0.0 and s != 0.0
+    swamp = (mode != 0) & (q == a) & (s != a) & (not over)
+    under = (mode != 0) & (q == 0.0) & (s != 0.0)
     return q, over, swamp, under
 
 
@@ -98,8 +107,52 @@ def cut_step(t, i, r, k, ev_t, stamp, grads):
 
 
 @njit(inline="always", **opts)
+def bit_width(n):
+    """Bits that hold ``0 .. n - 1``."""
+    bits = 1
+    while (1 << bits) < n:
+        bits += 1
+    return bits
+
+
+@njit(inline="always", **opts)
+def reserve(entries, count, most):
+    """The event log's entries with room for ``most`` more (grown by half where full)."""
+    n = count[0]
+    if n + most <= entries.size:
+        return entries
+    grown = np.empty(max(entries.size + entries.size // 2, n + most), dtype=np.int32)
+    grown[:n] = entries[:n]
+    return grown
+
+
+@njit(inline="always", **opts)
+def log_rows(entries, count, words, rows_with_events, k, k_bits, o_bits):
+    """Append the events of step ``k`` of the tile's rows ``t`` with bit ``t`` set in
+    ``rows_with_events`` to the log ``entries[:count[0]]``: ``(t << k_bits | k) << o_bits | o``
+    for every output ``o`` flagged in ``words[t]`` (the outputs' flag bytes, eight to a word).
+    Without branches on the flags (they are unpredictable): each word's lowest flag is written
+    whether or not it is set, and counted if it is; ``entries`` needs one spare place."""
+    n = count[0]
+    while rows_with_events:
+        t = cttz(np.uint64(rows_with_events))
+        rows_with_events &= rows_with_events - 1
+        base = ((t << k_bits) | k) << o_bits
+        for i in range(words.shape[1]):
+            word = words[t, i]
+            entries[n] = base + 8 * i + (cttz(word | np.uint64(1 << 63)) >> 3)
+            n += word != 0
+            word &= word - np.uint64(1)
+            while word:  # rare: two events among eight outputs
+                entries[n] = base + 8 * i + (cttz(word) >> 3)
+                n += 1
+                word &= word - np.uint64(1)
+    count[0] = n
+
+
+@njit(inline="always", **opts)
 def chunk_steps(x, w_t, rows, t0, nt, c, chunk, acc, over_any, counts, ev, step_ev, stamp,
-                last_step, record, grads, gx, mode, lo, hi, man_bits, min_bits, magic, maxv,
+                last_step, record, grads, gx, log, mode, lo, hi, man_bits, min_bits, magic, maxv,
                 check):
     """The chain of chunk ``c`` for rows ``rows[t0:t0 + nt]`` into ``acc`` (TILE, O), from 0.
     ``record`` 1: ``ev[t, j, o] = stamp`` (TILE, chunk, O) at each step with an event and
@@ -107,9 +160,16 @@ def chunk_steps(x, w_t, rows, t0, nt, c, chunk, acc, over_any, counts, ev, step_
     is new for every tile and chunk); 2: the last event's step into ``last_step[t, c, o]``
     (TILE, nC, O); 3 (``immediate``, one chunk: no combination can cut more): right after each
     step with an event, its cut products out of ``gx`` and ``grads = (g, xg, wg_t, gw_t)``
-    (:func:`cut_step`; ``ev[t, 0]`` holds the step's events)."""
+    (:func:`cut_step`; ``ev[t, 0]`` holds the step's events); 4: each event into the log
+    ``(flags, words, entries, count)`` (:func:`append_events`; the entry of output ``o``, row
+    ``t`` of the tile, step ``k`` is ``(t << kb | k) << ob | o``, ``kb`` and ``ob`` the
+    :func:`bit_width` of ``K + n_chunks`` and ``O``). Returns the log's entries (grown where
+    full)."""
     k_len, outs = w_t.shape
     skip_zero = mode != 2
+    flags, words, entries, count = log
+    k_bits = bit_width(k_len + (k_len + chunk - 1) // chunk)
+    o_bits = bit_width(outs)
     for t in range(nt):
         for o in range(outs):
             acc[t, o] = 0.0
@@ -120,6 +180,9 @@ def chunk_steps(x, w_t, rows, t0, nt, c, chunk, acc, over_any, counts, ev, step_
         k = c * chunk + j
         if k >= k_len and skip_zero:
             break  # zero padding: no change, no event (kernels module docstring)
+        if record == 4:
+            entries = reserve(entries, count, nt * outs + 1)
+        rows_with_events = 0  # bit t: row t had one at this step
         for t in range(nt):
             xk = x[rows[t0 + t], k] if k < k_len else 0.0
             if xk == 0.0 and skip_zero:
@@ -136,7 +199,9 @@ def chunk_steps(x, w_t, rows, t0, nt, c, chunk, acc, over_any, counts, ev, step_
                 n_swamp += swamp
                 n_under += under
                 over_any[t, o] |= over
-                if record != 0 and (over or swamp or under):
+                if record == 4:
+                    flags[t, o] = over | swamp | under
+                elif record != 0 and (over or swamp or under):
                     if record == 1:
                         ev[t, j, o] = stamp
                     elif record == 3:
@@ -149,17 +214,30 @@ def chunk_steps(x, w_t, rows, t0, nt, c, chunk, acc, over_any, counts, ev, step_
             if record == 3 and n_over + n_swamp + n_under > 0 and k < k_len:
                 gx[t0 + t, k] -= cut_step(t, t0 + t, rows[t0 + t], k, ev[t, 0],
                                           stamp * chunk + j, grads)
+            if record == 4 and k < k_len:
+                rows_with_events |= (n_over + n_swamp + n_under > 0) << t
             counts[t, 0] += n_over
             counts[t, 2] += n_swamp
             counts[t, 3] += n_under
+        if record == 4:  # (read once the next rows ran: right after its vector stores, a
+            # word of flags waits for them)
+            log_rows(entries, count, words, rows_with_events, k, k_bits, o_bits)
+    return entries
 
 
 @njit(inline="always", **opts)
-def combine(acc, total, nt, c, over_any, counts, comb, last_comb, record, mode, lo, hi,
-            man_bits, min_bits, magic, maxv, check):
+def combine(acc, total, nt, c, over_any, counts, comb, last_comb, record, log, k_len, n_chunks,
+            mode, lo, hi, man_bits, min_bits, magic, maxv, check):
     """Add chunk ``c``'s results ``acc`` to ``total`` (c = 0: copy). ``record`` 1: the events
-    into ``comb`` (TILE, O); 2: ``c`` into ``last_comb`` (TILE, O) where one occurred."""
+    into ``comb`` (TILE, O); 2: ``c`` into ``last_comb`` (TILE, O) where one occurred; 4: into
+    the log as step ``K + c`` (:func:`chunk_steps`). Returns the log's entries."""
     outs = acc.shape[1]
+    flags, words, entries, count = log
+    if record == 4 and c > 0:
+        entries = reserve(entries, count, nt * outs + 1)
+    k_bits = bit_width(k_len + n_chunks)
+    o_bits = bit_width(outs)
+    rows_with_events = 0
     for t in range(nt):
         if c == 0:
             for o in range(outs):
@@ -185,10 +263,17 @@ def combine(acc, total, nt, c, over_any, counts, comb, last_comb, record, mode, 
                 comb[t, o] = event
             elif record == 2 and event:
                 last_comb[t, o] = c
+            elif record == 4:
+                flags[t, o] = event
             total[t, o] = q
+        if record == 4:
+            rows_with_events |= (n_over + n_swamp + n_under > 0) << t
         counts[t, 0] += n_over
         counts[t, 2] += n_swamp
         counts[t, 3] += n_under
+    if record == 4:
+        log_rows(entries, count, words, rows_with_events, k_len + c, k_bits, o_bits)
+    return entries
 
 
 @njit(inline="always", **opts)
@@ -202,71 +287,128 @@ def count_outputs(over_any, nt, counts):
 
 
 @njit(inline="always", **opts)
-def _forward_body(x, w_t, rows, chunk, mode, lo, hi, man_bits, min_bits, magic, maxv, check,
-                  last, record):
-    """The chain; ``record`` 2 (a constant: a runtime flag here costs the loop its vector
-    code), one chunk only: each output's last event's step into ``last`` (n, O) int32 (what
-    ``recursive`` needs of the chain, :func:`recursive_from_last`)."""
+def forward_tile(x, w_t, rows, t0, nt, chunk, y, counts, last, log, record, mode, lo, hi,
+                 man_bits, min_bits, magic, maxv, check):
+    """The chain of rows ``rows[t0:t0 + nt]`` into ``y`` and ``counts``; ``record`` 2: each
+    output's last event's step into ``last``; 4: the events into ``log`` (:func:`chunk_steps`).
+    Returns the log's entries."""
     k_len, outs = w_t.shape
     n_chunks = (k_len + chunk - 1) // chunk
-    n = rows.shape[0]
-    y = np.empty((n, outs))
-    counts = np.zeros((n, 4), dtype=np.int64)
-    no_b = np.zeros((1, 1, 1), dtype=np.bool_)
+    no_b = np.zeros((1, 1), dtype=np.bool_)
     no_i = np.zeros((1, 1, 1), dtype=np.int64)
     no_f = np.zeros((1, 1))
     no_grads = (no_f, no_f, no_f, no_f)  # never read: no cuts in the forward pass
+    acc = np.empty((TILE, outs))
+    total = y[t0:t0 + nt]
+    over_any = np.zeros((TILE, outs), dtype=np.bool_)
+    last_step = np.empty((TILE, 1, outs), dtype=np.int32)
+    tc = counts[t0:t0 + nt]
+    flags, words, entries, count = log
+    for c in range(n_chunks):
+        entries = chunk_steps(x, w_t, rows, t0, nt, c, chunk, acc, over_any, tc, no_i, no_i[0],
+                              0, last_step, record, no_grads, no_f,
+                              (flags, words, entries, count), mode, lo, hi, man_bits, min_bits,
+                              magic, maxv, check)
+        entries = combine(acc, total, nt, c, over_any, tc, no_b, no_i[0], record & 4,
+                          (flags, words, entries, count), k_len, n_chunks, mode, lo, hi,
+                          man_bits, min_bits, magic, maxv, check)
+    if record == 2:
+        last[t0:t0 + nt] = last_step[:nt, 0]
+    count_outputs(over_any, nt, tc)
+    return entries
+
+
+@njit(inline="always", **opts)
+def _forward_body(x, w_t, rows, chunk, mode, lo, hi, man_bits, min_bits, magic, maxv, check,
+                  last, record):
+    """The chain, parallel over tiles of rows; ``record`` 2 (a constant: a runtime flag here
+    costs the loop its vector code), one chunk only: each output's last event's step into
+    ``last`` (n, O) int32 (what ``recursive`` needs of the chain, :func:`recursive_from_last`)."""
+    n = rows.shape[0]
+    y = np.empty((n, w_t.shape[1]))
+    counts = np.zeros((n, 4), dtype=np.int64)
+    # never written (an array packed in a tuple and written inside a parallel loop is not
+    # written back)
+    no_log = (np.zeros((1, 8), dtype=np.uint8), np.zeros((1, 1), dtype=np.uint64),
+              np.zeros(1, dtype=np.int32), np.zeros(1, dtype=np.int64))
     for tile in prange((n + TILE - 1) // TILE):
-        t0 = tile * TILE
-        nt = min(TILE, n - t0)
-        acc = np.empty((TILE, outs))
-        total = y[t0:t0 + nt]
-        over_any = np.zeros((TILE, outs), dtype=np.bool_)
-        last_step = np.empty((TILE, 1, outs), dtype=np.int32)
-        tc = counts[t0:t0 + nt]
-        for c in range(n_chunks):
-            chunk_steps(x, w_t, rows, t0, nt, c, chunk, acc, over_any, tc, no_i, no_i[0], 0,
-                        last_step, record, no_grads, no_f, mode, lo, hi, man_bits, min_bits,
-                        magic, maxv, check)
-            combine(acc, total, nt, c, over_any, tc, no_b[0], no_i[0], 0, mode, lo, hi,
-                    man_bits, min_bits, magic, maxv, check)
-        if record:
-            last[t0:t0 + nt] = last_step[:nt, 0]
-        count_outputs(over_any, nt, tc)
+        forward_tile(x, w_t, rows, tile * TILE, min(TILE, n - tile * TILE), chunk, y, counts,
+                     last, no_log, record, mode, lo, hi, man_bits, min_bits, magic, maxv, check)
     return y, counts
+
+
+@njit(inline="always", **opts)
+def _forward_events_body(x, w_t, rows, chunk, mode, lo, hi, man_bits, min_bits, magic, maxv,
+                         check):
+    """The chain on one thread (callers run blocks of rows on threads of their own), with its
+    event log: ``(y, counts, entries, tile_ends)``; the events of tile ``i`` (rows ``TILE * i``
+    on) are ``entries[tile_ends[i]:tile_ends[i + 1]]``, each ``(t << kb | k) << ob | o``
+    (:func:`chunk_steps`): row ``TILE * i + t``, output ``o``, the addition of product
+    ``k < K`` or, at ``k = K + c``, of chunk ``c``'s result, in the order they occurred."""
+    n = rows.shape[0]
+    outs = w_t.shape[1]
+    y = np.empty((n, outs))
+    counts = np.zeros((n, 4), dtype=np.int64)
+    n_tiles = (n + TILE - 1) // TILE
+    tile_ends = np.zeros(n_tiles + 1, dtype=np.int64)
+    width = (outs + 7) // 8
+    flags_flat = np.zeros(TILE * width * 8, dtype=np.uint8)
+    flags = flags_flat.reshape((TILE, width * 8))
+    words = flags_flat.view(np.uint64).reshape((TILE, width))
+    entries = np.empty(max(4096, n * outs // 4), dtype=np.int32)
+    count = np.zeros(1, dtype=np.int64)
+    no_last = np.zeros((1, 1), dtype=np.int32)
+    for tile in range(n_tiles):
+        t0, nt, log = tile * TILE, min(TILE, n - tile * TILE), (flags, words, entries, count)
+        if check:  # a constant in each copy of the loop (LLVM does not take it out here)
+            entries = forward_tile(x, w_t, rows, t0, nt, chunk, y, counts, no_last, log, 4, mode,
+                                   lo, hi, man_bits, min_bits, magic, maxv, True)
+        else:
+            entries = forward_tile(x, w_t, rows, t0, nt, chunk, y, counts, no_last, log, 4, mode,
+                                   lo, hi, man_bits, min_bits, magic, maxv, False)
+        tile_ends[tile + 1] = count[0]
+    return y, counts, entries[:count[0]], tile_ends
 
 
 @njit(inline="always", **opts)
 def recursive_cuts(t, i, r, n_chunks, chunk, k_len, g, xg, wg, gx, gw, last_step, last_comb,
                    use_exact):
-    """``recursive``: product ``j`` of chunk ``c`` is cut where ``j <= last_step[c]`` or
-    ``c <= last_comb``. Per output, the shorter of the two: minus the cut products (with the
-    exact gradient, ``use_exact``), or the kept ones alone (without it); adjacent ranges are
-    taken as one."""
+    """``recursive``, every output of row ``i``: :func:`recursive_output_cuts`."""
     for o in range(g.shape[1]):
-        gro = g[i, o]
-        lc = last_comb[t, o]
-        cut_to = min((lc + 1) * chunk, k_len)  # every chunk up to the last combination event
-        n_cut = cut_to
-        for c in range(lc + 1, n_chunks):
-            n_cut += min(last_step[t, c, o] + 1, k_len - c * chunk)
-        exact = 2 * n_cut <= k_len
-        use_exact[i, o] = exact
-        if gro == 0.0:
+        recursive_output_cuts(t, i, r, o, n_chunks, chunk, k_len, g, xg, wg, gx, gw, last_step,
+                              last_comb, use_exact)
+
+
+@njit(inline="always", **opts)
+def recursive_output_cuts(t, i, r, o, n_chunks, chunk, k_len, g, xg, wg, gx, gw, last_step,
+                          last_comb, use_exact):
+    """``recursive``: product ``j`` of chunk ``c`` is cut where ``j <= last_step[c]`` or
+    ``c <= last_comb``. The shorter of the two: minus the cut products (with the exact
+    gradient, ``use_exact``), or the kept ones alone (without it); adjacent ranges are taken
+    as one."""
+    gro = g[i, o]
+    lc = last_comb[t, o]
+    cut_to = min((lc + 1) * chunk, k_len)  # every chunk up to the last combination event
+    n_cut = cut_to
+    for c in range(lc + 1, n_chunks):
+        n_cut += min(last_step[t, c, o] + 1, k_len - c * chunk)
+    exact = 2 * n_cut <= k_len
+    use_exact[i, o] = exact
+    if gro == 0.0:
+        return
+    sign = -gro if exact else gro
+    start, stop = (0 if exact else cut_to), cut_to  # the open range of products to take
+    for c in range(lc + 1, n_chunks):
+        k0 = c * chunk
+        split = min(k0 + last_step[t, c, o] + 1, k_len)  # cut [k0, split), keep the rest
+        lo_k, hi_k = (k0, split) if exact else (split, min(k0 + chunk, k_len))
+        if lo_k == hi_k:
             continue
-        sign = -gro if exact else gro
-        start, stop = (0 if exact else cut_to), cut_to  # the open range of products to take
-        for c in range(lc + 1, n_chunks):
-            k0 = c * chunk
-            split = min(k0 + last_step[t, c, o] + 1, k_len)  # cut [k0, split), keep the rest
-            lo_k, hi_k = (k0, split) if exact else (split, min(k0 + chunk, k_len))
-            if lo_k == hi_k:
-                continue
-            if lo_k != stop:
-                add_range(gx[i], gw[o], sign, xg[r], wg[o], start, stop)
-                start = lo_k
-            stop = hi_k
-        add_range(gx[i], gw[o], sign, xg[r], wg[o], start, stop)
+        if lo_k != stop:
+            add_range(gx[i], gw[o], sign, xg[r], wg[o], start, stop)
+            start = lo_k
+        stop = hi_k
+    add_range(gx[i], gw[o], sign, xg[r], wg[o], start, stop)
 
 
 @njit(inline="always", **opts)
@@ -295,6 +437,81 @@ def immediate_cuts(t, i, r, c, chunk, k_len, g, xg, wg, wg_t, gx, gw, gw_t, ev, 
             add_range(gx[i], gw[o], -g[i, o], xg[r], wg[o], k0, k1)
 
 
+@njit(parallel=True, **opts)
+def backward_from_events(xg, wg, g, rows, entries, tile_ends, chunk, recursive, n_blocks):
+    """The fine-grained gradients of :func:`_backward_body` from the event log that
+    :func:`_forward_events_body` kept, without re-running the chain. ``immediate``: minus each
+    event's product (``gw`` transposed, as the log's steps run along ``K``), or the whole chunk
+    of a combination event (whose chunk's own events are not cut again); ``recursive``: the
+    last events per chunk and combination, then :func:`recursive_cuts`."""
+    n, outs = g.shape
+    k_len = xg.shape[1]
+    n_chunks = (k_len + chunk - 1) // chunk
+    k_bits = bit_width(k_len + n_chunks)
+    o_bits = bit_width(outs)
+    k_mask = (1 << k_bits) - 1
+    o_mask = (1 << o_bits) - 1
+    gx = np.zeros((n, k_len), dtype=xg.dtype)
+    use_exact = np.ones((n, outs), dtype=np.bool_)
+    gw_parts = np.zeros((n_blocks, outs, k_len) if recursive else (n_blocks, 1, 1))
+    gw_t_parts = np.zeros((n_blocks, k_len, outs) if not recursive else (n_blocks, 1, 1))
+    wg_t = np.ascontiguousarray(wg.T) if not recursive else wg[:1, :1]
+    n_tiles = tile_ends.size - 1
+    per_block = (n_tiles + n_blocks - 1) // n_blocks
+    for b in prange(n_blocks):
+        gw = gw_parts[b]
+        gw_t = gw_t_parts[b]
+        comb = np.zeros((TILE, n_chunks, outs), dtype=np.bool_)
+        last_step = np.full((TILE, n_chunks if recursive else 1, outs), -1, dtype=np.int32)
+        last_comb = np.full((TILE, outs), -1, dtype=np.int32)
+        for tile in range(b * per_block, min(n_tiles, (b + 1) * per_block)):
+            t0 = tile * TILE
+            e0, e1 = tile_ends[tile], tile_ends[tile + 1]
+            for e in range(e0, e1 if recursive or n_chunks > 1 else e0):
+                # what the cuts depend on: the combination events (and the last events)
+                entry = entries[e]
+                o, k, t = entry & o_mask, (entry >> o_bits) & k_mask, entry >> (o_bits + k_bits)
+                if k >= k_len:
+                    comb[t, k - k_len, o] = True
+                    last_comb[t, o] = k - k_len
+                elif recursive:
+                    last_step[t, k // chunk, o] = k % chunk
+            nt = min(TILE, n - t0)
+            if recursive:  # outputs with a combination event: chunk by chunk
+                for t in range(nt):
+                    for o in range(outs):
+                        if last_comb[t, o] >= 0:
+                            recursive_output_cuts(t, t0 + t, rows[t0 + t], o, n_chunks, chunk,
+                                                  k_len, g, xg, wg, gx, gw, last_step,
+                                                  last_comb, use_exact)
+            for e in range(e0, e1):  # the other cuts, and reset what was set
+                entry = entries[e]
+                o, k, t = entry & o_mask, (entry >> o_bits) & k_mask, entry >> (o_bits + k_bits)
+                i = t0 + t
+                r = rows[i]
+                if k >= k_len:
+                    c = k - k_len
+                    comb[t, c, o] = False
+                    if not recursive:  # immediate: the whole chunk
+                        for kc in range(c * chunk, min(c * chunk + chunk, k_len)):
+                            gx[i, kc] -= g[i, o] * wg_t[kc, o]
+                            gw_t[kc, o] -= g[i, o] * xg[r, kc]
+                elif recursive:  # no combination event: the prefix of each chunk, cut at
+                    c, j = divmod(k, chunk)  # its last event
+                    if last_step[t, c, o] == j:
+                        last_step[t, c, o] = -1
+                        if last_comb[t, o] < 0:
+                            add_range(gx[i], gw[o], -g[i, o], xg[r], wg[o], c * chunk, k + 1)
+                elif n_chunks == 1 or not comb[t, k // chunk, o]:  # immediate: the product
+                    gx[i, k] -= g[i, o] * wg_t[k, o]
+                    gw_t[k, o] -= g[i, o] * xg[r, k]
+            last_comb[:nt] = -1
+    gw = gw_parts[0].copy() if recursive else gw_t_parts[0].T.copy()
+    for b in range(1, n_blocks):
+        gw += gw_parts[b] if recursive else gw_t_parts[b].T
+    return gx, gw, use_exact
+
+
 @njit(inline="always", **opts)
 def _backward_body(x, w_t, xg, wg, g, rows, chunk, recursive, n_blocks, mode, lo, hi,
                    man_bits, min_bits, magic, maxv, check):
@@ -314,6 +531,8 @@ def _backward_body(x, w_t, xg, wg, g, rows, chunk, recursive, n_blocks, mode, lo
     gw_t_parts = np.zeros((n_blocks, k_len, outs) if not recursive else (n_blocks, 1, 1))
     n_tiles = (n + TILE - 1) // TILE
     per_block = (n_tiles + n_blocks - 1) // n_blocks
+    no_log = (np.zeros((1, 8), dtype=np.uint8), np.zeros((1, 1), dtype=np.uint64),
+              np.zeros(1, dtype=np.int32), np.zeros(1, dtype=np.int64))  # never written
     for b in prange(n_blocks):
         acc = np.empty((TILE, outs))
         total = np.empty((TILE, outs))
@@ -335,18 +554,19 @@ def _backward_body(x, w_t, xg, wg, g, rows, chunk, recursive, n_blocks, mode, lo
                 stamp = tile * n_chunks + c + 1
                 if recursive:
                     chunk_steps(x, w_t, rows, t0, nt, c, chunk, acc, over_any, counts, ev,
-                                step_ev, stamp, last_step, 2, grads, gx, mode, lo, hi, man_bits,
+                                step_ev, stamp, last_step, 2, grads, gx, no_log, mode, lo, hi, man_bits,
                                 min_bits, magic, maxv, check)
                 elif n_chunks == 1:  # the cuts as the chain goes
                     chunk_steps(x, w_t, rows, t0, nt, c, chunk, acc, over_any, counts, ev,
-                                step_ev, stamp, last_step, 3, grads, gx, mode, lo, hi, man_bits,
+                                step_ev, stamp, last_step, 3, grads, gx, no_log, mode, lo, hi, man_bits,
                                 min_bits, magic, maxv, check)
                 else:
                     chunk_steps(x, w_t, rows, t0, nt, c, chunk, acc, over_any, counts, ev,
-                                step_ev, stamp, last_step, 1, grads, gx, mode, lo, hi, man_bits,
+                                step_ev, stamp, last_step, 1, grads, gx, no_log, mode, lo, hi, man_bits,
                                 min_bits, magic, maxv, check)
                 combine(acc, total, nt, c, over_any, counts, comb, last_comb,
-                        2 if recursive else 1, mode, lo, hi, man_bits, min_bits, magic, maxv, check)
+                        2 if recursive else 1, no_log, k_len, n_chunks, mode, lo, hi, man_bits,
+                        min_bits, magic, maxv, check)
                 if not recursive and n_chunks > 1:
                     for t in range(nt):
                         immediate_cuts(t, t0 + t, rows[t0 + t], c, chunk, k_len, g, xg, wg,
@@ -400,6 +620,22 @@ def forward_toward_zero_last(x, w_t, rows, chunk, lo, hi, man_bits, min_bits, ma
 
 
 FORWARD_LAST = (None, forward_nearest_last, forward_toward_zero_last)  # floating point only
+
+
+@njit(**opts)
+def forward_nearest_events(x, w_t, rows, chunk, lo, hi, man_bits, min_bits, magic, maxv, check):
+    return _forward_events_body(x, w_t, rows, chunk, 1, lo, hi, man_bits, min_bits, magic, maxv,
+                                check)
+
+
+@njit(**opts)
+def forward_toward_zero_events(x, w_t, rows, chunk, lo, hi, man_bits, min_bits, magic, maxv,
+                               check):
+    return _forward_events_body(x, w_t, rows, chunk, 2, lo, hi, man_bits, min_bits, magic, maxv,
+                                check)
+
+
+FORWARD_EVENTS = (None, forward_nearest_events, forward_toward_zero_events)  # floating point
 
 
 @njit(parallel=True, **opts)

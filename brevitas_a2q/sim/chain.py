@@ -48,6 +48,7 @@ class _ChainResult:
     combine_event: Tensor | None = None  # (R, O, nC) bool, for "immediate"
     last_step_event: Tensor | None = None  # (R, O, nC) int, for "recursive"
     last_combine_event: Tensor | None = None  # (R, O) int, for "recursive"
+    event_log: tuple | None = None  # (rows, entries, tile_ends): kernels.forward_events
     overflowed: Tensor | None = None  # (R, O) bool, wraparound only
     grad_x: Tensor | None = None
     grad_w: Tensor | None = None

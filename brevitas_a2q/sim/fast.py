@@ -93,14 +93,16 @@ def kernel_threads() -> int:
 
 
 def _run_kernel(x: Tensor, w: Tensor, cfg: AccumulatorConfig, chunk: int,
-                record_last: bool = False) -> _ChainResult:
+                record_last: bool = False, record_events: bool = False) -> _ChainResult:
     """:func:`_run_chain` through the numba kernel (:mod:`.kernels`): the exact product for the
     rows :func:`_int_safe_rows` proves event-free, the compiled chain for the others; integer
-    saturation by blocks (:mod:`.saturating`) where that applies. ``record_last`` (floating
-    point, one chunk): also each output's last event's step, as ``last_step_event`` (R, O, 1)."""
+    saturation by blocks (:mod:`.saturating`) where that applies. Floating point:
+    ``record_last`` (one chunk) also keeps each output's last event's step, as
+    ``last_step_event`` (R, O, 1); ``record_events`` the event log, as ``event_log`` (the
+    chain's rows, entries, tile ends: :func:`brevitas_a2q.sim.kernels.forward_events`)."""
     from brevitas_a2q.sim import saturating
 
-    res = None if record_last else saturating.chain(x, w, cfg, chunk)
+    res = None if record_last or record_events else saturating.chain(x, w, cfg, chunk)
     if res is not None:
         return res
     safe = _int_safe_rows(x, w, cfg)
@@ -114,8 +116,14 @@ def _run_kernel(x: Tensor, w: Tensor, cfg: AccumulatorConfig, chunk: int,
         xn = x.detach().contiguous().numpy()
         wn = w.detach().t().contiguous().numpy()
         last = np.full((len(rows), w.shape[0]), -1, dtype=np.int32) if record_last else None
-        part, counts = kernels.forward(xn, wn, rows.numpy(), chunk, cfg,
-                                       may_overflow(x, w, cfg, chunk), last)
+        check = may_overflow(x, w, cfg, chunk)
+        logged = record_events and kernels.forward_events(xn, wn, rows.numpy(), chunk, cfg,
+                                                          check, kernel_threads())
+        if logged:
+            part, counts, log = logged
+            res.event_log = (rows, *log)
+        else:
+            part, counts = kernels.forward(xn, wn, rows.numpy(), chunk, cfg, check, last)
         y[rows] = torch.from_numpy(part)
         if record_last:
             res.last_step_event = torch.full((x.shape[0], w.shape[0], 1), -1, dtype=torch.int32)

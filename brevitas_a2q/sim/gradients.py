@@ -86,10 +86,12 @@ def simulate_matmul(x_val: Tensor, w_val: Tensor, x_scale: Tensor | float,
     chain = saturating.chain(ax, aw, cfg, min(cfg.chunk_size or k, k), integers=True) \
         if k else None
     grad = torch.is_grad_enabled() and (x_val.requires_grad or w_val.requires_grad)
-    if chain is None and cfg.kind == "float" and _cpu_kernels(x_val):
-        # recursive over one chunk needs only each output's last event: kept from here
-        last = jit and grad and cfg.gradient == "recursive" and (cfg.chunk_size or k) >= k > 0
-        chain = _run_kernel(ax, aw, cfg, k, record_last=True) if last else None
+    if chain is None and jit and grad and cfg.kind == "float" and _cpu_kernels(x_val) and k:
+        # what the backward pass needs of the chain, kept from here: for recursive over one
+        # chunk each output's last event, otherwise the events themselves
+        chunk = min(cfg.chunk_size or k, k)
+        last = cfg.gradient == "recursive" and chunk == k
+        chain = _run_kernel(ax, aw, cfg, chunk, record_last=last, record_events=not last)
     if chain is None:
         if not (cfg.kind == "float" and _cpu_kernels(x_val)):
             ax, aw = ax.double(), aw.double()
@@ -107,8 +109,8 @@ def simulate_matmul(x_val: Tensor, w_val: Tensor, x_scale: Tensor | float,
         ste = exact + (y - exact).detach()
         return torch.where(chain.overflowed, y, ste), chain
     if jit:
-        return _KernelFineGrained.apply(x_val, w_val, y, ax, aw, cfg,
-                                        chain.last_step_event), chain
+        return _KernelFineGrained.apply(x_val, w_val, y, ax, aw, cfg, chain.last_step_event,
+                                        chain.event_log), chain
     return _FineGrainedChain.apply(x_val, w_val, y, ax, aw, cfg, chain), chain
 
 
@@ -194,8 +196,8 @@ class _KernelFineGrained(torch.autograd.Function):
     forward pass kept). GPU: :func:`_cuda_grads`."""
 
     @staticmethod
-    def forward(ctx, x_val, w_val, y_sim, addend_x, addend_w, cfg, last=None):
-        ctx.cfg, ctx.last = cfg, last
+    def forward(ctx, x_val, w_val, y_sim, addend_x, addend_w, cfg, last=None, log=None):
+        ctx.cfg, ctx.last, ctx.log = cfg, last, log
         ctx.save_for_backward(x_val, w_val, addend_x, addend_w)
         return y_sim.clone()
 
@@ -211,17 +213,21 @@ class _KernelFineGrained(torch.autograd.Function):
         if x_val.is_cuda:
             gx, gw = _cuda_grads(ax, aw, x_val.detach().double(), w_val.detach().double(),
                                  g.double(), cfg, chunk)
-            return gx.to(x_val.dtype), gw.to(w_val.dtype), None, None, None, None, None
+            return gx.to(x_val.dtype), gw.to(w_val.dtype), *[None] * 6
         xv, wv = x_val.detach(), w_val.detach()
         if cfg.kind == "int":  # the exact gradient, less the cut products' (by blocks)
             gx, gw = g @ wv, g.t() @ xv
             if saturating.subtract_cut(ax, aw, cfg, chunk, g, xv, wv, gx, gw):
-                return gx, gw, None, None, None, None, None
+                return gx, gw, *[None] * 6
             ax, aw = ax.double(), aw.double()  # (float32 real-valued addends go as they are)
-        rows = (~_int_safe_rows(ax, aw, cfg)).nonzero().squeeze(1)
+        rows = ctx.log[0] if ctx.log else (~_int_safe_rows(ax, aw, cfg)).nonzero().squeeze(1)
         g_exact, corrections = g, None
         n_blocks = min(kernel_threads(), len(rows))
-        if len(rows) and ctx.last is not None:  # the forward pass kept each last event
+        if len(rows) and ctx.log:  # the forward pass kept its events
+            gx_rows, gw_corr, use_exact = kernels.backward_from_events(
+                xv.contiguous().numpy(), wv.contiguous().numpy(), g[rows].contiguous().numpy(),
+                rows.numpy(), ctx.log[1:], chunk, cfg.gradient == "recursive", n_blocks)
+        elif len(rows) and ctx.last is not None:  # the forward pass kept each last event
             gx_rows, gw_corr, use_exact = kernels.recursive_from_last(
                 xv.contiguous().numpy(), wv.contiguous().numpy(), g.contiguous().numpy(),
                 ctx.last[..., 0].contiguous().numpy(), n_blocks)
@@ -235,8 +241,14 @@ class _KernelFineGrained(torch.autograd.Function):
                 g_exact = g.clone()
                 g_exact[rows] *= torch.from_numpy(use_exact)
             corrections = torch.from_numpy(gx_rows), torch.from_numpy(gw_corr)
-        gx, gw = g_exact @ wv, g_exact.t() @ xv
-        if corrections is not None:
+        gw = g_exact.t() @ xv
+        if corrections is None:
+            gx = g_exact @ wv
+        elif len(rows) == len(g) and corrections[0].dtype == xv.dtype:
+            gx = corrections[0].addmm_(g_exact, wv)  # (no second (R, K) array)
+        else:
+            gx = g_exact @ wv
             gx[rows] += corrections[0].to(gx.dtype)
+        if corrections is not None:
             gw += corrections[1].to(gw.dtype)
-        return gx.to(x_val.dtype), gw.to(w_val.dtype), None, None, None, None, None
+        return gx.to(x_val.dtype), gw.to(w_val.dtype), *[None] * 6

@@ -1,8 +1,9 @@
 """JIT-compiled (numba, CPU) accumulation chain: the same float64 operations, in the same order,
 as :func:`brevitas_a2q.sim.chain._run_chain`, one row at a time, vectorized over outputs and
 parallel over rows; and the fine-grained ``immediate`` / ``recursive`` gradients (Blumenfeld,
-Hubara, Soudry, ICLR 2024, Sec. 4), which recompute each row's events in the backward pass
-instead of storing per-step masks.
+Hubara, Soudry, ICLR 2024, Sec. 4) without per-step masks: from the events the forward pass
+logged (floating point, :func:`forward_events`), from each output's last event, or by
+re-running each row's chain in the backward pass.
 
 numba (a PyPI wheel with LLVM bundled; no system compiler) is imported lazily. Where it is
 missing or fails to compile, :func:`available` is False, a warning says so once, and callers use
@@ -91,6 +92,46 @@ def forward(x: np.ndarray, w_t: np.ndarray, rows: np.ndarray, chunk: int, cfg: A
     return _kernels()["forward_last"][mode](x, w_t, rows, chunk, *params, check, last)
 
 
+def forward_events(x: np.ndarray, w_t: np.ndarray, rows: np.ndarray, chunk: int,
+                   cfg: AccumulatorConfig, check: bool, n_threads: int
+                   ) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray]] | None:
+    """:func:`forward` (floating point) that also keeps its event log ``(entries,
+    tile_ends)`` (:func:`brevitas_a2q.sim._jit._forward_events_body`), from which
+    :func:`backward_from_events` takes the fine-grained gradients without re-running the
+    chain; blocks of rows on ``n_threads`` threads. None where an entry would not fit int32."""
+    from brevitas_a2q.sim._jit import TILE
+
+    k, outs = w_t.shape
+    bits = [max(1, (n - 1).bit_length()) for n in (TILE, k + -(-k // chunk), outs)]
+    if sum(bits) > 31:  # (_jit.bit_width)
+        return None
+    mode, *params = format_params(cfg)
+    kernel = _kernels()["forward_events"][mode]
+    per = -(-len(rows) // (TILE * n_threads)) * TILE  # whole tiles per thread
+    parts = [rows[i:i + per] for i in range(0, len(rows), per)] or [rows]
+    if len(parts) == 1:
+        done = [kernel(x, w_t, parts[0], chunk, *params, check)]
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(len(parts)) as pool:  # the kernel releases the GIL
+            done = list(pool.map(lambda part: kernel(x, w_t, part, chunk, *params, check), parts))
+    ends = [np.zeros(1, dtype=np.int64)]
+    for *_, part_ends in done:
+        ends.append(part_ends[1:] + ends[-1][-1])
+    return (np.concatenate([d[0] for d in done]), np.concatenate([d[1] for d in done]),
+            (np.concatenate([d[2] for d in done]), np.concatenate(ends)))
+
+
+def backward_from_events(xg: np.ndarray, wg: np.ndarray, g: np.ndarray, rows: np.ndarray,
+                         log: tuple[np.ndarray, np.ndarray], chunk: int, recursive: bool,
+                         n_blocks: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The fine-grained gradients of the chain of ``rows`` from the event log
+    :func:`forward_events` kept: ``(gx, gw, use_exact)`` as :func:`backward`."""
+    return _kernels()["backward_from_events"](xg, wg, g, rows, *log, chunk, recursive,
+                                              n_blocks)
+
+
 def recursive_from_last(xg: np.ndarray, wg: np.ndarray, g: np.ndarray, last: np.ndarray,
                         n_blocks: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``recursive`` gradients of one-chunk chains from the last events :func:`forward`
@@ -135,7 +176,9 @@ def _compile() -> dict:
     from brevitas_a2q.sim import _jit, _jit_blocks
 
     return {"forward": _jit.FORWARD, "backward": _jit.BACKWARD, "saturating": _jit_blocks,
-            "forward_last": _jit.FORWARD_LAST, "recursive_from_last": _jit.recursive_from_last}
+            "forward_last": _jit.FORWARD_LAST, "recursive_from_last": _jit.recursive_from_last,
+            "forward_events": _jit.FORWARD_EVENTS,
+            "backward_from_events": _jit.backward_from_events}
 
 
 # ------------------------------------------------------------------------------------------------
