@@ -96,7 +96,7 @@ def forward_events(x: np.ndarray, w_t: np.ndarray, rows: np.ndarray, chunk: int,
                    cfg: AccumulatorConfig, check: bool, n_threads: int
                    ) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray]] | None:
     """:func:`forward` (floating point) that also keeps its event log ``(entries,
-    tile_ends)`` (:func:`brevitas_a2q.sim._jit._forward_events_body`), from which
+    tile_ends)`` (:func:`brevitas_a2q.sim._jit_events._forward_events_body`), from which
     :func:`backward_from_events` takes the fine-grained gradients without re-running the
     chain; blocks of rows on ``n_threads`` threads. None where an entry would not fit int32."""
     from brevitas_a2q.sim._jit import TILE
@@ -173,12 +173,12 @@ def _compile() -> dict:
         # numba's own thread pool: its OpenMP layer's idle threads spin and slowed torch's
         # (also OpenMP) matrix products by 20x here after a kernel had run
         numba.config.THREADING_LAYER = "workqueue"
-    from brevitas_a2q.sim import _jit, _jit_blocks
+    from brevitas_a2q.sim import _jit, _jit_blocks, _jit_events
 
     return {"forward": _jit.FORWARD, "backward": _jit.BACKWARD, "saturating": _jit_blocks,
             "forward_last": _jit.FORWARD_LAST, "recursive_from_last": _jit.recursive_from_last,
-            "forward_events": _jit.FORWARD_EVENTS,
-            "backward_from_events": _jit.backward_from_events}
+            "forward_events": _jit_events.FORWARD_EVENTS,
+            "backward_from_events": _jit_events.backward_from_events}
 
 
 # ------------------------------------------------------------------------------------------------

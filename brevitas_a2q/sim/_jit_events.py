@@ -1,0 +1,144 @@
+"""numba kernels of the event log (:func:`brevitas_a2q.sim.kernels.forward_events`): the
+floating-point chain that logs every event as it runs, and the fine-grained gradients taken
+from the log in the backward pass (Blumenfeld, Hubara, Soudry, ICLR 2024, Sec. 4) instead of
+from a second run of the chain. An entry is one int32: ``(t << kb | k) << ob | o`` for row ``t``
+of a tile, step ``k`` (``K + c``: the addition of chunk ``c``'s result) and output ``o``."""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from brevitas_a2q.sim._jit import (
+    TILE,
+    add_range,
+    bit_width,
+    forward_tile,
+    opts,
+    recursive_output_cuts,
+)
+
+
+@njit(inline="always", **opts)
+def _forward_events_body(x, w_t, rows, chunk, mode, lo, hi, man_bits, min_bits, magic, maxv,
+                         check):
+    """The chain on one thread (callers run blocks of rows on threads of their own), with its
+    event log: ``(y, counts, entries, tile_ends)``; the events of tile ``i`` (rows ``TILE * i``
+    on) are ``entries[tile_ends[i]:tile_ends[i + 1]]``, each ``(t << kb | k) << ob | o``
+    (:func:`chunk_steps`): row ``TILE * i + t``, output ``o``, the addition of product
+    ``k < K`` or, at ``k = K + c``, of chunk ``c``'s result, in the order they occurred."""
+    n = rows.shape[0]
+    outs = w_t.shape[1]
+    y = np.empty((n, outs))
+    counts = np.zeros((n, 4), dtype=np.int64)
+    n_tiles = (n + TILE - 1) // TILE
+    tile_ends = np.zeros(n_tiles + 1, dtype=np.int64)
+    width = (outs + 7) // 8
+    flags_flat = np.zeros(TILE * width * 8, dtype=np.uint8)
+    flags = flags_flat.reshape((TILE, width * 8))
+    words = flags_flat.view(np.uint64).reshape((TILE, width))
+    entries = np.empty(max(4096, n * outs // 4), dtype=np.int32)
+    count = np.zeros(1, dtype=np.int64)
+    no_last = np.zeros((1, 1), dtype=np.int32)
+    for tile in range(n_tiles):
+        t0, nt, log = tile * TILE, min(TILE, n - tile * TILE), (flags, words, entries, count)
+        if check:  # a constant in each copy of the loop (LLVM does not take it out here)
+            entries = forward_tile(x, w_t, rows, t0, nt, chunk, y, counts, no_last, log, 4, mode,
+                                   lo, hi, man_bits, min_bits, magic, maxv, True)
+        else:
+            entries = forward_tile(x, w_t, rows, t0, nt, chunk, y, counts, no_last, log, 4, mode,
+                                   lo, hi, man_bits, min_bits, magic, maxv, False)
+        tile_ends[tile + 1] = count[0]
+    return y, counts, entries[:count[0]], tile_ends
+
+
+@njit(parallel=True, **opts)
+def backward_from_events(xg, wg, g, rows, entries, tile_ends, chunk, recursive, n_blocks):
+    """The fine-grained gradients of :func:`_backward_body` from the event log that
+    :func:`_forward_events_body` kept, without re-running the chain. ``immediate``: minus each
+    event's product (``gw`` transposed, as the log's steps run along ``K``), or the whole chunk
+    of a combination event (whose chunk's own events are not cut again); ``recursive``: the
+    last events per chunk and combination, then :func:`recursive_cuts`."""
+    n, outs = g.shape
+    k_len = xg.shape[1]
+    n_chunks = (k_len + chunk - 1) // chunk
+    k_bits = bit_width(k_len + n_chunks)
+    o_bits = bit_width(outs)
+    k_mask = (1 << k_bits) - 1
+    o_mask = (1 << o_bits) - 1
+    gx = np.zeros((n, k_len), dtype=xg.dtype)
+    use_exact = np.ones((n, outs), dtype=np.bool_)
+    gw_parts = np.zeros((n_blocks, outs, k_len) if recursive else (n_blocks, 1, 1))
+    gw_t_parts = np.zeros((n_blocks, k_len, outs) if not recursive else (n_blocks, 1, 1))
+    wg_t = np.ascontiguousarray(wg.T) if not recursive else wg[:1, :1]
+    n_tiles = tile_ends.size - 1
+    per_block = (n_tiles + n_blocks - 1) // n_blocks
+    for b in prange(n_blocks):
+        gw = gw_parts[b]
+        gw_t = gw_t_parts[b]
+        comb = np.zeros((TILE, n_chunks, outs), dtype=np.bool_)
+        last_step = np.full((TILE, n_chunks if recursive else 1, outs), -1, dtype=np.int32)
+        last_comb = np.full((TILE, outs), -1, dtype=np.int32)
+        for tile in range(b * per_block, min(n_tiles, (b + 1) * per_block)):
+            t0 = tile * TILE
+            e0, e1 = tile_ends[tile], tile_ends[tile + 1]
+            for e in range(e0, e1 if recursive or n_chunks > 1 else e0):
+                # what the cuts depend on: the combination events (and the last events)
+                entry = entries[e]
+                o, k, t = entry & o_mask, (entry >> o_bits) & k_mask, entry >> (o_bits + k_bits)
+                if k >= k_len:
+                    comb[t, k - k_len, o] = True
+                    last_comb[t, o] = k - k_len
+                elif recursive:
+                    last_step[t, k // chunk, o] = k % chunk
+            nt = min(TILE, n - t0)
+            if recursive:  # outputs with a combination event: chunk by chunk
+                for t in range(nt):
+                    for o in range(outs):
+                        if last_comb[t, o] >= 0:
+                            recursive_output_cuts(t, t0 + t, rows[t0 + t], o, n_chunks, chunk,
+                                                  k_len, g, xg, wg, gx, gw, last_step,
+                                                  last_comb, use_exact)
+            for e in range(e0, e1):  # the other cuts, and reset what was set
+                entry = entries[e]
+                o, k, t = entry & o_mask, (entry >> o_bits) & k_mask, entry >> (o_bits + k_bits)
+                i = t0 + t
+                r = rows[i]
+                if k >= k_len:
+                    c = k - k_len
+                    comb[t, c, o] = False
+                    if not recursive:  # immediate: the whole chunk
+                        for kc in range(c * chunk, min(c * chunk + chunk, k_len)):
+                            gx[i, kc] -= g[i, o] * wg_t[kc, o]
+                            gw_t[kc, o] -= g[i, o] * xg[r, kc]
+                elif recursive:  # no combination event: the prefix of each chunk, cut at
+                    c, j = divmod(k, chunk)  # its last event
+                    if last_step[t, c, o] == j:
+                        last_step[t, c, o] = -1
+                        if last_comb[t, o] < 0:
+                            add_range(gx[i], gw[o], -g[i, o], xg[r], wg[o], c * chunk, k + 1)
+                elif n_chunks == 1 or not comb[t, k // chunk, o]:  # immediate: the product
+                    gx[i, k] -= g[i, o] * wg_t[k, o]
+                    gw_t[k, o] -= g[i, o] * xg[r, k]
+            last_comb[:nt] = -1
+    gw = gw_parts[0].copy() if recursive else gw_t_parts[0].T.copy()
+    for b in range(1, n_blocks):
+        gw += gw_parts[b] if recursive else gw_t_parts[b].T
+    return gx, gw, use_exact
+
+
+@njit(**opts)
+def forward_nearest_events(x, w_t, rows, chunk, lo, hi, man_bits, min_bits, magic, maxv, check):
+    return _forward_events_body(x, w_t, rows, chunk, 1, lo, hi, man_bits, min_bits, magic, maxv,
+                                check)
+
+
+@njit(**opts)
+def forward_toward_zero_events(x, w_t, rows, chunk, lo, hi, man_bits, min_bits, magic, maxv,
+                               check):
+    return _forward_events_body(x, w_t, rows, chunk, 2, lo, hi, man_bits, min_bits, magic, maxv,
+                                check)
+
+
+FORWARD_EVENTS = (None, forward_nearest_events, forward_toward_zero_events)  # floating point
+
