@@ -9,7 +9,8 @@ on GPUs in :mod:`._cuda`; the torch chain where they cannot run, said once by a 
 ``BREVITAS_A2Q_SIM_KERNELS=torch`` selects it), gradients through it (:mod:`.gradients`:
 identity STE and the fine-grained ``immediate`` / ``recursive`` estimators), event counts
 (:mod:`.stats`), Brevitas layers patched to use it (:mod:`.layers`) and evaluation / fine-tuning
-under it (:mod:`.evaluate`). May import :mod:`brevitas_a2q.analysis` (to find layers) and :mod:`brevitas_a2q.train` (the loop).
+under it (:mod:`.evaluate`). May import :mod:`brevitas_a2q.analysis` (to find layers) and
+:mod:`brevitas_a2q.train` (the loop).
 
 Simulated low bit-width accumulators for any Brevitas model's quantized Linear/Conv layers.
 
