@@ -115,7 +115,7 @@ def bit_width(n):
     return bits
 
 
-@njit(inline="always", **opts)
+@njit(**opts)  # (not inlined: called once per step, it keeps every chain kernel smaller)
 def reserve(entries, count, most):
     """The event log's entries with room for ``most`` more (grown by half where full)."""
     n = count[0]
@@ -126,7 +126,7 @@ def reserve(entries, count, most):
     return grown
 
 
-@njit(inline="always", **opts)
+@njit(**opts)  # (not inlined, as reserve)
 def log_rows(entries, count, words, rows_with_events, k, k_bits, o_bits):
     """Append the events of step ``k`` of the tile's rows ``t`` with bit ``t`` set in
     ``rows_with_events`` to the log ``entries[:count[0]]``: ``(t << k_bits | k) << o_bits | o``
@@ -198,7 +198,8 @@ def chunk_steps(x, w_t, rows, t0, nt, c, chunk, acc, over_any, counts, ev, step_
                 n_over += over
                 n_swamp += swamp
                 n_under += under
-                over_any[t, o] |= over
+                if mode == 0 or check:  # (else no addition can overflow)
+                    over_any[t, o] |= over
                 if record == 4:
                     flags[t, o] = over | swamp | under
                 elif record != 0 and (over or swamp or under):
@@ -257,7 +258,8 @@ def combine(acc, total, nt, c, over_any, counts, comb, last_comb, record, log, k
             n_over += over
             n_swamp += swamp
             n_under += under
-            over_any[t, o] |= over
+            if mode == 0 or check:
+                over_any[t, o] |= over
             event = over or swamp or under
             if record == 1:
                 comb[t, o] = event
