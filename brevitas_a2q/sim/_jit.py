@@ -161,7 +161,7 @@ def chunk_steps(x, w_t, rows, t0, nt, c, chunk, acc, over_any, counts, ev, step_
     (TILE, nC, O); 3 (``immediate``, one chunk: no combination can cut more): right after each
     step with an event, its cut products out of ``gx`` and ``grads = (g, xg, wg_t, gw_t)``
     (:func:`cut_step`; ``ev[t, 0]`` holds the step's events); 4: each event into the log
-    ``(flags, words, entries, count)`` (:func:`append_events`; the entry of output ``o``, row
+    ``(flags, words, entries, count)`` (:func:`log_rows`; the entry of output ``o``, row
     ``t`` of the tile, step ``k`` is ``(t << kb | k) << ob | o``, ``kb`` and ``ob`` the
     :func:`bit_width` of ``K + n_chunks`` and ``O``). Returns the log's entries (grown where
     full)."""
@@ -220,8 +220,7 @@ def chunk_steps(x, w_t, rows, t0, nt, c, chunk, acc, over_any, counts, ev, step_
             counts[t, 0] += n_over
             counts[t, 2] += n_swamp
             counts[t, 3] += n_under
-        if record == 4:  # (read once the next rows ran: right after its vector stores, a
-            # word of flags waits for them)
+        if record == 4:  # the step's events, every row of the tile at once
             log_rows(entries, count, words, rows_with_events, k, k_bits, o_bits)
     return entries
 
@@ -311,7 +310,7 @@ def forward_tile(x, w_t, rows, t0, nt, chunk, y, counts, last, log, record, mode
                               0, last_step, record, no_grads, no_f,
                               (flags, words, entries, count), mode, lo, hi, man_bits, min_bits,
                               magic, maxv, check)
-        entries = combine(acc, total, nt, c, over_any, tc, no_b, no_i[0], record & 4,
+        entries = combine(acc, total, nt, c, over_any, tc, no_b, no_i[0], record & 4,  # (4 or 0)
                           (flags, words, entries, count), k_len, n_chunks, mode, lo, hi,
                           man_bits, min_bits, magic, maxv, check)
     if record == 2:
@@ -448,16 +447,16 @@ def _backward_body(x, w_t, xg, wg, g, rows, chunk, recursive, n_blocks, mode, lo
                 stamp = tile * n_chunks + c + 1
                 if recursive:
                     chunk_steps(x, w_t, rows, t0, nt, c, chunk, acc, over_any, counts, ev,
-                                step_ev, stamp, last_step, 2, grads, gx, no_log, mode, lo, hi, man_bits,
-                                min_bits, magic, maxv, check)
+                                step_ev, stamp, last_step, 2, grads, gx, no_log, mode, lo, hi,
+                                man_bits, min_bits, magic, maxv, check)
                 elif n_chunks == 1:  # the cuts as the chain goes
                     chunk_steps(x, w_t, rows, t0, nt, c, chunk, acc, over_any, counts, ev,
-                                step_ev, stamp, last_step, 3, grads, gx, no_log, mode, lo, hi, man_bits,
-                                min_bits, magic, maxv, check)
+                                step_ev, stamp, last_step, 3, grads, gx, no_log, mode, lo, hi,
+                                man_bits, min_bits, magic, maxv, check)
                 else:
                     chunk_steps(x, w_t, rows, t0, nt, c, chunk, acc, over_any, counts, ev,
-                                step_ev, stamp, last_step, 1, grads, gx, no_log, mode, lo, hi, man_bits,
-                                min_bits, magic, maxv, check)
+                                step_ev, stamp, last_step, 1, grads, gx, no_log, mode, lo, hi,
+                                man_bits, min_bits, magic, maxv, check)
                 combine(acc, total, nt, c, over_any, counts, comb, last_comb,
                         2 if recursive else 1, no_log, k_len, n_chunks, mode, lo, hi, man_bits,
                         min_bits, magic, maxv, check)

@@ -191,9 +191,10 @@ class _KernelFineGrained(torch.autograd.Function):
     """As :class:`_FineGrainedChain`, with the backward pass in compiled kernels. CPU: the
     exact gradient (two matrix products) plus corrections that take out the products the mode
     cuts (saturating integers by blocks, :func:`brevitas_a2q.sim.saturating.subtract_cut`;
-    otherwise :func:`brevitas_a2q.sim.kernels.backward`, which re-runs the chain of the rows
-    not proven event-free, or, for ``recursive`` over one chunk, from the last events the
-    forward pass kept). GPU: :func:`_cuda_grads`."""
+    floating point from what the forward pass kept: its event log,
+    :func:`brevitas_a2q.sim.kernels.backward_from_events`, or for ``recursive`` over one chunk
+    each output's last event; otherwise :func:`brevitas_a2q.sim.kernels.backward`, which
+    re-runs the chain of the rows not proven event-free). GPU: :func:`_cuda_grads`."""
 
     @staticmethod
     def forward(ctx, x_val, w_val, y_sim, addend_x, addend_w, cfg, last=None, log=None):
