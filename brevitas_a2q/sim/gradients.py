@@ -75,8 +75,12 @@ def simulate_matmul(x_val: Tensor, w_val: Tensor, x_scale: Tensor | float,
     dev = x_val.device
     x_scale = torch.as_tensor(x_scale, dtype=torch.float64, device=dev).reshape(())
     w_scale = torch.as_tensor(w_scale, dtype=torch.float64, device=dev).reshape(-1)
+    grad = torch.is_grad_enabled() and (x_val.requires_grad or w_val.requires_grad)
+    if cfg.kind == "int" and not grad:
+        return simulate_integer_forward(integer_codes(x_val, x_scale), w_val, x_scale, w_scale,
+                                        cfg, x_val.dtype)
     if cfg.kind == "int":
-        ax, aw = _integers(x_val, x_scale), _integers(w_val, w_scale[:, None])
+        ax, aw = integer_codes(x_val, x_scale), integer_codes(w_val, w_scale[:, None])
     else:
         ax, aw = x_val.detach(), w_val.detach().double()
     jit = not cfg.is_wrap and cfg.gradient != "ste" and _use_kernels(x_val)
@@ -85,7 +89,6 @@ def simulate_matmul(x_val: Tensor, w_val: Tensor, x_scale: Tensor | float,
     # float32 addends (each product is exact in their float64); the rest float64
     chain = saturating.chain(ax, aw, cfg, min(cfg.chunk_size or k, k), integers=True) \
         if k else None
-    grad = torch.is_grad_enabled() and (x_val.requires_grad or w_val.requires_grad)
     if chain is None and jit and grad and cfg.kind == "float" and _cpu_kernels(x_val) and k:
         # what the backward pass needs of the chain, kept from here: for recursive over one
         # chunk each output's last event, otherwise the events themselves
@@ -110,8 +113,28 @@ def simulate_matmul(x_val: Tensor, w_val: Tensor, x_scale: Tensor | float,
         return torch.where(chain.overflowed, y, ste), chain
     if jit:
         return _KernelFineGrained.apply(x_val, w_val, y, ax, aw, cfg, chain.last_step_event,
-                                        chain.event_log), chain
+                                        chain.event_log, chain.last_combine_event), chain
     return _FineGrainedChain.apply(x_val, w_val, y, ax, aw, cfg, chain), chain
+
+
+def simulate_integer_forward(x_int: Tensor, w_val: Tensor, x_scale: Tensor | float,
+                             w_scale: Tensor, cfg: AccumulatorConfig, dtype: torch.dtype
+                             ) -> tuple[Tensor, _ChainResult]:
+    """:func:`simulate_matmul` of an integer accumulator without a gradient, from the input's
+    integers ``x_int`` (R, K) as :func:`integer_codes` gives them, instead of its values (a
+    convolution finds them before unfolding its input: K times fewer divisions). Returns the
+    result (R, O) in ``dtype`` and the event counts."""
+    dev = x_int.device
+    x_scale = torch.as_tensor(x_scale, dtype=torch.float64, device=dev).reshape(())
+    w_scale = torch.as_tensor(w_scale, dtype=torch.float64, device=dev).reshape(-1)
+    aw = integer_codes(w_val, w_scale[:, None])
+    k = x_int.shape[1]
+    chain = saturating.chain(x_int, aw, cfg, min(cfg.chunk_size or k, k), integers=True) \
+        if k else None
+    if chain is None:
+        jit = not cfg.is_wrap and cfg.gradient != "ste" and _use_kernels(x_int)
+        chain = _chain(x_int.double(), aw.double(), cfg, jit)
+    return (chain.y * (x_scale * w_scale)[None, :]).to(dtype), chain
 
 
 def _chain(ax: Tensor, aw: Tensor, cfg: AccumulatorConfig, jit: bool) -> _ChainResult:
@@ -124,7 +147,7 @@ def _chain(ax: Tensor, aw: Tensor, cfg: AccumulatorConfig, jit: bool) -> _ChainR
         return _run_chain(ax, aw, cfg, record=None if jit else record)
 
 
-def _integers(value: Tensor, scale: Tensor) -> Tensor:
+def integer_codes(value: Tensor, scale: Tensor) -> Tensor:
     """``round(value / scale)``: int8 where every value fits, else in ``value``'s type where
     that is exact (float32: integers below 2^22, so that the quotient's rounding error cannot
     reach 1/2), else in float64."""
@@ -197,8 +220,9 @@ class _KernelFineGrained(torch.autograd.Function):
     re-runs the chain of the rows not proven event-free). GPU: :func:`_cuda_grads`."""
 
     @staticmethod
-    def forward(ctx, x_val, w_val, y_sim, addend_x, addend_w, cfg, last=None, log=None):
-        ctx.cfg, ctx.last, ctx.log = cfg, last, log
+    def forward(ctx, x_val, w_val, y_sim, addend_x, addend_w, cfg, last=None, log=None,
+                last_comb=None):
+        ctx.cfg, ctx.last, ctx.log, ctx.last_comb = cfg, last, log, last_comb
         ctx.save_for_backward(x_val, w_val, addend_x, addend_w)
         return y_sim.clone()
 
@@ -214,12 +238,12 @@ class _KernelFineGrained(torch.autograd.Function):
         if x_val.is_cuda:
             gx, gw = _cuda_grads(ax, aw, x_val.detach().double(), w_val.detach().double(),
                                  g.double(), cfg, chunk)
-            return gx.to(x_val.dtype), gw.to(w_val.dtype), *[None] * 6
+            return gx.to(x_val.dtype), gw.to(w_val.dtype), *[None] * 7
         xv, wv = x_val.detach(), w_val.detach()
         if cfg.kind == "int":  # the exact gradient, less the cut products' (by blocks)
             gx, gw = g @ wv, g.t() @ xv
-            if saturating.subtract_cut(ax, aw, cfg, chunk, g, xv, wv, gx, gw):
-                return gx, gw, *[None] * 6
+            if saturating.subtract_cut(ax, aw, cfg, chunk, g, xv, wv, gx, gw, ctx.last_comb):
+                return gx, gw, *[None] * 7
             ax, aw = ax.double(), aw.double()  # (float32 real-valued addends go as they are)
         rows = ctx.log[0] if ctx.log else (~_int_safe_rows(ax, aw, cfg)).nonzero().squeeze(1)
         g_exact, corrections = g, None
@@ -252,4 +276,4 @@ class _KernelFineGrained(torch.autograd.Function):
             gx[rows] += corrections[0].to(gx.dtype)
         if corrections is not None:
             gw += corrections[1].to(gw.dtype)
-        return gx.to(x_val.dtype), gw.to(w_val.dtype), *[None] * 6
+        return gx.to(x_val.dtype), gw.to(w_val.dtype), *[None] * 7

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from brevitas_a2q.errors import A2QInputError
 from brevitas_a2q.sim.chain import _int_range, _wrap
 from brevitas_a2q.sim.config import AccumulatorConfig, parse_accumulator
-from brevitas_a2q.sim.gradients import simulate_matmul
+from brevitas_a2q.sim.gradients import integer_codes, simulate_integer_forward, simulate_matmul
 from brevitas_a2q.sim.stats import LayerStats, SimulationStats
 
 
@@ -161,8 +161,16 @@ def _wrap_layer(layer, exact_impl, xv, wv, x_scale, w_scale, cfg, stats) -> Tens
 
 
 def _chain_layer(layer, xv, wv, x_scale, w_scale, cfg, stats) -> Tensor:
-    """Saturating / floating-point: the sequential chain in matrix form, per group."""
-    rows, info = _to_matrix(layer, xv)
+    """Saturating / floating-point: the sequential chain in matrix form, per group. An integer
+    accumulator without a gradient unfolds the input's integers (found before unfolding, K
+    times fewer divisions than over the unfolded rows) and not its values."""
+    grad = torch.is_grad_enabled() and (xv.requires_grad or wv.requires_grad)
+    codes = integer_codes(xv, x_scale) if cfg.kind == "int" and not grad else None
+    if codes is None:
+        rows, info = _to_matrix(layer, xv)
+    else:  # (unfold takes floating point: int8 integers go through float32, exactly)
+        rows, info = _to_matrix(layer, codes if codes.is_floating_point() else codes.float())
+        rows = rows.to(codes.dtype)
     groups = getattr(layer, "groups", 1)
     out_channels = wv.shape[0]
     k_group = rows.shape[1] // groups
@@ -172,7 +180,11 @@ def _chain_layer(layer, xv, wv, x_scale, w_scale, cfg, stats) -> Tensor:
         xg = rows[:, g * k_group:(g + 1) * k_group]
         sl = slice(g * o_group, (g + 1) * o_group)
         wg = wv[sl].reshape(o_group, -1)
-        y, chain = simulate_matmul(xg, wg, x_scale, w_scale[sl], cfg)
+        if codes is None:
+            y, chain = simulate_matmul(xg, wg, x_scale, w_scale[sl], cfg)
+        else:
+            y, chain = simulate_integer_forward(xg.contiguous(), wg, x_scale, w_scale[sl], cfg,
+                                                xv.dtype)
         parts.append(y)
         stats.outputs += y.numel()
         stats.additions += y.numel() * k_group

@@ -151,18 +151,23 @@ def chain(x: Tensor, w: Tensor, cfg: AccumulatorConfig, chunk: int,
     plan = _blocks(x, w, cfg, chunk, integers)
     if plan is None:
         return None
-    state = _State(x.shape[0], w.shape[0], plan.x.dtype, len(plan.chunks) > 1)
+    chunked = len(plan.chunks) > 1
+    state = _State(x.shape[0], w.shape[0], plan.x.dtype, chunked)
     _run(plan, state, _no_grads(min(kernel_threads(), x.shape[0])))
     return _ChainResult(y=torch.from_numpy(state.total), overflow_events=int(state.counts.sum()),
-                        overflow_outputs=int(state.over_any.sum()))
+                        overflow_outputs=int(state.over_any.sum()),
+                        last_combine_event=torch.from_numpy(state.last_comb) if chunked else None)
 
 
 def subtract_cut(x: Tensor, w: Tensor, cfg: AccumulatorConfig, chunk: int, g: Tensor,
-                 xg: Tensor, wg: Tensor, gx: Tensor, gw: Tensor) -> bool:
+                 xg: Tensor, wg: Tensor, gx: Tensor, gw: Tensor,
+                 last_comb: Tensor | None = None) -> bool:
     """Subtract from ``gx`` (R, K) and ``gw`` (O, K), in place, the gradient of every product
     that ``cfg.gradient`` (``immediate`` / ``recursive``) cuts: ``g`` (R, O) is dL/dY and ``xg``,
-    ``wg`` the real-valued factors (integers ``x``, ``w``). False where the block method does
-    not apply (nothing changed)."""
+    ``wg`` the real-valued factors (integers ``x``, ``w``). ``last_comb`` (R, O): each output's
+    last combination event, as :func:`chain` of the same operands found it (``recursive`` with
+    chunks: without it, a first pass over the chain finds it). False where the block method
+    does not apply (nothing changed)."""
     from brevitas_a2q.sim import kernels
     from brevitas_a2q.sim.fast import kernel_threads
 
@@ -179,8 +184,6 @@ def subtract_cut(x: Tensor, w: Tensor, cfg: AccumulatorConfig, chunk: int, g: Te
     state = _State(rows, outs, plan.x.dtype, chunked)
     x_n, w_n = plan.x.numpy(), plan.w.numpy()
 
-    last_comb = None  # recursive with chunks: each output's last combination event
-
     def cuts(c: int, k0: int, k1: int) -> None:
         whole = last_comb >= c if recursive else state.comb
         kernels.saturating_chunk_cuts(x_n, w_n, k0, k1, plan.lo, plan.hi, whole, state.last_k,
@@ -195,9 +198,12 @@ def subtract_cut(x: Tensor, w: Tensor, cfg: AccumulatorConfig, chunk: int, g: Te
     elif not recursive:  # each chunk's cuts once its combination is known
         _run(plan, state, grads, chunk_done=cuts)
     else:  # the last combination events first, then each chunk's cuts
-        _run(plan, state, grads)
-        last_comb = state.last_comb
-        state = _State(rows, outs, plan.x.dtype, chunked)
+        if last_comb is None:
+            _run(plan, state, grads)
+            last_comb = state.last_comb
+            state = _State(rows, outs, plan.x.dtype, chunked)
+        else:
+            last_comb = last_comb.numpy()
         _run(plan, state, grads, chunk_done=cuts)
     gw += torch.from_numpy(gw_parts.sum(0)).to(gw.dtype)
     return True
