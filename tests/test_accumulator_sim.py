@@ -4,6 +4,7 @@ A2Q's guarantee on trained models."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 from fractions import Fraction
 
@@ -346,6 +347,26 @@ def test_layers_restored_and_exact_at_wide_accumulators():
     assert not any("inner_forward_impl" in vars(m) for m in model.modules())
 
 
+def test_linear_layers_take_inputs_with_leading_dimensions():
+    """A QuantLinear on (batch, tokens, features) with a bias, as in a transformer: the bias
+    and the per-channel scale go along the last dimension (they went along the second)."""
+    from brevitas.nn import QuantIdentity, QuantLinear
+    from brevitas.quant import Int8WeightPerChannelFloat, Uint8ActPerTensorFloat
+
+    torch.manual_seed(5)
+    model = torch.nn.Sequential(
+        QuantIdentity(act_quant=Uint8ActPerTensorFloat, bit_width=8, return_quant_tensor=True),
+        QuantLinear(20, 5, bias=True, weight_quant=Int8WeightPerChannelFloat,
+                    weight_bit_width=4)).eval()
+    x = torch.rand(2, 3, 20)
+    with torch.no_grad():
+        ref = model(x)
+        for spec in ["int32-wrap", "int32-sat", "int32-sat-c8", "fp32-e8m23"]:
+            with simulate_accumulators(model, spec):
+                y = model(x)
+            torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_overrides_and_bad_input():
     model = build_cnn("none").eval()
     x = _digits_batch(8)
@@ -446,6 +467,39 @@ def test_saturating_layers_equal_the_loop_oracle(spec, in_bits):
         assert stats.layers[name].overflow_events == n_events
         assert stats_grad.layers[name].overflow_events == n_events
     assert sum(saturated) >= 2, "most cases must saturate somewhere"
+
+
+@pytest.mark.parametrize("spec", ["int9-sat", "int9-sat-c5", "fp8-e4m3-c4"])
+def test_layer_ste_gradient_is_the_exact_layers(spec):
+    """The identity STE of every layer type, with saturating outputs: for a fixed dL/dY, the
+    gradients of the input and of the weight equal plain autograd through the same Brevitas
+    layer without the simulation."""
+    from brevitas.nn import QuantConv1d, QuantConv2d, QuantIdentity, QuantLinear
+    from brevitas.quant import Int8WeightPerTensorFloat, Uint8ActPerTensorFloat
+
+    torch.manual_seed(4)
+    w = dict(weight_quant=Int8WeightPerTensorFloat, weight_bit_width=4, bias=True)
+    cases = [(QuantConv2d(4, 6, 3, stride=2, dilation=2, padding=1, groups=2, **w), (2, 4, 9, 9)),
+             (QuantConv1d(3, 4, 5, stride=2, padding=2, **w), (2, 3, 11)),
+             (QuantLinear(20, 5, **w), (2, 3, 20))]
+    for layer, shape in cases:
+        model = torch.nn.Sequential(QuantIdentity(act_quant=Uint8ActPerTensorFloat, bit_width=8,
+                                                  return_quant_tensor=True), layer).train()
+        x = torch.rand(shape) * 4
+        grads = []
+        for simulate in (False, True):
+            model.zero_grad()
+            xr = x.clone().requires_grad_()
+            with simulate_accumulators(model, spec) if simulate else contextlib.nullcontext() \
+                    as stats:
+                y = model(xr)
+            dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(0))
+            (y * dy).sum().backward()
+            grads.append((xr.grad, layer.weight.grad.clone(), layer.bias.grad.clone()))
+        assert next(iter(stats.layers.values())).overflow_events + \
+            next(iter(stats.layers.values())).swamping_events > 0, "the case must round"
+        for exact, simulated in zip(*grads):
+            torch.testing.assert_close(simulated, exact, rtol=1e-5, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -109,19 +109,27 @@ def _simulated_forward(name: str, layer: nn.Module, cfg: AccumulatorConfig,
             y = _chain_layer(layer, xv, wv, x_scale, w_scale, cfg, stats)
         bias = quant_bias.value if isinstance(quant_bias, QuantTensor) else quant_bias
         if bias is not None:
-            y = y + bias.reshape(1, -1, *([1] * (y.dim() - 2))) if y.dim() > 2 \
-                else y + bias
+            y = y + bias.reshape(_channel_shape(layer, y.dim()))
         if layer.return_quant_tensor and not layer.output_quant.is_quant_enabled:
             if cfg.kind != "int" or bias is not None:
                 raise A2QInputError(f"layer {name!r} returns a quant tensor without an output "
                                     f"quantizer; {cfg.spec} with a bias or a float accumulator "
                                     "gives values off the integer grid. Give it output_quant=...")
-            shape = (1, -1) + (1,) * (y.dim() - 2)
-            return IntQuantTensor(y, (x_scale * w_scale).reshape(shape), torch.zeros((), device=y.device),
-                                  cfg.bits, True, layer.training)
+            scale = (x_scale * w_scale).reshape(_channel_shape(layer, y.dim()))
+            return IntQuantTensor(y, scale, torch.zeros((), device=y.device), cfg.bits, True,
+                                  layer.training)
         return y
 
     return inner_forward_impl
+
+
+def _channel_shape(layer: nn.Module, dims: int) -> tuple[int, ...]:
+    """The shape that lays a per-output-channel vector along a layer's output of ``dims``
+    dimensions: the last one for a linear layer (any leading dimensions), the second for a
+    convolution."""
+    if isinstance(layer, QuantLinear):
+        return (1,) * (dims - 1) + (-1,)
+    return (1, -1) + (1,) * (dims - 2)
 
 
 def _weight_shape(w_scale: Tensor, like: Tensor) -> Tensor:
@@ -144,7 +152,7 @@ def _wrap_layer(layer, exact_impl, xv, wv, x_scale, w_scale, cfg, stats) -> Tens
             over = (exact < lo) | (exact > hi)
             if bool(over.any()):
                 exact[over] = _wrap(exact[over].double(), cfg.bits)[0].to(dtype)
-        shape = (1, -1) + (1,) * (exact.dim() - 2) if exact.dim() > 2 else (1, -1)
+        shape = _channel_shape(layer, exact.dim())
         y = (exact * (x_scale * w_scale).to(dtype).reshape(shape)).to(xv.dtype)
     n_over = 0 if over is None else int(over.sum())
     stats.outputs += exact.numel()
@@ -160,11 +168,51 @@ def _wrap_layer(layer, exact_impl, xv, wv, x_scale, w_scale, cfg, stats) -> Tens
     return torch.where(over, y, ste)
 
 
+def _conv_geometry(layer: nn.Module) -> tuple[list, list, list, int]:
+    """``(stride, padding, dilation, groups)`` of a QuantConv1d/2d, as lists."""
+    padding = [0] * len(layer.kernel_size) if layer.padding == "valid" else list(layer.padding)
+    return list(layer.stride), padding, list(layer.dilation), layer.groups
+
+
+class _LayerSTE(torch.autograd.Function):
+    """The identity STE of a whole layer (Blumenfeld et al., ICLR 2024, Sec. 4): forward, the
+    simulated output (given); backward, the exact layer's gradient, from its input and weight
+    (``convolution_backward`` for a convolution), so that the unfolded input is neither kept
+    nor differentiated."""
+
+    @staticmethod
+    def forward(ctx, x, w, y_sim, geometry):
+        ctx.geometry = geometry
+        ctx.save_for_backward(x, w)
+        return y_sim.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        need_x, need_w = ctx.needs_input_grad[:2]
+        if ctx.geometry is None:  # linear
+            gx = g @ w if need_x else None
+            gw = g.reshape(-1, g.shape[-1]).t() @ x.reshape(-1, x.shape[-1]) if need_w else None
+            return gx, gw, None, None
+        stride, padding, dilation, groups = ctx.geometry
+        gx, gw, _ = torch.ops.aten.convolution_backward(
+            g.contiguous(), x, w, None, stride, padding, dilation, False, [0] * len(stride),
+            groups, [need_x, need_w, False])
+        return gx, gw, None, None
+
+
 def _chain_layer(layer, xv, wv, x_scale, w_scale, cfg, stats) -> Tensor:
-    """Saturating / floating-point: the sequential chain in matrix form, per group. An integer
-    accumulator without a gradient unfolds the input's integers (found before unfolding, K
-    times fewer divisions than over the unfolded rows) and not its values."""
+    """Saturating / floating-point: the sequential chain in matrix form, per group, with the
+    identity STE (:class:`_LayerSTE`) or the fine-grained gradients of
+    :func:`simulate_matmul`. An integer accumulator outside the fine-grained modes unfolds the
+    input's integers (found before unfolding: K times fewer divisions than over the unfolded
+    rows) and not its values."""
     grad = torch.is_grad_enabled() and (xv.requires_grad or wv.requires_grad)
+    if grad and cfg.gradient == "ste":
+        with torch.no_grad():
+            y = _chain_layer(layer, xv, wv, x_scale, w_scale, cfg, stats)
+        geometry = None if isinstance(layer, QuantLinear) else _conv_geometry(layer)
+        return _LayerSTE.apply(xv, wv, y, geometry)
     codes = integer_codes(xv, x_scale) if cfg.kind == "int" and not grad else None
     if codes is None:
         rows, info = _to_matrix(layer, xv)
