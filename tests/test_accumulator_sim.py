@@ -496,9 +496,10 @@ def test_layer_ste_gradient_is_the_exact_layers(spec):
             dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(0))
             (y * dy).sum().backward()
             grads.append((xr.grad, layer.weight.grad.clone(), layer.bias.grad.clone()))
-        assert next(iter(stats.layers.values())).overflow_events + \
-            next(iter(stats.layers.values())).swamping_events > 0, "the case must round"
-        for exact, simulated in zip(*grads):
+        layer_stats = next(iter(stats.layers.values()))
+        assert layer_stats.overflow_events + layer_stats.swamping_events > 0, \
+            "the case must round"
+        for exact, simulated in zip(*grads, strict=True):
             torch.testing.assert_close(simulated, exact, rtol=1e-5, atol=1e-6)
 
 
