@@ -11,6 +11,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from brevitas_a2q.analysis.audit import capture_layers
 from brevitas_a2q.errors import A2QInputError
@@ -574,3 +575,23 @@ def test_fast_path_equals_the_step_by_step_chain(spec, seed):
     assert torch.equal(fast.y.view(torch.int64), slow.y.view(torch.int64))
     for count in ("overflow_events", "overflow_outputs", "swamping_events", "underflow_events"):
         assert getattr(fast, count) == getattr(slow, count), count
+
+
+@pytest.mark.parametrize("shape,kernel,stride,dilation,padding", [
+    ((2, 3, 9, 11), (3, 2), (2, 1), (1, 2), (1, 0)),
+    ((1, 4, 1, 17), (1, 5), (1, 3), (1, 2), (0, 2)),
+    ((3, 5, 8, 8), (3, 3), (1, 1), (1, 1), (1, 1)),
+    ((2, 2, 7, 7), (2, 2), (3, 3), (2, 2), (2, 2))])
+@pytest.mark.parametrize("dtype", [torch.int8, torch.float32])
+def test_im2col_rows_are_unfolds_columns(shape, kernel, stride, dilation, padding, dtype):
+    # the simulation's unfolding without a gradient (layers._im2col, any dtype): F.unfold's
+    # columns as rows, in its order, which the weights' (O, C * kh * kw) layout relies on
+    from brevitas_a2q.sim.layers import _im2col
+
+    x = torch.randint(-8, 8, shape, generator=torch.Generator().manual_seed(0)).to(dtype)
+    cols = F.unfold(x.float(), kernel, dilation=dilation, padding=padding, stride=stride)
+    size = [(shape[2 + i] + 2 * padding[i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1
+            for i in range(2)]
+    rows = _im2col(x, kernel, stride, dilation, padding, size)
+    assert rows.dtype == dtype
+    assert torch.equal(rows.float(), cols.transpose(1, 2).reshape(-1, cols.shape[1]))

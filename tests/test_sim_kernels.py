@@ -238,14 +238,22 @@ def test_saturating_blocks_are_the_chain_bit_for_bit(spec, scale, signed):
     assert oracle.overflow_events > 0
 
 
-def test_saturating_blocks_refuse_what_they_cannot_sum_exactly():
+@pytest.mark.parametrize("spec,rows,outs,k", [("int9-sat-c4", 130, 40, 40),  # chunks < 8
+                                               ("int10-sat", 8, 8, 300),  # 64 pairs
+                                               ("int9-sat-c50", 3, 10, 300)])
+def test_saturating_layers_without_blocks_run_step_by_step(spec, rows, outs, k):
+    # too short chunks or too few (row, output) pairs for blocks: every step, all outputs at
+    # once (saturating._jit_blocks.stepwise), bit for bit with the chain
     from brevitas_a2q.sim import saturating
 
-    cfg = parse_accumulator("int12-sat")
-    x, w = _block_operands(0, False, 1)
-    assert saturating.chain(x * 0.5, w, cfg, x.shape[1]) is None  # not integers
-    assert saturating.chain(x[:, :40], w[:, :40], parse_accumulator("int12-sat-c4"), 4) is None
-    assert saturating.chain(x[:8], w[:8], cfg, x.shape[1]) is None  # 64 pairs: the chain
+    cfg = parse_accumulator(spec)
+    x, w = _block_operands(0, False, 1, rows, outs, k)
+    chunk = min(cfg.chunk_size or k, k)
+    assert saturating._blocks(x, w, cfg, chunk, integers=False) is None
+    oracle = _run_chain(x, w, cfg, fast=False)
+    assert oracle.overflow_events > 0
+    _same(saturating.chain(x, w, cfg, chunk), oracle)
+    assert saturating.chain(x * 0.5, w, cfg, chunk) is None  # not integers: the chain
 
 
 @pytest.mark.parametrize("mode", ["immediate", "recursive"])

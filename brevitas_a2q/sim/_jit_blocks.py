@@ -20,7 +20,6 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-SUB = 16  # steps per sub-block of a block that failed the range test
 opts = {"cache": True, "nogil": True, "error_model": "numpy", "boundscheck": False}
 
 
@@ -92,36 +91,42 @@ def combine_row(total, a, c, lo, hi, over_any, comb, last_comb):
 
 
 @njit(inline="always", **opts)
-def fail_steps(x, w, r, k0, k1, lo, hi, ar, ok, over_any, last_k, counts, cut_events, g, xg, wg,
-               gx, gw):
-    """The block for the outputs of row ``r`` that failed the range test: the same test on
-    sub-blocks of :data:`SUB` steps (their sums by vectorized dot products), :func:`steps` only
-    in the sub-blocks that fail it. In int64: the values are integers below 2^53."""
-    lo_i, hi_i = np.int64(lo), np.int64(hi)
+def failed_steps(x, w, r, k0, k1, lo, hi, ar, ok, over_any, last_k, counts, idx, v, steps_nz,
+                 cut_events, g, xg, wg, gx, gw):
+    """The block step by step for the outputs of row ``r`` that failed the range test, all of
+    them at each step: their chains are independent, so their additions interleave instead of
+    each waiting on the one before. Only the steps with a nonzero input run (listed first,
+    without branches): a zero product leaves a value in range unchanged. With ``cut_events``,
+    each product whose addition saturated is cut. In int64: the values are integers below
+    2^53 (exact either way), and integer arithmetic needs no conversions."""
+    n = 0
     for o in range(ar.shape[0]):
-        if ok[o]:
-            continue
-        v = np.int64(ar[o])
-        for j0 in range(k0, k1, SUB):
-            j1 = min(j0 + SUB, k1)
-            s = np.int64(0)
-            t = np.int64(0)
-            for k in range(j0, j1):
-                p = np.int64(x[r, k]) * np.int64(w[o, k])
-                s += p
-                t += abs(p)
-            if (2 * v + t + s <= 2 * hi_i) & (2 * v - t + s >= 2 * lo_i):
-                v += s
-                continue
-            g_ro = g[r, o] if cut_events else 0.0  # g is a dummy without cuts
-            v_f, n, last = steps(np.float64(v), x[r], w[o], j0, j1, lo, hi, cut_events, gx[r],
-                                 gw[o], g_ro, xg[r], wg[o])
-            v = np.int64(v_f)
-            if n:
-                counts[r] += n
+        if not ok[o]:
+            idx[n] = o
+            v[n] = np.int64(ar[o])
+            n += 1
+    xr = x[r]
+    m = 0
+    for k in range(k0, k1):
+        steps_nz[m] = k
+        m += xr[k] != 0
+    lo_i, hi_i = np.int64(lo), np.int64(hi)
+    for i in range(m):
+        k = steps_nz[i]
+        xk = np.int64(xr[k])
+        for j in range(n):
+            o = idx[j]
+            s = v[j] + xk * np.int64(w[o, k])
+            clamped = min(max(s, lo_i), hi_i)
+            v[j] = clamped
+            if clamped != s:
+                counts[r] += 1
                 over_any[r, o] = True
-                last_k[r, o] = last
-        ar[o] = np.float64(v)
+                last_k[r, o] = k
+                if cut_events:
+                    cut(gx[r], gw[o], g[r, o], xg[r], wg[o], k, k + 1)
+    for j in range(n):
+        ar[idx[j]] = np.float64(v[j])
 
 
 @njit(parallel=True, **opts)
@@ -139,13 +144,16 @@ def advance(x, w, sums, k0, k1, first, c, lo, hi, a, total, over_any, comb, last
     for task in prange(n_tasks):
         gw = gw_parts[task]
         ok = np.empty(outs, dtype=np.bool_)
+        idx = np.empty(outs, dtype=np.int64)
+        v = np.empty(outs, dtype=np.int64)
+        steps_nz = np.empty(k1 - k0, dtype=np.int64)
         for r in range(task * per_task, min(rows, (task + 1) * per_task)):
             ar = a[r]
             if first:
                 ar[:] = 0.0
             if block_pass(ar, sums[r, 0], sums[r, 1], lo, hi, ok) > 0:
-                fail_steps(x, w, r, k0, k1, lo, hi, ar, ok, over_any, last_k, counts,
-                           cut_events, g, xg, wg, gx, gw)
+                failed_steps(x, w, r, k0, k1, lo, hi, ar, ok, over_any, last_k, counts, idx, v,
+                             steps_nz, cut_events, g, xg, wg, gx, gw)
             if c >= 0:
                 counts[r] += combine_row(total[r], ar, c, lo, hi, over_any[r], comb[r],
                                          last_comb[r])
@@ -172,3 +180,29 @@ def chunk_cuts(x, w, k0, k1, lo, hi, whole, last_k, recursive, g, xg, wg, gx, gw
                     else:
                         steps(0.0, x[r], w[o], k0, k1, lo, hi, True, gx[r], gw[o], g[r, o],
                               xg[r], wg[o])
+
+
+@njit(parallel=True, **opts)
+def stepwise(x, w, chunk, lo, hi, a, total, over_any, comb, last_comb, last_k, counts):
+    """Every row's chains step by step, chunk by chunk, all outputs at each step
+    (:func:`failed_steps` with every output failing), each chunk then added to ``total`` as
+    :func:`combine_row`; the arrays as :func:`advance`'s. For layers with too few (row, output)
+    pairs, or too short chunks, for blocks."""
+    rows, outs = a.shape
+    k_len = x.shape[1]
+    n_chunks = (k_len + chunk - 1) // chunk
+    for r in prange(rows):
+        ok = np.zeros(outs, dtype=np.bool_)
+        idx = np.empty(outs, dtype=np.int64)
+        v = np.empty(outs, dtype=np.int64)
+        steps_nz = np.empty(chunk, dtype=np.int64)
+        no_grad = np.zeros((1, 1))
+        ar = a[r]
+        for c in range(n_chunks):
+            ar[:] = 0.0
+            failed_steps(x, w, r, c * chunk, min((c + 1) * chunk, k_len), lo, hi, ar, ok,
+                         over_any, last_k, counts, idx, v, steps_nz, False, no_grad, no_grad,
+                         no_grad, no_grad, no_grad)
+            if n_chunks > 1:
+                counts[r] += combine_row(total[r], ar, c, lo, hi, over_any[r], comb[r],
+                                         last_comb[r])

@@ -158,6 +158,11 @@ def saturating_advance(*args) -> None:
     _kernels()["saturating"].advance(*args)
 
 
+def saturating_stepwise(*args) -> None:
+    """:func:`brevitas_a2q.sim._jit_blocks.stepwise` (saturating chain, every step)."""
+    _kernels()["saturating"].stepwise(*args)
+
+
 def saturating_chunk_cuts(*args) -> None:
     """:func:`brevitas_a2q.sim._jit_blocks.chunk_cuts` (a chunk's fine-grained cuts)."""
     _kernels()["saturating"].chunk_cuts(*args)

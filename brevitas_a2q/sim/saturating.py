@@ -3,6 +3,8 @@ products by matrix products, the step-by-step chain only for the (row, output) p
 partial sums may leave the range in that block (:mod:`._jit_blocks`). Same values, event counts
 and fine-grained gradients as the chain of :mod:`.chain` (Blumenfeld et al., ICLR 2024,
 Sec. 3-4), at the cost of about two matrix products where the accumulator rarely saturates.
+Layers with too few (row, output) pairs for blocks, or too short chunks, run every step, all
+outputs of a row at once (forward pass only: their gradients take the kernels' backward pass).
 """
 
 from __future__ import annotations
@@ -65,19 +67,28 @@ class _Blocks:
         return out.view(out.shape[0], 2, outs).numpy()
 
 
+def _applies(x: Tensor, w: Tensor, cfg: AccumulatorConfig, integers: bool) -> bool:
+    """Whether this module computes ``x @ w.T`` under ``cfg``: saturating integers on a CPU
+    with the kernels, integer-valued operands (known where ``integers``) whose partial sums are
+    exact in int64 and float64 (below 2^53)."""
+    from brevitas_a2q.sim import kernels
+
+    if cfg.kind != "int" or cfg.is_wrap or x.device.type != "cpu" or not x.shape[1] \
+            or not kernels.available():
+        return False
+    if not integers and not (_integer_valued(x) and _integer_valued(w)):
+        return False
+    return -_int_range(cfg.bits)[0] + max_abs(x) * max_abs(w) < 2**53
+
+
 def _blocks(x: Tensor, w: Tensor, cfg: AccumulatorConfig, chunk: int,
             integers: bool) -> _Blocks | None:
     """The block plan of ``x @ w.T`` under ``cfg``, or None where the method does not apply:
-    not saturating integers on a CPU with the kernels, chunks under :data:`MIN_CHUNK`, too few
-    (row, output) pairs, operands too large to sum exactly, or (unless ``integers``) values
-    that are not integers."""
-    from brevitas_a2q.sim import kernels
-
+    not :func:`_applies`, chunks under :data:`MIN_CHUNK`, too few (row, output) pairs, or
+    operands too large to sum a block exactly."""
     rows, k = x.shape
-    if cfg.kind != "int" or cfg.is_wrap or x.device.type != "cpu" or chunk < MIN_CHUNK \
-            or rows * w.shape[0] < MIN_PAIRS or not k or not kernels.available():
-        return None
-    if not integers and not (_integer_valued(x) and _integer_valued(w)):
+    if chunk < MIN_CHUNK or rows * w.shape[0] < MIN_PAIRS \
+            or not _applies(x, w, cfg, integers):
         return None
     chunked = chunk < k
     block = chunk if chunked else BLOCK
@@ -144,16 +155,27 @@ def _run(plan: _Blocks, state: _State, grads: tuple, cut_events: bool = False,
 def chain(x: Tensor, w: Tensor, cfg: AccumulatorConfig, chunk: int,
           integers: bool = False) -> _ChainResult | None:
     """:func:`brevitas_a2q.sim.chain._run_chain` of integer saturation for ``x`` (R, K) and
-    ``w`` (O, K), bit for bit with its event counts; None where the block method does not
-    apply (:func:`_blocks`)."""
+    ``w`` (O, K), bit for bit with its event counts: by blocks (:func:`_blocks`), else step by
+    step with every output at once (layers with few outputs, short chunks); None where
+    neither applies (:func:`_applies`)."""
+    from brevitas_a2q.sim import kernels
     from brevitas_a2q.sim.fast import kernel_threads
 
     plan = _blocks(x, w, cfg, chunk, integers)
-    if plan is None:
+    if plan is None and not _applies(x, w, cfg, integers):
         return None
-    chunked = len(plan.chunks) > 1
-    state = _State(x.shape[0], w.shape[0], plan.x.dtype, chunked)
-    _run(plan, state, _no_grads(min(kernel_threads(), x.shape[0])))
+    chunked = chunk < x.shape[1]
+    state = _State(x.shape[0], w.shape[0], plan.x.dtype if plan else x.dtype, chunked)
+    if plan is not None:
+        _run(plan, state, _no_grads(min(kernel_threads(), x.shape[0])))
+    else:
+        kernel_threads()
+        lo, hi = _int_range(cfg.bits)
+        dtype = x.dtype if w.dtype == x.dtype else torch.float64  # (integers below 2^53)
+        kernels.saturating_stepwise(x.detach().to(dtype).contiguous().numpy(),
+                                    w.detach().to(dtype).contiguous().numpy(), chunk, lo, hi,
+                                    state.a, state.total, state.over_any, state.comb,
+                                    state.last_comb, state.last_k, state.counts)
     return _ChainResult(y=torch.from_numpy(state.total), overflow_events=int(state.counts.sum()),
                         overflow_outputs=int(state.over_any.sum()),
                         last_combine_event=torch.from_numpy(state.last_comb) if chunked else None)
