@@ -118,16 +118,17 @@ def simulate_matmul(x_val: Tensor, w_val: Tensor, x_scale: Tensor | float,
 
 
 def simulate_integer_forward(x_int: Tensor, w_val: Tensor, x_scale: Tensor | float,
-                             w_scale: Tensor, cfg: AccumulatorConfig, dtype: torch.dtype
-                             ) -> tuple[Tensor, _ChainResult]:
+                             w_scale: Tensor, cfg: AccumulatorConfig, dtype: torch.dtype,
+                             w_rounded: Tensor | None = None) -> tuple[Tensor, _ChainResult]:
     """:func:`simulate_matmul` of an integer accumulator without a gradient, from the input's
     integers ``x_int`` (R, K) as :func:`integer_codes` gives them, instead of its values (a
     convolution finds them before unfolding its input: K times fewer divisions). Returns the
-    result (R, O) in ``dtype`` and the event counts."""
+    result (R, O) in ``dtype`` and the event counts. ``w_rounded``: ``round(w_val / w_scale)``,
+    where the caller has it."""
     dev = x_int.device
     x_scale = torch.as_tensor(x_scale, dtype=torch.float64, device=dev).reshape(())
     w_scale = torch.as_tensor(w_scale, dtype=torch.float64, device=dev).reshape(-1)
-    aw = integer_codes(w_val, w_scale[:, None])
+    aw = integer_codes(w_val, w_scale[:, None], w_rounded)
     k = x_int.shape[1]
     chain = saturating.chain(x_int, aw, cfg, min(cfg.chunk_size or k, k), integers=True) \
         if k else None
@@ -147,11 +148,13 @@ def _chain(ax: Tensor, aw: Tensor, cfg: AccumulatorConfig, jit: bool) -> _ChainR
         return _run_chain(ax, aw, cfg, record=None if jit else record)
 
 
-def integer_codes(value: Tensor, scale: Tensor) -> Tensor:
+def integer_codes(value: Tensor, scale: Tensor, rounded: Tensor | None = None) -> Tensor:
     """``round(value / scale)``: int8 where every value fits, else in ``value``'s type where
     that is exact (float32: integers below 2^22, so that the quotient's rounding error cannot
-    reach 1/2), else in float64."""
-    q = (value.detach() / scale.detach().to(value.dtype)).round_()
+    reach 1/2), else in float64. ``rounded``: that quotient in ``value``'s type, where the
+    caller has it."""
+    q = rounded if rounded is not None else \
+        (value.detach() / scale.detach().to(value.dtype)).round_()
     largest = saturating.max_abs(q) if q.numel() else 0.0
     if largest <= 127:  # the block method's own type, and a quarter of the memory
         return q.to(torch.int8)

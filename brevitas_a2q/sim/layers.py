@@ -86,12 +86,16 @@ def _from_matrix(y: Tensor, info: tuple) -> Tensor:
     return out.squeeze(-2) if one_d else out
 
 
-def _integers(name: str, what: str, value: Tensor, scale: Tensor) -> None:
-    err = (value.detach() / scale.detach() - torch.round(value.detach() / scale.detach()))
-    if err.numel() and float(err.abs().max()) > 1e-3:
+def _integers(name: str, what: str, value: Tensor, scale: Tensor) -> Tensor:
+    """``round(value / scale)`` in ``value``'s type, checked to be within 1e-3 of the quotient
+    (an error names the layer where it is not)."""
+    quotient = value.detach() / scale.detach()
+    rounded = torch.round(quotient)
+    off = float(quotient.sub_(rounded).abs_().max()) if quotient.numel() else 0.0
+    if off > 1e-3:
         raise A2QInputError(f"layer {name!r}: the {what} is not on an integer grid (value/scale "
-                            f"is off by {float(err.abs().max()):.3g}); cannot simulate its "
-                            "integer accumulator")
+                            f"is off by {off:.3g}); cannot simulate its integer accumulator")
+    return rounded
 
 
 def _simulated_forward(name: str, layer: nn.Module, cfg: AccumulatorConfig,
@@ -120,12 +124,12 @@ def _simulated_forward(name: str, layer: nn.Module, cfg: AccumulatorConfig,
             raise A2QInputError(f"layer {name!r}: weight scale of shape "
                                 f"{tuple(quant_weight.scale.shape)} is neither per tensor nor "
                                 "per output channel")
-        _integers(name, "input", xv, x.scale)
-        _integers(name, "weight", wv, quant_weight.scale)
+        xq = _integers(name, "input", xv, x.scale)
+        wq = _integers(name, "weight", wv, quant_weight.scale)
         if cfg.is_wrap:
             y = _wrap_layer(layer, exact_impl, xv, wv, x_scale, w_scale, cfg, stats)
         else:
-            y = _chain_layer(layer, xv, wv, x_scale, w_scale, cfg, stats)
+            y = _chain_layer(layer, xv, wv, x_scale, w_scale, cfg, stats, (xq, wq))
         bias = quant_bias.value if isinstance(quant_bias, QuantTensor) else quant_bias
         if bias is not None:
             y = y + bias.reshape(_channel_shape(layer, y.dim()))
@@ -220,19 +224,21 @@ class _LayerSTE(torch.autograd.Function):
         return gx, gw, None, None
 
 
-def _chain_layer(layer, xv, wv, x_scale, w_scale, cfg, stats) -> Tensor:
+def _chain_layer(layer, xv, wv, x_scale, w_scale, cfg, stats, rounded=None) -> Tensor:
     """Saturating / floating-point: the sequential chain in matrix form, per group, with the
     identity STE (:class:`_LayerSTE`) or the fine-grained gradients of
     :func:`simulate_matmul`. An integer accumulator outside the fine-grained modes unfolds the
     input's integers (found before unfolding: K times fewer divisions than over the unfolded
-    rows) and not its values."""
+    rows) and not its values. ``rounded``: ``round(value / scale)`` of the input and weight,
+    where the caller has them."""
     grad = torch.is_grad_enabled() and (xv.requires_grad or wv.requires_grad)
     if grad and cfg.gradient == "ste":
         with torch.no_grad():
-            y = _chain_layer(layer, xv, wv, x_scale, w_scale, cfg, stats)
+            y = _chain_layer(layer, xv, wv, x_scale, w_scale, cfg, stats, rounded)
         geometry = None if isinstance(layer, QuantLinear) else _conv_geometry(layer)
         return _LayerSTE.apply(xv, wv, y, geometry)
-    codes = integer_codes(xv, x_scale) if cfg.kind == "int" and not grad else None
+    xq, wq = rounded or (None, None)
+    codes = integer_codes(xv, x_scale, xq) if cfg.kind == "int" and not grad else None
     rows, info = _to_matrix(layer, xv if codes is None else codes)
     groups = getattr(layer, "groups", 1)
     out_channels = wv.shape[0]
@@ -246,8 +252,9 @@ def _chain_layer(layer, xv, wv, x_scale, w_scale, cfg, stats) -> Tensor:
         if codes is None:
             y, chain = simulate_matmul(xg, wg, x_scale, w_scale[sl], cfg)
         else:
+            wq_g = None if wq is None else wq[sl].reshape(o_group, -1)
             y, chain = simulate_integer_forward(xg.contiguous(), wg, x_scale, w_scale[sl], cfg,
-                                                xv.dtype)
+                                                xv.dtype, wq_g)
         parts.append(y)
         stats.outputs += y.numel()
         stats.additions += y.numel() * k_group
