@@ -221,11 +221,26 @@ def _block_operands(seed, signed, scale, rows=130, outs=40, k=300):
     return x, w
 
 
+@pytest.fixture(params=[1, 2], ids=["serial", "threads"])
+def kernel_threads(request):
+    """Run the block kernels in the calling thread (their serial twins, as with one torch
+    thread) or over two threads (their parallel versions), as ``torch.get_num_threads`` asks."""
+    import numba
+
+    if request.param > numba.config.NUMBA_NUM_THREADS:
+        pytest.skip(f"numba has {numba.config.NUMBA_NUM_THREADS} thread(s) on this machine; "
+                    f"the parallel kernels need {request.param}")
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("spec,scale", [("int10-sat", 1), ("int12-sat-c100", 1),
                                         ("int9-sat-c8", 1), ("int16-sat-c16", 16),
                                         ("int32-sat-c40", 2.0**20), ("int12-sat-c300", 1)])
 @pytest.mark.parametrize("signed", [False, True])
-def test_saturating_blocks_are_the_chain_bit_for_bit(spec, scale, signed):
+def test_saturating_blocks_are_the_chain_bit_for_bit(spec, scale, signed, kernel_threads):
     from brevitas_a2q.sim import saturating
 
     cfg = parse_accumulator(spec)
@@ -241,7 +256,7 @@ def test_saturating_blocks_are_the_chain_bit_for_bit(spec, scale, signed):
 @pytest.mark.parametrize("spec,rows,outs,k", [("int9-sat-c4", 130, 40, 40),  # chunks < 8
                                                ("int10-sat", 8, 8, 300),  # 64 pairs
                                                ("int9-sat-c50", 3, 10, 300)])
-def test_saturating_layers_without_blocks_run_step_by_step(spec, rows, outs, k):
+def test_saturating_layers_without_blocks_run_step_by_step(spec, rows, outs, k, kernel_threads):
     # too short chunks or too few (row, output) pairs for blocks: every step, all outputs at
     # once (saturating._jit_blocks.stepwise), bit for bit with the chain
     from brevitas_a2q.sim import saturating
@@ -259,7 +274,7 @@ def test_saturating_layers_without_blocks_run_step_by_step(spec, rows, outs, k):
 @pytest.mark.parametrize("mode", ["immediate", "recursive"])
 @pytest.mark.parametrize("spec", ["int10-sat", "int10-sat-c16", "int12-sat-c100", "int9-sat-c8"])
 @pytest.mark.parametrize("signed", [False, True])
-def test_saturating_block_gradients_equal_the_chain_masks(spec, mode, signed):
+def test_saturating_block_gradients_equal_the_chain_masks(spec, mode, signed, kernel_threads):
     from brevitas_a2q.sim import saturating
 
     cfg = parse_accumulator(spec, gradient=mode)

@@ -91,6 +91,55 @@ def combine_row(total, a, c, lo, hi, over_any, comb, last_comb):
 
 
 @njit(inline="always", **opts)
+def chunk_pass(total, a, s_b, a_b, c, lo, hi, ok, over_any, comb, last_comb):
+    """A chunk that is one block, from 0, in one pass (one row): where :func:`block_pass`'s
+    test passes, its sum is added to ``total`` as :func:`combine_row` adds it; the others get
+    ``ok`` False and ``a`` 0, for :func:`failed_steps` and :func:`combine_failed`. Returns
+    ``(failed outputs, combination events)``."""
+    n_fail = 0
+    n = 0
+    for o in range(total.shape[0]):
+        s = np.float64(s_b[o])
+        t = np.float64(a_b[o])
+        good = (0.5 * (t + s) <= hi) & (0.5 * (s - t) >= lo)
+        ok[o] = good
+        n_fail += not good
+        a[o] = 0.0
+        summed = s if c == 0 else total[o] + s
+        over = good & ((summed > hi) | (summed < lo))
+        total[o] = min(max(summed, lo), hi) if good else total[o]
+        comb[o] = over
+        over_any[o] |= over
+        n += over
+    if n:
+        for o in range(total.shape[0]):
+            if comb[o]:
+                last_comb[o] = c
+    return n_fail, n
+
+
+@njit(inline="always", **opts)
+def combine_failed(total, a, ok, c, lo, hi, over_any, comb, last_comb):
+    """:func:`combine_row` for the outputs that failed :func:`chunk_pass`'s test, once their
+    chunk has run step by step. Returns the events."""
+    n = 0
+    for o in range(total.shape[0]):
+        if ok[o]:
+            continue
+        if c == 0:
+            total[o] = a[o]
+            continue
+        s = total[o] + a[o]
+        total[o] = min(max(s, lo), hi)
+        if (s > hi) | (s < lo):
+            comb[o] = True
+            over_any[o] = True
+            last_comb[o] = c
+            n += 1
+    return n
+
+
+@njit(inline="always", **opts)
 def failed_steps(x, w, r, k0, k1, lo, hi, ar, ok, over_any, last_k, counts, idx, v, steps_nz,
                  cut_events, g, xg, wg, gx, gw):
     """The block step by step for the outputs of row ``r`` that failed the range test, all of
@@ -129,8 +178,8 @@ def failed_steps(x, w, r, k0, k1, lo, hi, ar, ok, over_any, last_k, counts, idx,
         ar[idx[j]] = np.float64(v[j])
 
 
-@njit(parallel=True, **opts)
-def advance(x, w, sums, k0, k1, first, c, lo, hi, a, total, over_any, comb, last_comb, last_k,
+@njit(inline="always", **opts)
+def _advance(x, w, sums, k0, k1, first, c, lo, hi, a, total, over_any, comb, last_comb, last_k,
             counts, cut_events, g, xg, wg, gx, gw_parts):
     """Run block ``[k0, k1)`` for every row and output: ``a`` (R, O) the chains' values (set
     to 0 first where ``first``, a chunk's start), ``over_any`` (R, O) set where an addition
@@ -149,6 +198,16 @@ def advance(x, w, sums, k0, k1, first, c, lo, hi, a, total, over_any, comb, last
         steps_nz = np.empty(k1 - k0, dtype=np.int64)
         for r in range(task * per_task, min(rows, (task + 1) * per_task)):
             ar = a[r]
+            if first and c >= 0:  # a whole chunk: combined in the same pass where it can be
+                n_fail, n_comb = chunk_pass(total[r], ar, sums[r, 0], sums[r, 1], c, lo, hi,
+                                            ok, over_any[r], comb[r], last_comb[r])
+                counts[r] += n_comb
+                if n_fail > 0:
+                    failed_steps(x, w, r, k0, k1, lo, hi, ar, ok, over_any, last_k, counts, idx,
+                                 v, steps_nz, cut_events, g, xg, wg, gx, gw)
+                    counts[r] += combine_failed(total[r], ar, ok, c, lo, hi, over_any[r],
+                                                comb[r], last_comb[r])
+                continue
             if first:
                 ar[:] = 0.0
             if block_pass(ar, sums[r, 0], sums[r, 1], lo, hi, ok) > 0:
@@ -159,8 +218,8 @@ def advance(x, w, sums, k0, k1, first, c, lo, hi, a, total, over_any, comb, last
                                          last_comb[r])
 
 
-@njit(parallel=True, **opts)
-def chunk_cuts(x, w, k0, k1, lo, hi, whole, last_k, recursive, g, xg, wg, gx, gw_parts):
+@njit(inline="always", **opts)
+def _chunk_cuts(x, w, k0, k1, lo, hi, whole, last_k, recursive, g, xg, wg, gx, gw_parts):
     """The cuts of chunk ``[k0, k1)`` once its combination is known: every product where
     ``whole`` (R, O); else, where the chunk saturated (``last_k >= k0``), ``recursive`` every
     product up to the last saturation, ``immediate`` each saturated one (replayed, so one block
@@ -182,8 +241,8 @@ def chunk_cuts(x, w, k0, k1, lo, hi, whole, last_k, recursive, g, xg, wg, gx, gw
                               xg[r], wg[o])
 
 
-@njit(parallel=True, **opts)
-def stepwise(x, w, chunk, lo, hi, a, total, over_any, comb, last_comb, last_k, counts):
+@njit(inline="always", **opts)
+def _stepwise(x, w, chunk, lo, hi, a, total, over_any, comb, last_comb, last_k, counts):
     """Every row's chains step by step, chunk by chunk, all outputs at each step
     (:func:`failed_steps` with every output failing), each chunk then added to ``total`` as
     :func:`combine_row`; the arrays as :func:`advance`'s. For layers with too few (row, output)
@@ -206,3 +265,43 @@ def stepwise(x, w, chunk, lo, hi, a, total, over_any, comb, last_comb, last_k, c
             if n_chunks > 1:
                 counts[r] += combine_row(total[r], ar, c, lo, hi, over_any[r], comb[r],
                                          last_comb[r])
+
+
+# Each kernel twice: over threads (numba's workqueue: about 0.1 ms to start, once per call), and
+# in the calling thread where one thread is asked for (the block method calls its kernels once
+# per block, so the starts would cost more than the work). Distinct functions, so that numba's
+# cache keeps both.
+
+
+@njit(parallel=True, **opts)
+def advance(x, w, sums, k0, k1, first, c, lo, hi, a, total, over_any, comb, last_comb, last_k,
+            counts, cut_events, g, xg, wg, gx, gw_parts):
+    _advance(x, w, sums, k0, k1, first, c, lo, hi, a, total, over_any, comb, last_comb, last_k,
+             counts, cut_events, g, xg, wg, gx, gw_parts)
+
+
+@njit(**opts)
+def advance_serial(x, w, sums, k0, k1, first, c, lo, hi, a, total, over_any, comb, last_comb,
+                   last_k, counts, cut_events, g, xg, wg, gx, gw_parts):
+    _advance(x, w, sums, k0, k1, first, c, lo, hi, a, total, over_any, comb, last_comb, last_k,
+             counts, cut_events, g, xg, wg, gx, gw_parts)
+
+
+@njit(parallel=True, **opts)
+def chunk_cuts(x, w, k0, k1, lo, hi, whole, last_k, recursive, g, xg, wg, gx, gw_parts):
+    _chunk_cuts(x, w, k0, k1, lo, hi, whole, last_k, recursive, g, xg, wg, gx, gw_parts)
+
+
+@njit(**opts)
+def chunk_cuts_serial(x, w, k0, k1, lo, hi, whole, last_k, recursive, g, xg, wg, gx, gw_parts):
+    _chunk_cuts(x, w, k0, k1, lo, hi, whole, last_k, recursive, g, xg, wg, gx, gw_parts)
+
+
+@njit(parallel=True, **opts)
+def stepwise(x, w, chunk, lo, hi, a, total, over_any, comb, last_comb, last_k, counts):
+    _stepwise(x, w, chunk, lo, hi, a, total, over_any, comb, last_comb, last_k, counts)
+
+
+@njit(**opts)
+def stepwise_serial(x, w, chunk, lo, hi, a, total, over_any, comb, last_comb, last_k, counts):
+    _stepwise(x, w, chunk, lo, hi, a, total, over_any, comb, last_comb, last_k, counts)

@@ -153,20 +153,27 @@ def backward(x: np.ndarray, w_t: np.ndarray, xg: np.ndarray, wg: np.ndarray, g: 
                                                         n_blocks, *params, check)
 
 
+def _saturating(name: str):
+    """A kernel of :mod:`._jit_blocks`: its serial twin where numba runs one thread."""
+    import numba
+
+    return getattr(_kernels()["saturating"],
+                   name + "_serial" if numba.get_num_threads() == 1 else name)
+
+
 def saturating_advance(*args) -> None:
     """:func:`brevitas_a2q.sim._jit_blocks.advance` (saturating chain, one block)."""
-    _kernels()["saturating"].advance(*args)
+    _saturating("advance")(*args)
 
 
 def saturating_stepwise(*args) -> None:
     """:func:`brevitas_a2q.sim._jit_blocks.stepwise` (saturating chain, every step)."""
-    _kernels()["saturating"].stepwise(*args)
+    _saturating("stepwise")(*args)
 
 
 def saturating_chunk_cuts(*args) -> None:
     """:func:`brevitas_a2q.sim._jit_blocks.chunk_cuts` (a chunk's fine-grained cuts)."""
-    _kernels()["saturating"].chunk_cuts(*args)
-
+    _saturating("chunk_cuts")(*args)
 
 
 def _compile() -> dict:
