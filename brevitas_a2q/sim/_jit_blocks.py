@@ -267,9 +267,9 @@ def _stepwise(x, w, chunk, lo, hi, a, total, over_any, comb, last_comb, last_k, 
                                          last_comb[r])
 
 
-# Each kernel twice: over threads (numba's workqueue: about 0.1 ms to start, once per call), and
-# in the calling thread where one thread is asked for (the block method calls its kernels once
-# per block, so the starts would cost more than the work). Distinct functions, so that numba's
+# Each kernel twice: over threads (numba's workqueue pool, started at every call), and in the
+# calling thread where one thread is asked for (the block method calls its kernels once per
+# block, and the pool's starts cost more than the work). Distinct functions, so that numba's
 # cache keeps both.
 
 
