@@ -179,6 +179,13 @@ def _key(row: dict) -> tuple:
     return row["network"], row["seed"], row["stage"], row["accumulator"], row["gradient"]
 
 
+def load_partial(path: Path) -> list[dict]:
+    """The finished configurations in a partial file, one row each: the last one written
+    where two runs over one directory both finished it."""
+    lines = path.read_text().splitlines() if path.exists() else []
+    return list({_key(r): r for r in map(json.loads, lines)}.values())
+
+
 def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
@@ -358,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     partial = out / "low_bitwidth_finetune.partial.jsonl"
-    rows = [json.loads(line) for line in partial.read_text().splitlines()] if partial.exists() else []
+    rows = load_partial(partial)
     done = {_key(r) for r in rows}
     jobs = [(n, s, args, done) for n in reversed(args.networks) for s in range(args.seeds)]
     start = time.perf_counter()

@@ -485,3 +485,19 @@ def test_accumulator_speed_table_is_the_committed_results():
         for mode in setup["modes"] + setup.get("memory", {}).get("modes", []):
             if mode["ratio"] is not None:
                 assert mode["met"] == (mode["ratio"] <= mode["target"]), mode
+
+
+def test_claims_benchmark_resumes_with_one_row_per_configuration(tmp_path):
+    # two runs over one out-dir can both finish a configuration: the summary must count it
+    # once (the last row written), or its mean and seed count would be off
+    bench = benchmark("low_bitwidth_finetune")
+    row = {"network": "cnn", "seed": 0, "stage": "finetuned", "accumulator": "int9-sat",
+           "gradient": "ste", "accuracy": 0.5}
+    other = dict(row, gradient="immediate", accuracy=0.6)
+    partial = tmp_path / "low_bitwidth_finetune.partial.jsonl"
+    partial.write_text("".join(json.dumps(r) + "\n"
+                               for r in (row, other, dict(row, accuracy=0.7))))
+    rows = bench.load_partial(partial)
+    assert sorted((r["gradient"], r["accuracy"]) for r in rows) == [("immediate", 0.6),
+                                                                  ("ste", 0.7)]
+    assert bench.load_partial(tmp_path / "missing.jsonl") == []
