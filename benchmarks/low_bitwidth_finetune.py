@@ -366,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     partial = out / "low_bitwidth_finetune.partial.jsonl"
     rows = load_partial(partial)
+    resumed = len(rows)
     done = {_key(r) for r in rows}
     jobs = [(n, s, args, done) for n in reversed(args.networks) for s in range(args.seeds)]
     start = time.perf_counter()
@@ -379,7 +380,8 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {k: v for k, v in vars(args).items() if k not in ("out_dir", "data_dir")},
         "machine": {"cpus": mp.cpu_count(), "python": platform.python_version(),
                     "torch": torch.__version__, "threads_per_worker": 1},
-        "wall_seconds": time.perf_counter() - start,
+        "wall_seconds": time.perf_counter() - start,  # of this run only, where it resumed
+        "rows_from_earlier_runs": resumed,
         "rows": sorted(rows, key=lambda r: str(_key(r))), "summary": summary}
     (out / "low_bitwidth_finetune.json").write_text(json.dumps(result, indent=1) + "\n")
     plot(summary, out / "low_bitwidth_finetune.png")

@@ -469,9 +469,14 @@ def test_low_bitwidth_claims_are_the_committed_results():
                        thousands(settings["test_images"]["cnn"]),
                        thousands(settings["test_images"]["resnet20"]))]
     trained = re.findall(r"Adam ([\d.e-]+), one pass, batch 64; models trained (\d+) epochs on ([\d,]+) "
-                         r"images; ([\d.]+) min wall on 2 cores", text)
+                         r"images; ([\d.]+) min wall on 2 cores(?: for the last of the runs that "
+                         r"made it, which took (\d+) of its (\d+) rows from the runs before)?",
+                         text)
+    resumed = data.get("rows_from_earlier_runs", 0)
     assert trained == [(repr(float(settings["lr"])), str(settings["epochs"]),
-                        thousands(settings["train_images"]), minutes(data["wall_seconds"]))]
+                        thousands(settings["train_images"]), minutes(data["wall_seconds"]),
+                        str(resumed) if resumed else "",
+                        str(len(data["rows"])) if resumed else "")]
 
 
 def test_accumulator_speed_table_is_the_committed_results():

@@ -86,9 +86,15 @@ def _blocks(x: Tensor, w: Tensor, cfg: AccumulatorConfig, chunk: int,
     """The block plan of ``x @ w.T`` under ``cfg``, or None where the method does not apply:
     not :func:`_applies`, chunks under :data:`MIN_CHUNK`, too few (row, output) pairs, or
     operands too large to sum a block exactly."""
+    if not _applies(x, w, cfg, integers):
+        return None
+    return _plan(x, w, cfg, chunk)
+
+
+def _plan(x: Tensor, w: Tensor, cfg: AccumulatorConfig, chunk: int) -> _Blocks | None:
+    """:func:`_blocks` where :func:`_applies` holds."""
     rows, k = x.shape
-    if chunk < MIN_CHUNK or rows * w.shape[0] < MIN_PAIRS \
-            or not _applies(x, w, cfg, integers):
+    if chunk < MIN_CHUNK or rows * w.shape[0] < MIN_PAIRS:
         return None
     chunked = chunk < k
     block = chunk if chunked else BLOCK
@@ -161,9 +167,9 @@ def chain(x: Tensor, w: Tensor, cfg: AccumulatorConfig, chunk: int,
     from brevitas_a2q.sim import kernels
     from brevitas_a2q.sim.fast import kernel_threads
 
-    plan = _blocks(x, w, cfg, chunk, integers)
-    if plan is None and not _applies(x, w, cfg, integers):
+    if not _applies(x, w, cfg, integers):
         return None
+    plan = _plan(x, w, cfg, chunk)
     chunked = chunk < x.shape[1]
     state = _State(x.shape[0], w.shape[0], plan.x.dtype if plan else x.dtype, chunked)
     if plan is not None:
