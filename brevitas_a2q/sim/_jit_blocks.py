@@ -68,6 +68,16 @@ def steps(v, xr, wo, k0, k1, lo, hi, cut_events, gx_r, gw_o, g, xg_r, wg_o):
 
 
 @njit(inline="always", **opts)
+def mark_combinations(comb, last_comb, c, n):
+    """``last_comb`` takes chunk ``c`` where its combination saturated (``comb``; ``n`` such
+    outputs, none to mark where 0)."""
+    if n:
+        for o in range(comb.shape[0]):
+            if comb[o]:
+                last_comb[o] = c
+
+
+@njit(inline="always", **opts)
 def combine_row(total, a, c, lo, hi, over_any, comb, last_comb):
     """Add chunk ``c``'s results ``a`` to ``total`` (one row; c = 0: copy); ``comb``: that
     addition saturated, and then ``last_comb`` is set to ``c``. Returns the events."""
@@ -83,10 +93,7 @@ def combine_row(total, a, c, lo, hi, over_any, comb, last_comb):
         comb[o] = over
         over_any[o] |= over
         n += over
-    if n:
-        for o in range(total.shape[0]):
-            if comb[o]:
-                last_comb[o] = c
+    mark_combinations(comb, last_comb, c, n)
     return n
 
 
@@ -111,10 +118,7 @@ def chunk_pass(total, a, s_b, a_b, c, lo, hi, ok, over_any, comb, last_comb):
         comb[o] = over
         over_any[o] |= over
         n += over
-    if n:
-        for o in range(total.shape[0]):
-            if comb[o]:
-                last_comb[o] = c
+    mark_combinations(comb, last_comb, c, n)
     return n_fail, n
 
 
