@@ -127,7 +127,7 @@ def _simulated_forward(name: str, layer: nn.Module, cfg: AccumulatorConfig,
         xq = _integers(name, "input", xv, x.scale)
         wq = _integers(name, "weight", wv, quant_weight.scale)
         if cfg.is_wrap:
-            y = _wrap_layer(layer, exact_impl, xv, wv, x_scale, w_scale, cfg, stats)
+            y = _wrap_layer(layer, exact_impl, xv, wv, x_scale, w_scale, cfg, stats, xq, wq)
         else:
             y = _chain_layer(layer, xv, wv, x_scale, w_scale, cfg, stats, (xq, wq))
         bias = quant_bias.value if isinstance(quant_bias, QuantTensor) else quant_bias
@@ -155,16 +155,11 @@ def _channel_shape(layer: nn.Module, dims: int) -> tuple[int, ...]:
     return (1, -1) + (1,) * (dims - 2)
 
 
-def _weight_shape(w_scale: Tensor, like: Tensor) -> Tensor:
-    return w_scale.reshape(-1, *([1] * (like.dim() - 1)))
-
-
-def _wrap_layer(layer, exact_impl, xv, wv, x_scale, w_scale, cfg, stats) -> Tensor:
-    """Wraparound: the exact integer convolution/linear (float32 when every partial sum is below
-    2^24 in magnitude, else float64), wrapped mod 2^P. Costs about one plain forward pass."""
+def _wrap_layer(layer, exact_impl, xv, wv, x_scale, w_scale, cfg, stats, xi, wi) -> Tensor:
+    """Wraparound: the exact integer convolution/linear of the input's and weights' integers
+    ``xi``, ``wi`` (float32 when every partial sum is below 2^24 in magnitude, else float64),
+    wrapped mod 2^P. Costs about one plain forward pass."""
     with torch.no_grad():
-        xi = torch.round(xv / x_scale)
-        wi = torch.round(wv / _weight_shape(w_scale, wv))
         bound = float(xi.abs().max()) * float(wi.reshape(wi.shape[0], -1).abs().sum(1).max())
         dtype = torch.float32 if bound < 2**24 else torch.float64
         exact = exact_impl(layer, xi.to(dtype), wi.to(dtype), None)
