@@ -219,20 +219,20 @@ class _LayerSTE(torch.autograd.Function):
         return gx, gw, None, None
 
 
-def _chain_layer(layer, xv, wv, x_scale, w_scale, cfg, stats, rounded=None) -> Tensor:
+def _chain_layer(layer, xv, wv, x_scale, w_scale, cfg, stats, rounded) -> Tensor:
     """Saturating / floating-point: the sequential chain in matrix form, per group, with the
     identity STE (:class:`_LayerSTE`) or the fine-grained gradients of
     :func:`simulate_matmul`. An integer accumulator outside the fine-grained modes unfolds the
     input's integers (found before unfolding: K times fewer divisions than over the unfolded
-    rows) and not its values. ``rounded``: ``round(value / scale)`` of the input and weight,
-    where the caller has them."""
+    rows) and not its values. ``rounded``: ``round(value / scale)`` of the input and the
+    weight (:func:`_integers`)."""
     grad = torch.is_grad_enabled() and (xv.requires_grad or wv.requires_grad)
     if grad and cfg.gradient == "ste":
         with torch.no_grad():
             y = _chain_layer(layer, xv, wv, x_scale, w_scale, cfg, stats, rounded)
         geometry = None if isinstance(layer, QuantLinear) else _conv_geometry(layer)
         return _LayerSTE.apply(xv, wv, y, geometry)
-    xq, wq = rounded or (None, None)
+    xq, wq = rounded
     codes = integer_codes(xv, x_scale, xq) if cfg.kind == "int" and not grad else None
     rows, info = _to_matrix(layer, xv if codes is None else codes)
     groups = getattr(layer, "groups", 1)
@@ -247,9 +247,8 @@ def _chain_layer(layer, xv, wv, x_scale, w_scale, cfg, stats, rounded=None) -> T
         if codes is None:
             y, chain = simulate_matmul(xg, wg, x_scale, w_scale[sl], cfg)
         else:
-            wq_g = None if wq is None else wq[sl].reshape(o_group, -1)
             y, chain = simulate_integer_forward(xg.contiguous(), wg, x_scale, w_scale[sl], cfg,
-                                                xv.dtype, wq_g)
+                                                xv.dtype, wq[sl].reshape(o_group, -1))
         parts.append(y)
         stats.outputs += y.numel()
         stats.additions += y.numel() * k_group
