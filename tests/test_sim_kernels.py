@@ -10,6 +10,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -138,6 +139,30 @@ def test_kernel_gradients_equal_the_chain_masks(spec, mode, seed):
     torch.testing.assert_close(xv.grad, gx, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(wv.grad, gw, rtol=1e-12, atol=1e-12)
     del full_w
+
+
+def test_kernels_ask_llvm_for_512_bit_vectors():
+    """``wide_vectors`` puts the attribute on the function that calls it, and the chain's
+    helpers call it (a numba or llvmlite that dropped it would leave the kernels at 256 bits,
+    correct but slower)."""
+    pytest.importorskip("numba", reason="numba is not installed")
+    import inspect
+
+    from numba import njit
+
+    from brevitas_a2q.sim import _jit, _jit_blocks
+
+    @njit(cache=False)
+    def double_all(a):
+        _jit.wide_vectors()
+        for i in range(a.size):
+            a[i] *= 2.0
+
+    double_all(np.ones(4))
+    ir = double_all.inspect_llvm(double_all.signatures[0])
+    assert '"prefer-vector-width"="512"' in ir
+    for helper in (_jit.rnd, _jit.add_range, _jit_blocks.block_pass, _jit_blocks.failed_steps):
+        assert "wide_vectors()" in inspect.getsource(helper.py_func), helper.py_func.__name__
 
 
 def test_package_works_without_numba_and_says_so_once():

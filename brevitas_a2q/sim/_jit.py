@@ -36,6 +36,22 @@ def cttz(typingctx, x):
     return types.int64(types.uint64), codegen
 
 
+@intrinsic
+def wide_vectors(typingctx):
+    """Lets LLVM vectorize the calling function with 512-bit registers where the CPU has them
+    (its ``"prefer-vector-width"`` attribute). LLVM's cost model keeps loops at 256 bits on
+    AVX-512 CPUs by default; these loops are arithmetic on data in cache, and ran faster at 512
+    (``benchmarks/accumulator_speed.py``, before and after). It emits no instruction. Called
+    from the helpers that the hot loops inline, so that the attribute lands on the function that
+    runs them, a kernel or the outlined body of its parallel loop."""
+    def codegen(context, builder, signature, args):
+        # a string attribute, which llvmlite's known-name check does not list
+        set.add(builder.function.attributes, '"prefer-vector-width"="512"')
+        return context.get_dummy_value()
+
+    return types.none(), codegen
+
+
 EXP_MASK = 0x7FF << 52
 opts = {"cache": True, "nogil": True, "error_model": "numpy", "boundscheck": False}
 
@@ -45,6 +61,7 @@ def rnd(s, mode, lo, hi, man_bits, min_bits, magic, maxv, check):
     """A(s): (rounded, overflowed). Floating point with ``check`` False: overflow is
     impossible (:func:`brevitas_a2q.sim.fast.may_overflow`), no comparison with the largest
     value."""
+    wide_vectors()
     if mode == 0:
         if s > hi:
             return hi, True
@@ -84,6 +101,7 @@ def add_events(a, s, mode, lo, hi, man_bits, min_bits, magic, maxv, check):
 @njit(inline="always", **opts)
 def add_range(gx_i, gw_o, gro, xg_r, wg_o, k0, k1):
     """Add products ``k0 <= k < k1`` of one output (gradient ``gro``) to the gradients."""
+    wide_vectors()
     for k in range(k0, k1):
         gx_i[k] += gro * wg_o[k]
         gw_o[k] += gro * xg_r[k]
@@ -97,6 +115,7 @@ def cut_step(t, i, r, k, ev_t, stamp, grads):
     # distinct names: inlined into the backward kernel's parallel loop, a local reassigned
     # under the name of one of its arrays would stand for a private copy
     grad_y, factor_x, factor_w_t, grad_w_t = grads
+    wide_vectors()
     xk = factor_x[r, k]
     g_cut = 0.0
     for o in range(grad_y.shape[1]):

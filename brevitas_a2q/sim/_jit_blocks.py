@@ -20,6 +20,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from brevitas_a2q.sim._jit import wide_vectors
+
 opts = {"cache": True, "nogil": True, "error_model": "numpy", "boundscheck": False}
 
 
@@ -27,6 +29,7 @@ opts = {"cache": True, "nogil": True, "error_model": "numpy", "boundscheck": Fal
 def block_pass(a, s_b, a_b, lo, hi, ok):
     """Vectorized over outputs: add the block sum where the block provably has no event;
     ``ok`` marks those. Returns how many outputs must run the block step by step."""
+    wide_vectors()
     n_fail = 0
     for o in range(a.shape[0]):
         s = np.float64(s_b[o])
@@ -41,6 +44,7 @@ def block_pass(a, s_b, a_b, lo, hi, ok):
 @njit(inline="always", **opts)
 def cut(gx_r, gw_o, g, xg_r, wg_o, k0, k1):
     """Take products ``k0 <= k < k1`` of one output (gradient ``g``) out of the gradients."""
+    wide_vectors()
     for k in range(k0, k1):
         gx_r[k] -= g * wg_o[k]
         gw_o[k] -= g * xg_r[k]
@@ -50,6 +54,7 @@ def cut(gx_r, gw_o, g, xg_r, wg_o, k0, k1):
 def steps(v, xr, wo, k0, k1, lo, hi, cut_events, gx_r, gw_o, g, xg_r, wg_o):
     """The chain ``v = clamp(v + x_k w_k)`` over ``k0 <= k < k1``: ``(v, events, last event's
     k or -1)``; with ``cut_events``, each product whose addition saturated is cut."""
+    wide_vectors()
     n = 0
     last = -1
     # in int64: the values are integers below 2^53 (exact either way), and integer
@@ -81,6 +86,7 @@ def mark_combinations(comb, last_comb, c, n):
 def combine_row(total, a, c, lo, hi, over_any, comb, last_comb):
     """Add chunk ``c``'s results ``a`` to ``total`` (one row; c = 0: copy); ``comb``: that
     addition saturated, and then ``last_comb`` is set to ``c``. Returns the events."""
+    wide_vectors()
     if c == 0:
         total[:] = a
         comb[:] = False
@@ -103,6 +109,7 @@ def chunk_pass(total, a, s_b, a_b, c, lo, hi, ok, over_any, comb, last_comb):
     test passes, its sum is added to ``total`` as :func:`combine_row` adds it; the others get
     ``ok`` False and ``a`` 0, for :func:`failed_steps` and :func:`combine_failed`. Returns
     ``(failed outputs, combination events)``."""
+    wide_vectors()
     n_fail = 0
     n = 0
     for o in range(total.shape[0]):
@@ -126,6 +133,7 @@ def chunk_pass(total, a, s_b, a_b, c, lo, hi, ok, over_any, comb, last_comb):
 def combine_failed(total, a, ok, c, lo, hi, over_any, comb, last_comb):
     """:func:`combine_row` for the outputs that failed :func:`chunk_pass`'s test, once their
     chunk has run step by step. Returns the events."""
+    wide_vectors()
     n = 0
     for o in range(total.shape[0]):
         if ok[o]:
@@ -152,6 +160,7 @@ def failed_steps(x, w, r, k0, k1, lo, hi, ar, ok, over_any, last_k, counts, idx,
     without branches): a zero product leaves a value in range unchanged. With ``cut_events``,
     each product whose addition saturated is cut. In int64: the values are integers below
     2^53 (exact either way), and integer arithmetic needs no conversions."""
+    wide_vectors()
     n = 0
     for o in range(ar.shape[0]):
         if not ok[o]:
