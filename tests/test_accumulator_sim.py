@@ -595,3 +595,26 @@ def test_im2col_rows_are_unfolds_columns(shape, kernel, stride, dilation, paddin
     rows = _im2col(x, kernel, stride, dilation, padding, size)
     assert rows.dtype == dtype
     assert torch.equal(rows.float(), cols.transpose(1, 2).reshape(-1, cols.shape[1]))
+
+
+@pytest.mark.parametrize("shape,kernel,stride,dilation,padding", [
+    ((2, 3, 9, 11), (3, 2), (2, 1), (1, 2), (1, 0)),
+    ((1, 4, 1, 17), (1, 5), (1, 3), (1, 2), (0, 2)),
+    ((3, 5, 8, 8), (3, 3), (1, 1), (1, 1), (1, 1)),
+    ((2, 2, 7, 7), (2, 2), (3, 3), (2, 2), (2, 2))])
+def test_unfold_gradient_is_unfolds(shape, kernel, stride, dilation, padding):
+    # the fine-grained modes unfold through layers._Unfold: its backward pass (the adjoint of
+    # _im2col) gives F.unfold's input gradient bit for bit, overlapping windows included
+    from brevitas_a2q.sim.layers import _Unfold
+
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(shape, generator=gen, requires_grad=True)
+    size = [(shape[2 + i] + 2 * padding[i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1
+            for i in range(2)]
+    rows = _Unfold.apply(x, kernel, stride, dilation, padding, size)
+    g = torch.randn(rows.shape, generator=gen)
+    (ours,) = torch.autograd.grad(rows, x, g)
+    cols = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
+    g_cols = g.reshape(shape[0], -1, cols.shape[1]).transpose(1, 2)
+    (theirs,) = torch.autograd.grad(cols, x, g_cols)
+    assert torch.equal(ours, theirs)

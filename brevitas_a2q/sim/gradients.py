@@ -64,23 +64,26 @@ class _FineGrainedChain(torch.autograd.Function):
 
 
 def simulate_matmul(x_val: Tensor, w_val: Tensor, x_scale: Tensor | float,
-                    w_scale: Tensor, cfg: AccumulatorConfig) -> tuple[Tensor, _ChainResult]:
+                    w_scale: Tensor, cfg: AccumulatorConfig, x_int: Tensor | None = None
+                    ) -> tuple[Tensor, _ChainResult]:
     """``Y[r, o] = sum_k x[r, k] * w[o, k]`` through the simulated accumulator ``cfg``.
 
     ``x_val`` (R, K) and ``w_val`` (O, K) are the real (dequantized) values, ``x_scale`` a scalar
     and ``w_scale`` (O,) their scales, so ``x_val / x_scale`` and ``w_val / w_scale`` are
     integers. Returns the real-valued result (R, O) in ``x_val``'s dtype, differentiable per
-    ``cfg.gradient``, and the event counts.
+    ``cfg.gradient``, and the event counts. ``x_int``: those integers, as :func:`integer_codes`
+    gives them, where the caller has them (an integer accumulator).
     """
     dev = x_val.device
     x_scale = torch.as_tensor(x_scale, dtype=torch.float64, device=dev).reshape(())
     w_scale = torch.as_tensor(w_scale, dtype=torch.float64, device=dev).reshape(-1)
     grad = torch.is_grad_enabled() and (x_val.requires_grad or w_val.requires_grad)
+    if cfg.kind == "int" and x_int is None:
+        x_int = integer_codes(x_val, x_scale)
     if cfg.kind == "int" and not grad:
-        return simulate_integer_forward(integer_codes(x_val, x_scale), w_val, x_scale, w_scale,
-                                        cfg, x_val.dtype)
+        return simulate_integer_forward(x_int, w_val, x_scale, w_scale, cfg, x_val.dtype)
     if cfg.kind == "int":
-        ax, aw = integer_codes(x_val, x_scale), integer_codes(w_val, w_scale[:, None])
+        ax, aw = x_int, integer_codes(w_val, w_scale[:, None])
     else:
         ax, aw = x_val.detach(), w_val.detach().double()
     jit = not cfg.is_wrap and cfg.gradient != "ste" and _use_kernels(x_val)

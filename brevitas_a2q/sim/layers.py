@@ -52,20 +52,16 @@ def _to_matrix(layer: nn.Module, x: Tensor) -> tuple[Tensor, tuple]:
         padding = (0, 0) if layer.padding == "valid" else tuple(layer.padding)
     size = [(x4.shape[2 + i] + 2 * padding[i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i]
             + 1 for i in range(2)]
-    batch = x4.shape[0]
-    if torch.is_grad_enabled() and x4.requires_grad:
-        cols = F.unfold(x4, kernel, dilation=dilation, padding=padding, stride=stride)
-        rows = cols.transpose(1, 2).reshape(batch * cols.shape[2], cols.shape[1])
-    else:
-        rows = _im2col(x4, kernel, stride, dilation, padding, size)
+    rows = _Unfold.apply(x4, kernel, stride, dilation, padding, size)
     one_d = isinstance(layer, QuantConv1d)
-    return rows, ("conv", batch, size, one_d)
+    return rows, ("conv", x4.shape[0], size, one_d)
 
 
 def _im2col(x4: Tensor, kernel, stride, dilation, padding, size) -> Tensor:
     """``F.unfold``'s columns as rows (B * L, C * kh * kw), in its order, for any dtype (int8
-    included) and without a gradient: one copy of a channels-last slice per kernel offset,
-    several times faster than unfold and a transpose for the layers of the benchmarks."""
+    included): one copy of a channels-last slice per kernel offset, several times faster than
+    unfold and a transpose for the layers of the benchmarks (:class:`_Unfold` differentiates
+    it)."""
     xp = F.pad(x4, (padding[1], padding[1], padding[0], padding[0]))
     batch, channels = xp.shape[:2]
     out = xp.new_empty(batch, size[0], size[1], channels, kernel[0], kernel[1])
@@ -76,6 +72,36 @@ def _im2col(x4: Tensor, kernel, stride, dilation, padding, size) -> Tensor:
                         w0:w0 + stride[1] * (size[1] - 1) + 1:stride[1]]
             out[..., i, j] = window.permute(0, 2, 3, 1)
     return out.reshape(-1, channels * kernel[0] * kernel[1])
+
+
+def _fold_rows(rows: Tensor, x_shape, kernel, stride, dilation, padding, size) -> Tensor:
+    """The adjoint of :func:`_im2col` (``F.fold`` of the rows' columns): each kernel offset's
+    slice added into a zero padded input, then the padding cut off. For each input value the
+    contributions are added in kernel-offset order, as ``col2im`` adds them."""
+    batch, channels, height, width = x_shape
+    g6 = rows.reshape(batch, size[0], size[1], channels, kernel[0], kernel[1])
+    out = rows.new_zeros(batch, channels, height + 2 * padding[0], width + 2 * padding[1])
+    for i in range(kernel[0]):
+        for j in range(kernel[1]):
+            h0, w0 = i * dilation[0], j * dilation[1]
+            out[:, :, h0:h0 + stride[0] * (size[0] - 1) + 1:stride[0],
+                w0:w0 + stride[1] * (size[1] - 1) + 1:stride[1]] += g6[..., i, j].permute(0, 3, 1, 2)
+    return out[:, :, padding[0]:padding[0] + height, padding[1]:padding[1] + width]
+
+
+class _Unfold(torch.autograd.Function):
+    """``F.unfold``'s columns as rows, differentiable: forward :func:`_im2col`, backward its
+    adjoint :func:`_fold_rows`. Unlike ``F.unfold`` and a transposed copy, it makes one
+    (B * L, K) array in the forward pass and none in the backward pass."""
+
+    @staticmethod
+    def forward(ctx, x4, kernel, stride, dilation, padding, size):
+        ctx.geometry = (x4.shape, kernel, stride, dilation, padding, size)
+        return _im2col(x4, kernel, stride, dilation, padding, size)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _fold_rows(g, *ctx.geometry), None, None, None, None, None
 
 
 def _from_matrix(y: Tensor, info: tuple) -> Tensor:
@@ -222,10 +248,10 @@ class _LayerSTE(torch.autograd.Function):
 def _chain_layer(layer, xv, wv, x_scale, w_scale, cfg, stats, rounded) -> Tensor:
     """Saturating / floating-point: the sequential chain in matrix form, per group, with the
     identity STE (:class:`_LayerSTE`) or the fine-grained gradients of
-    :func:`simulate_matmul`. An integer accumulator outside the fine-grained modes unfolds the
-    input's integers (found before unfolding: K times fewer divisions than over the unfolded
-    rows) and not its values. ``rounded``: ``round(value / scale)`` of the input and the
-    weight (:func:`_integers`)."""
+    :func:`simulate_matmul`. An integer accumulator unfolds the input's integers (found before
+    unfolding: K times fewer divisions than over the unfolded rows, and no float temporaries of
+    the rows' size), and its values only where a fine-grained gradient needs them.
+    ``rounded``: ``round(value / scale)`` of the input and the weight (:func:`_integers`)."""
     grad = torch.is_grad_enabled() and (xv.requires_grad or wv.requires_grad)
     if grad and cfg.gradient == "ste":
         with torch.no_grad():
@@ -233,22 +259,24 @@ def _chain_layer(layer, xv, wv, x_scale, w_scale, cfg, stats, rounded) -> Tensor
         geometry = None if isinstance(layer, QuantLinear) else _conv_geometry(layer)
         return _LayerSTE.apply(xv, wv, y, geometry)
     xq, wq = rounded
-    codes = integer_codes(xv, x_scale, xq) if cfg.kind == "int" and not grad else None
-    rows, info = _to_matrix(layer, xv if codes is None else codes)
+    codes = integer_codes(xv, x_scale, xq) if cfg.kind == "int" else None
+    code_rows, info = _to_matrix(layer, codes) if codes is not None else (None, None)
+    rows, info = _to_matrix(layer, xv) if grad or codes is None else (code_rows, info)
     groups = getattr(layer, "groups", 1)
     out_channels = wv.shape[0]
     k_group = rows.shape[1] // groups
     o_group = out_channels // groups
     parts = []
     for g in range(groups):
-        xg = rows[:, g * k_group:(g + 1) * k_group]
+        cols = slice(g * k_group, (g + 1) * k_group)
         sl = slice(g * o_group, (g + 1) * o_group)
         wg = wv[sl].reshape(o_group, -1)
-        if codes is None:
-            y, chain = simulate_matmul(xg, wg, x_scale, w_scale[sl], cfg)
+        xc = None if code_rows is None else code_rows[:, cols].contiguous()
+        if grad or codes is None:
+            y, chain = simulate_matmul(rows[:, cols], wg, x_scale, w_scale[sl], cfg, xc)
         else:
-            y, chain = simulate_integer_forward(xg.contiguous(), wg, x_scale, w_scale[sl], cfg,
-                                                xv.dtype, wq[sl].reshape(o_group, -1))
+            y, chain = simulate_integer_forward(xc, wg, x_scale, w_scale[sl], cfg, xv.dtype,
+                                                wq[sl].reshape(o_group, -1))
         parts.append(y)
         stats.outputs += y.numel()
         stats.additions += y.numel() * k_group
