@@ -10,7 +10,11 @@ a plain step of the same model, repeated ``--reps`` times; the ratio of the medi
 Forward-only (``torch.no_grad``, eval mode) likewise. Peak memory: on CUDA
 ``torch.cuda.max_memory_allocated`` around one step; on CPU the growth of the process's
 peak resident set over one step, after a warm-up step and with the freed memory handed back to
-the system first (``malloc_trim``), each mode in a fresh subprocess.
+the system first (``malloc_trim``), each mode in a fresh subprocess whose glibc maps every
+allocation of 64 KiB or more on its own (``MALLOC_MMAP_THRESHOLD_``), so that memory freed is
+returned at once and the growth is the step's peak of live memory, as on CUDA. (With glibc's
+default, which raises that threshold as blocks are freed, the same step's figure moved by several
+MB from run to run, with whatever its free lists happened to hold.)
 
     PYTHONPATH=. .venv/bin/python benchmarks/accumulator_speed.py
     PYTHONPATH=. .venv/bin/python benchmarks/accumulator_speed.py --device cuda \\
@@ -28,6 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import platform
 import resource
 import statistics
@@ -228,7 +233,8 @@ def measure_memory(name: str, device: str, specs, gradients) -> dict:
             res[f"{spec or 'plain'}/{grad}"] = _memory_child(name, device, spec, grad)
             continue
         cmd = [sys.executable, __file__, "--memory-child", name, device, spec or "plain", grad]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(64 * 1024)}  # (module docstring)
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
         res[f"{spec or 'plain'}/{grad}"] = int(out.stdout.strip().splitlines()[-1])
     plain = res.pop("plain/ste")
     # CPU: a plain step that reuses memory freed earlier shows no growth at all; no ratio then
