@@ -577,11 +577,21 @@ def test_fast_path_equals_the_step_by_step_chain(spec, seed):
         assert getattr(fast, count) == getattr(slow, count), count
 
 
-@pytest.mark.parametrize("shape,kernel,stride,dilation,padding", [
+# (input shape, kernel, stride, dilation, padding) of convolutions to unfold: overlapping and
+# disjoint windows, 1-D shapes
+UNFOLD_GEOMETRIES = [
     ((2, 3, 9, 11), (3, 2), (2, 1), (1, 2), (1, 0)),
     ((1, 4, 1, 17), (1, 5), (1, 3), (1, 2), (0, 2)),
     ((3, 5, 8, 8), (3, 3), (1, 1), (1, 1), (1, 1)),
-    ((2, 2, 7, 7), (2, 2), (3, 3), (2, 2), (2, 2))])
+    ((2, 2, 7, 7), (2, 2), (3, 3), (2, 2), (2, 2))]
+
+
+def _unfolded_size(shape, kernel, stride, dilation, padding) -> list[int]:
+    return [(shape[2 + i] + 2 * padding[i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1
+            for i in range(2)]
+
+
+@pytest.mark.parametrize("shape,kernel,stride,dilation,padding", UNFOLD_GEOMETRIES)
 @pytest.mark.parametrize("dtype", [torch.int8, torch.float32])
 def test_im2col_rows_are_unfolds_columns(shape, kernel, stride, dilation, padding, dtype):
     # the simulation's unfolding without a gradient (layers._im2col, any dtype): F.unfold's
@@ -590,18 +600,13 @@ def test_im2col_rows_are_unfolds_columns(shape, kernel, stride, dilation, paddin
 
     x = torch.randint(-8, 8, shape, generator=torch.Generator().manual_seed(0)).to(dtype)
     cols = F.unfold(x.float(), kernel, dilation=dilation, padding=padding, stride=stride)
-    size = [(shape[2 + i] + 2 * padding[i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1
-            for i in range(2)]
+    size = _unfolded_size(shape, kernel, stride, dilation, padding)
     rows = _im2col(x, kernel, stride, dilation, padding, size)
     assert rows.dtype == dtype
     assert torch.equal(rows.float(), cols.transpose(1, 2).reshape(-1, cols.shape[1]))
 
 
-@pytest.mark.parametrize("shape,kernel,stride,dilation,padding", [
-    ((2, 3, 9, 11), (3, 2), (2, 1), (1, 2), (1, 0)),
-    ((1, 4, 1, 17), (1, 5), (1, 3), (1, 2), (0, 2)),
-    ((3, 5, 8, 8), (3, 3), (1, 1), (1, 1), (1, 1)),
-    ((2, 2, 7, 7), (2, 2), (3, 3), (2, 2), (2, 2))])
+@pytest.mark.parametrize("shape,kernel,stride,dilation,padding", UNFOLD_GEOMETRIES)
 def test_unfold_gradient_is_unfolds(shape, kernel, stride, dilation, padding):
     # the fine-grained modes unfold through layers._Unfold: its backward pass (the adjoint of
     # _im2col) gives F.unfold's input gradient bit for bit, overlapping windows included
@@ -609,8 +614,7 @@ def test_unfold_gradient_is_unfolds(shape, kernel, stride, dilation, padding):
 
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(shape, generator=gen, requires_grad=True)
-    size = [(shape[2 + i] + 2 * padding[i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1
-            for i in range(2)]
+    size = _unfolded_size(shape, kernel, stride, dilation, padding)
     rows = _Unfold.apply(x, kernel, stride, dilation, padding, size)
     g = torch.randn(rows.shape, generator=gen)
     (ours,) = torch.autograd.grad(rows, x, g)

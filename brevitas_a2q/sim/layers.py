@@ -57,6 +57,13 @@ def _to_matrix(layer: nn.Module, x: Tensor) -> tuple[Tensor, tuple]:
     return rows, ("conv", x4.shape[0], size, one_d)
 
 
+def _window(padded: Tensor, i: int, j: int, stride, dilation, size) -> Tensor:
+    """The (B, C, *size) view of a padded input that kernel offset ``(i, j)`` reads."""
+    h0, w0 = i * dilation[0], j * dilation[1]
+    return padded[:, :, h0:h0 + stride[0] * (size[0] - 1) + 1:stride[0],
+                  w0:w0 + stride[1] * (size[1] - 1) + 1:stride[1]]
+
+
 def _im2col(x4: Tensor, kernel, stride, dilation, padding, size) -> Tensor:
     """``F.unfold``'s columns as rows (B * L, C * kh * kw), in its order, for any dtype (int8
     included): one copy of a channels-last slice per kernel offset, several times faster than
@@ -67,25 +74,20 @@ def _im2col(x4: Tensor, kernel, stride, dilation, padding, size) -> Tensor:
     out = xp.new_empty(batch, size[0], size[1], channels, kernel[0], kernel[1])
     for i in range(kernel[0]):
         for j in range(kernel[1]):
-            h0, w0 = i * dilation[0], j * dilation[1]
-            window = xp[:, :, h0:h0 + stride[0] * (size[0] - 1) + 1:stride[0],
-                        w0:w0 + stride[1] * (size[1] - 1) + 1:stride[1]]
-            out[..., i, j] = window.permute(0, 2, 3, 1)
+            out[..., i, j] = _window(xp, i, j, stride, dilation, size).permute(0, 2, 3, 1)
     return out.reshape(-1, channels * kernel[0] * kernel[1])
 
 
 def _fold_rows(rows: Tensor, x_shape, kernel, stride, dilation, padding, size) -> Tensor:
     """The adjoint of :func:`_im2col` (``F.fold`` of the rows' columns): each kernel offset's
-    slice added into a zero padded input, then the padding cut off. For each input value the
-    contributions are added in kernel-offset order, as ``col2im`` adds them."""
+    slice added into its window of a zero padded input, then the padding cut off. For each
+    input value the contributions are added in kernel-offset order, as ``col2im`` adds them."""
     batch, channels, height, width = x_shape
     g6 = rows.reshape(batch, size[0], size[1], channels, kernel[0], kernel[1])
     out = rows.new_zeros(batch, channels, height + 2 * padding[0], width + 2 * padding[1])
     for i in range(kernel[0]):
         for j in range(kernel[1]):
-            h0, w0 = i * dilation[0], j * dilation[1]
-            out[:, :, h0:h0 + stride[0] * (size[0] - 1) + 1:stride[0],
-                w0:w0 + stride[1] * (size[1] - 1) + 1:stride[1]] += g6[..., i, j].permute(0, 3, 1, 2)
+            _window(out, i, j, stride, dilation, size).add_(g6[..., i, j].permute(0, 3, 1, 2))
     return out[:, :, padding[0]:padding[0] + height, padding[1]:padding[1] + width]
 
 
@@ -260,19 +262,19 @@ def _chain_layer(layer, xv, wv, x_scale, w_scale, cfg, stats, rounded) -> Tensor
         return _LayerSTE.apply(xv, wv, y, geometry)
     xq, wq = rounded
     codes = integer_codes(xv, x_scale, xq) if cfg.kind == "int" else None
+    values = grad or codes is None  # (a fine-grained gradient, or a float accumulator)
     code_rows, info = _to_matrix(layer, codes) if codes is not None else (None, None)
-    rows, info = _to_matrix(layer, xv) if grad or codes is None else (code_rows, info)
+    rows, info = _to_matrix(layer, xv) if values else (None, info)
     groups = getattr(layer, "groups", 1)
-    out_channels = wv.shape[0]
-    k_group = rows.shape[1] // groups
-    o_group = out_channels // groups
+    k_group = _layer_k(layer)
+    o_group = wv.shape[0] // groups
     parts = []
     for g in range(groups):
         cols = slice(g * k_group, (g + 1) * k_group)
         sl = slice(g * o_group, (g + 1) * o_group)
         wg = wv[sl].reshape(o_group, -1)
         xc = None if code_rows is None else code_rows[:, cols].contiguous()
-        if grad or codes is None:
+        if values:
             y, chain = simulate_matmul(rows[:, cols], wg, x_scale, w_scale[sl], cfg, xc)
         else:
             y, chain = simulate_integer_forward(xc, wg, x_scale, w_scale[sl], cfg, xv.dtype,
