@@ -504,6 +504,73 @@ def test_layer_ste_gradient_is_the_exact_layers(spec):
             torch.testing.assert_close(simulated, exact, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("mode", ["immediate", "recursive"])
+@pytest.mark.parametrize("spec", ["int9-sat", "int10-sat-c8"])
+@pytest.mark.parametrize("block_values", [1, 2**19])  # one sample per block / all at once
+def test_convolution_fine_grained_gradients_match_reference_masks(spec, mode, block_values,
+                                                                   monkeypatch):
+    """A whole convolution's fine-grained gradients (the input's and the weight's, groups,
+    stride, dilation, padding, 1-d and 2-d) equal the masked sums of the Python-integer loop's
+    events over F.unfold's columns and F.fold's adjoint; and the backward pass keeps nothing
+    of the unfolded input's size."""
+    from brevitas.nn import QuantConv1d, QuantConv2d
+    from brevitas.quant import Int8WeightPerTensorFloat
+    from brevitas.quant_tensor import IntQuantTensor
+
+    from brevitas_a2q.sim import conv_gradients, kernels
+
+    if not kernels.available():
+        pytest.skip("numba kernels unavailable: the whole-layer gradient runs on them")
+    monkeypatch.setattr(conv_gradients, "ROW_BLOCK_VALUES", block_values)
+    cfg = parse_accumulator(spec, gradient=mode)
+    w = dict(weight_quant=Int8WeightPerTensorFloat, weight_bit_width=4, bias=False)
+    cases = [(QuantConv2d(4, 6, 3, stride=2, dilation=2, padding=1, groups=2, **w), (2, 4, 9, 9)),
+             (QuantConv1d(3, 4, 5, stride=2, padding=2, **w), (3, 3, 11))]
+    gen = torch.Generator().manual_seed(5)
+    saved: list[int] = []  # the numel of each tensor autograd keeps for the backward pass
+    for layer, shape in cases:
+        x_int = torch.randint(0, 256, shape, generator=gen).double()
+        w_int = torch.randint(-7, 8, layer.weight.shape, generator=gen).double()
+        x_scale, w_scale = 0.5, 0.25
+        xr = (x_int * x_scale).float().requires_grad_()
+        wr = (w_int * w_scale).float().requires_grad_()
+        zero = torch.zeros(())
+        x_qt = IntQuantTensor(xr, torch.tensor(x_scale), zero, torch.tensor(8.0), False, True)
+        w_qt = IntQuantTensor(wr, torch.tensor(w_scale), zero, torch.tensor(4.0), True, True)
+        saved.clear()
+        with simulate_accumulators(layer, cfg), torch.autograd.graph.saved_tensors_hooks(
+                lambda t: saved.append(t.numel()) or t, lambda t: t):
+            y = layer.inner_forward_impl(x_qt, w_qt, None)
+        dy = torch.randn(y.shape, generator=gen)
+        (y * dy).sum().backward()
+
+        one_d = len(shape) == 3
+        x4, y4 = (x_int.unsqueeze(2), dy.unsqueeze(2)) if one_d else (x_int, dy)
+        kernel = (1, *layer.kernel_size) if one_d else layer.kernel_size
+        geo = {k: (1, *getattr(layer, k)) if one_d else getattr(layer, k)
+               for k in ("stride", "dilation")}
+        geo["padding"] = (0, *layer.padding) if one_d else layer.padding
+        cols = F.unfold(x4, kernel, **geo).transpose(1, 2).reshape(-1, shape[1] * math.prod(kernel))
+        g_rows = y4.permute(0, 2, 3, 1).reshape(-1, y.shape[1]).double()
+        k, outs = math.prod(layer.weight.shape[1:]), layer.out_channels // layer.groups
+        gx_cols, gw = torch.zeros_like(cols), torch.zeros_like(w_int).reshape(w_int.shape[0], -1)
+        for group in range(layer.groups):
+            c, o = slice(group * k, (group + 1) * k), slice(group * outs, (group + 1) * outs)
+            wg = w_int[o].reshape(outs, -1)
+            masks = _reference_masks(cols[:, c], wg, cfg, mode)
+            gx_cols[:, c], gw[o] = _masked_grads(cols[:, c] * x_scale, wg * w_scale,
+                                                 g_rows[:, o], masks)
+        gx = F.fold(gx_cols.reshape(shape[0], -1, cols.shape[1]).transpose(1, 2),
+                    x4.shape[2:], kernel, **geo)
+        assert bool((torch.tensor(masks) == 0).any()), "the case must cut some products"
+        # float32 sums: the exact part and the cuts, each rounded (at 1e-6 of the largest)
+        torch.testing.assert_close(xr.grad.double(), gx.reshape(shape), rtol=1e-5,
+                                   atol=1e-6 * float(gx.abs().max()))
+        torch.testing.assert_close(wr.grad.double(), gw.reshape(w_int.shape), rtol=1e-5,
+                                   atol=1e-6 * float(gw.abs().max()))
+        assert max(saved) < cols.numel(), "the unfolded input is kept for the backward pass"
+
+
 # ----------------------------------------------------------------------------------------------
 # A2Q's guarantee on real data
 
@@ -594,28 +661,28 @@ def _unfolded_size(shape, kernel, stride, dilation, padding) -> list[int]:
 @pytest.mark.parametrize("shape,kernel,stride,dilation,padding", UNFOLD_GEOMETRIES)
 @pytest.mark.parametrize("dtype", [torch.int8, torch.float32])
 def test_im2col_rows_are_unfolds_columns(shape, kernel, stride, dilation, padding, dtype):
-    # the simulation's unfolding without a gradient (layers._im2col, any dtype): F.unfold's
+    # the simulation's unfolding without a gradient (unfold.im2col, any dtype): F.unfold's
     # columns as rows, in its order, which the weights' (O, C * kh * kw) layout relies on
-    from brevitas_a2q.sim.layers import _im2col
+    from brevitas_a2q.sim.unfold import im2col
 
     x = torch.randint(-8, 8, shape, generator=torch.Generator().manual_seed(0)).to(dtype)
     cols = F.unfold(x.float(), kernel, dilation=dilation, padding=padding, stride=stride)
     size = _unfolded_size(shape, kernel, stride, dilation, padding)
-    rows = _im2col(x, kernel, stride, dilation, padding, size)
+    rows = im2col(x, kernel, stride, dilation, padding, size)
     assert rows.dtype == dtype
     assert torch.equal(rows.float(), cols.transpose(1, 2).reshape(-1, cols.shape[1]))
 
 
 @pytest.mark.parametrize("shape,kernel,stride,dilation,padding", UNFOLD_GEOMETRIES)
 def test_unfold_gradient_is_unfolds(shape, kernel, stride, dilation, padding):
-    # the fine-grained modes unfold through layers._Unfold: its backward pass (the adjoint of
-    # _im2col) gives F.unfold's input gradient bit for bit, overlapping windows included
-    from brevitas_a2q.sim.layers import _Unfold
+    # the fine-grained modes unfold through unfold.Unfold: its backward pass (the adjoint of
+    # im2col) gives F.unfold's input gradient bit for bit, overlapping windows included
+    from brevitas_a2q.sim.unfold import Unfold
 
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(shape, generator=gen, requires_grad=True)
     size = _unfolded_size(shape, kernel, stride, dilation, padding)
-    rows = _Unfold.apply(x, kernel, stride, dilation, padding, size)
+    rows = Unfold.apply(x, kernel, stride, dilation, padding, size)
     g = torch.randn(rows.shape, generator=gen)
     (ours,) = torch.autograd.grad(rows, x, g)
     cols = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)

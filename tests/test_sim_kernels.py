@@ -299,11 +299,14 @@ def test_saturating_layers_without_blocks_run_step_by_step(spec, rows, outs, k, 
 @pytest.mark.parametrize("mode", ["immediate", "recursive"])
 @pytest.mark.parametrize("spec", ["int10-sat", "int10-sat-c16", "int12-sat-c100", "int9-sat-c8"])
 @pytest.mark.parametrize("signed", [False, True])
-def test_saturating_block_gradients_equal_the_chain_masks(spec, mode, signed, kernel_threads):
+@pytest.mark.parametrize("shape", [(), (8, 8, 300)], ids=["many-pairs", "64-pairs"])
+def test_saturating_block_gradients_equal_the_chain_masks(spec, mode, signed, shape,
+                                                          kernel_threads):
+    # by blocks, also where the forward pass has too few (row, output) pairs for them
     from brevitas_a2q.sim import saturating
 
     cfg = parse_accumulator(spec, gradient=mode)
-    x, w = _block_operands(1, signed, 1)
+    x, w = _block_operands(1, signed, 1, *shape)
     xs, ws = 0.5, torch.full((w.shape[0],), 0.25, dtype=torch.float64)
     xv, wv = (x * xs).requires_grad_(True), (w * ws[:, None]).requires_grad_(True)
     g = torch.randn(x.shape[0], w.shape[0], generator=torch.Generator().manual_seed(2),

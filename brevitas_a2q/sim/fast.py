@@ -79,7 +79,9 @@ def may_overflow(x: Tensor, w: Tensor, cfg: AccumulatorConfig, chunk: int) -> bo
     lo, hi = x.aminmax()
     if k * max(-float(lo), float(hi)) * w_max <= limit:  # L <= K max|x| max|w|: one pass
         return False
-    return not float(x.abs().sum(1).amax()) * w_max <= limit  # (NaN: might)
+    # each row's sum of |x| without an |x| copy of the rows (float32 sums in any order are
+    # within the limit's (K + 8) 2^-22 of the exact ones)
+    return not float(torch.linalg.vector_norm(x, 1, dim=1).amax()) * w_max <= limit  # (NaN)
 
 
 def kernel_threads() -> int:
@@ -90,6 +92,11 @@ def kernel_threads() -> int:
     n = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
     numba.set_num_threads(n)
     return n
+
+
+def _float64_t(w: Tensor) -> np.ndarray:
+    """``w.T`` as a C-contiguous float64 array, in one copy (the kernels' ``w_t``)."""
+    return torch.empty(w.shape[::-1], dtype=torch.float64).copy_(w.detach().t()).numpy()
 
 
 def _run_kernel(x: Tensor, w: Tensor, cfg: AccumulatorConfig, chunk: int,
@@ -114,7 +121,7 @@ def _run_kernel(x: Tensor, w: Tensor, cfg: AccumulatorConfig, chunk: int,
     if len(rows):
         kernel_threads()
         xn = x.detach().contiguous().numpy()
-        wn = w.detach().t().contiguous().numpy()
+        wn = _float64_t(w)  # (float32 weights: one copy, not two)
         last = np.full((len(rows), w.shape[0]), -1, dtype=np.int32) if record_last else None
         check = may_overflow(x, w, cfg, chunk)
         logged = record_events and kernels.forward_events(xn, wn, rows.numpy(), chunk, cfg,

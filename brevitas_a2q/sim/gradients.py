@@ -11,7 +11,7 @@ from torch import Tensor
 from brevitas_a2q.sim import saturating
 from brevitas_a2q.sim.chain import _ChainResult, _chunked, _row_blocks, _run_chain, _wrap_chain
 from brevitas_a2q.sim.config import AccumulatorConfig
-from brevitas_a2q.sim.fast import _run_kernel
+from brevitas_a2q.sim.fast import _float64_t, _run_kernel
 
 
 def _recursive_grads(x: Tensor, w: Tensor, g: Tensor, chunk: int, last_step: Tensor,
@@ -84,8 +84,9 @@ def simulate_matmul(x_val: Tensor, w_val: Tensor, x_scale: Tensor | float,
         return simulate_integer_forward(x_int, w_val, x_scale, w_scale, cfg, x_val.dtype)
     if cfg.kind == "int":
         ax, aw = x_int, integer_codes(w_val, w_scale[:, None])
-    else:
-        ax, aw = x_val.detach(), w_val.detach().double()
+    else:  # the CPU kernels take the float32 weights (their float64 products are exact)
+        ax = x_val.detach()
+        aw = w_val.detach() if _cpu_kernels(x_val) else w_val.detach().double()
     jit = not cfg.is_wrap and cfg.gradient != "ste" and _use_kernels(x_val)
     k = ax.shape[1]
     # integer saturation by blocks takes the integers in their own type; the CPU kernels take
@@ -264,7 +265,7 @@ class _KernelFineGrained(torch.autograd.Function):
                 ctx.last[..., 0].contiguous().numpy(), n_blocks)
         elif len(rows):  # the kernel's corrections, and the outputs that take the exact part
             gx_rows, gw_corr, use_exact = kernels.backward(
-                ax.contiguous().numpy(), aw.t().contiguous().numpy(), xv.contiguous().numpy(),
+                ax.contiguous().numpy(), _float64_t(aw), xv.contiguous().numpy(),
                 wv.contiguous().numpy(), g[rows].contiguous().numpy(), rows.numpy(), chunk, cfg,
                 cfg.gradient == "recursive", n_blocks, may_overflow(ax, aw, cfg, chunk))
         if len(rows):

@@ -9,7 +9,6 @@ from collections.abc import Iterator, Mapping
 from dataclasses import replace
 
 import torch
-import torch.nn.functional as F
 from brevitas.nn import QuantConv1d, QuantConv2d, QuantLinear
 from brevitas.quant_tensor import IntQuantTensor, QuantTensor
 from torch import Tensor, nn
@@ -17,8 +16,10 @@ from torch import Tensor, nn
 from brevitas_a2q.errors import A2QInputError
 from brevitas_a2q.sim.chain import _int_range, _wrap
 from brevitas_a2q.sim.config import AccumulatorConfig, parse_accumulator
+from brevitas_a2q.sim.conv_gradients import SaturatingConvFineGrained, samples_per_block
 from brevitas_a2q.sim.gradients import integer_codes, simulate_integer_forward, simulate_matmul
 from brevitas_a2q.sim.stats import LayerStats, SimulationStats
+from brevitas_a2q.sim.unfold import Unfold, conv_windows
 
 
 def _layer_k(layer: nn.Module) -> int:
@@ -42,68 +43,8 @@ def _to_matrix(layer: nn.Module, x: Tensor) -> tuple[Tensor, tuple]:
     """Input ``x`` as rows of dot-product operands (R, K); also what :func:`_from_matrix` needs."""
     if isinstance(layer, QuantLinear):
         return x.reshape(-1, x.shape[-1]), ("linear", x.shape[:-1])
-    if isinstance(layer, QuantConv1d):
-        x4 = x.unsqueeze(-2)
-        kernel, stride = (1, layer.kernel_size[0]), (1, layer.stride[0])
-        dilation = (1, layer.dilation[0])
-        padding = (0, 0) if layer.padding == "valid" else (0, layer.padding[0])
-    else:
-        x4, kernel, stride, dilation = x, layer.kernel_size, layer.stride, layer.dilation
-        padding = (0, 0) if layer.padding == "valid" else tuple(layer.padding)
-    size = [(x4.shape[2 + i] + 2 * padding[i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i]
-            + 1 for i in range(2)]
-    rows = _Unfold.apply(x4, kernel, stride, dilation, padding, size)
-    one_d = isinstance(layer, QuantConv1d)
-    return rows, ("conv", x4.shape[0], size, one_d)
-
-
-def _window(padded: Tensor, i: int, j: int, stride, dilation, size) -> Tensor:
-    """The (B, C, *size) view of a padded input that kernel offset ``(i, j)`` reads."""
-    h0, w0 = i * dilation[0], j * dilation[1]
-    return padded[:, :, h0:h0 + stride[0] * (size[0] - 1) + 1:stride[0],
-                  w0:w0 + stride[1] * (size[1] - 1) + 1:stride[1]]
-
-
-def _im2col(x4: Tensor, kernel, stride, dilation, padding, size) -> Tensor:
-    """``F.unfold``'s columns as rows (B * L, C * kh * kw), in its order, for any dtype (int8
-    included): one copy of a channels-last slice per kernel offset, several times faster than
-    unfold and a transpose for the layers of the benchmarks (:class:`_Unfold` differentiates
-    it)."""
-    xp = F.pad(x4, (padding[1], padding[1], padding[0], padding[0]))
-    batch, channels = xp.shape[:2]
-    out = xp.new_empty(batch, size[0], size[1], channels, kernel[0], kernel[1])
-    for i in range(kernel[0]):
-        for j in range(kernel[1]):
-            out[..., i, j] = _window(xp, i, j, stride, dilation, size).permute(0, 2, 3, 1)
-    return out.reshape(-1, channels * kernel[0] * kernel[1])
-
-
-def _fold_rows(rows: Tensor, x_shape, kernel, stride, dilation, padding, size) -> Tensor:
-    """The adjoint of :func:`_im2col` (``F.fold`` of the rows' columns): each kernel offset's
-    slice added into its window of a zero padded input, then the padding cut off. For each
-    input value the contributions are added in kernel-offset order, as ``col2im`` adds them."""
-    batch, channels, height, width = x_shape
-    g6 = rows.reshape(batch, size[0], size[1], channels, kernel[0], kernel[1])
-    out = rows.new_zeros(batch, channels, height + 2 * padding[0], width + 2 * padding[1])
-    for i in range(kernel[0]):
-        for j in range(kernel[1]):
-            _window(out, i, j, stride, dilation, size).add_(g6[..., i, j].permute(0, 3, 1, 2))
-    return out[:, :, padding[0]:padding[0] + height, padding[1]:padding[1] + width]
-
-
-class _Unfold(torch.autograd.Function):
-    """``F.unfold``'s columns as rows, differentiable: forward :func:`_im2col`, backward its
-    adjoint :func:`_fold_rows`. Unlike ``F.unfold`` and a transposed copy, it makes one
-    (B * L, K) array in the forward pass and none in the backward pass."""
-
-    @staticmethod
-    def forward(ctx, x4, kernel, stride, dilation, padding, size):
-        ctx.geometry = (x4.shape, kernel, stride, dilation, padding, size)
-        return _im2col(x4, kernel, stride, dilation, padding, size)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _fold_rows(g, *ctx.geometry), None, None, None, None, None
+    x4, windows, one_d = conv_windows(layer, x)
+    return Unfold.apply(x4, *windows), ("conv", x4.shape[0], windows.size, one_d)
 
 
 def _from_matrix(y: Tensor, info: tuple) -> Tensor:
@@ -249,11 +190,13 @@ class _LayerSTE(torch.autograd.Function):
 
 def _chain_layer(layer, xv, wv, x_scale, w_scale, cfg, stats, rounded) -> Tensor:
     """Saturating / floating-point: the sequential chain in matrix form, per group, with the
-    identity STE (:class:`_LayerSTE`) or the fine-grained gradients of
-    :func:`simulate_matmul`. An integer accumulator unfolds the input's integers (found before
-    unfolding: K times fewer divisions than over the unfolded rows, and no float temporaries of
-    the rows' size), and its values only where a fine-grained gradient needs them.
-    ``rounded``: ``round(value / scale)`` of the input and the weight (:func:`_integers`)."""
+    identity STE (:class:`_LayerSTE`) or the fine-grained gradients: of a whole convolution
+    (:class:`~brevitas_a2q.sim.conv_gradients.SaturatingConvFineGrained`, saturating integers
+    by blocks) or of :func:`simulate_matmul`. An integer accumulator unfolds the input's
+    integers (found before unfolding: K times fewer divisions than over the unfolded rows, and
+    no float temporaries of the rows' size), and its values only where the matrix form's
+    fine-grained gradient needs them. ``rounded``: ``round(value / scale)`` of the input and
+    the weight (:func:`_integers`)."""
     grad = torch.is_grad_enabled() and (xv.requires_grad or wv.requires_grad)
     if grad and cfg.gradient == "ste":
         with torch.no_grad():
@@ -262,13 +205,14 @@ def _chain_layer(layer, xv, wv, x_scale, w_scale, cfg, stats, rounded) -> Tensor
         return _LayerSTE.apply(xv, wv, y, geometry)
     xq, wq = rounded
     codes = integer_codes(xv, x_scale, xq) if cfg.kind == "int" else None
-    values = grad or codes is None  # (a fine-grained gradient, or a float accumulator)
+    groups = getattr(layer, "groups", 1)
+    whole = _whole_conv_gradient(layer, codes, wv, wq, w_scale, cfg, groups) if grad else None
+    values = (grad and whole is None) or codes is None  # (matrix-form gradient, float chain)
     code_rows, info = _to_matrix(layer, codes) if codes is not None else (None, None)
     rows, info = _to_matrix(layer, xv) if values else (None, info)
-    groups = getattr(layer, "groups", 1)
     k_group = _layer_k(layer)
     o_group = wv.shape[0] // groups
-    parts = []
+    parts, last_combs = [], []
     for g in range(groups):
         cols = slice(g * k_group, (g + 1) * k_group)
         sl = slice(g * o_group, (g + 1) * o_group)
@@ -277,17 +221,35 @@ def _chain_layer(layer, xv, wv, x_scale, w_scale, cfg, stats, rounded) -> Tensor
         if values:
             y, chain = simulate_matmul(rows[:, cols], wg, x_scale, w_scale[sl], cfg, xc)
         else:
-            y, chain = simulate_integer_forward(xc, wg, x_scale, w_scale[sl], cfg, xv.dtype,
-                                                wq[sl].reshape(o_group, -1))
+            with torch.no_grad():
+                y, chain = simulate_integer_forward(xc, wg, x_scale, w_scale[sl], cfg, xv.dtype,
+                                                    wq[sl].reshape(o_group, -1))
         parts.append(y)
+        last_combs.append(chain.last_combine_event)
         stats.outputs += y.numel()
         stats.additions += y.numel() * k_group
         stats.overflow_outputs += chain.overflow_outputs
         stats.overflow_events += chain.overflow_events
         stats.swamping_events += chain.swamping_events
         stats.underflow_events += chain.underflow_events
-    y = parts[0] if groups == 1 else torch.cat(parts, dim=1)
-    return _from_matrix(y, info)
+    y = _from_matrix(parts[0] if groups == 1 else torch.cat(parts, dim=1), info)
+    if whole is None:
+        return y
+    w_codes, windows, samples = whole
+    return SaturatingConvFineGrained.apply(xv, wv, y, codes, w_codes, cfg, windows, groups,
+                                           last_combs, samples)
+
+
+def _whole_conv_gradient(layer, codes, wv, wq, w_scale, cfg, groups) -> tuple | None:
+    """``(w_codes, windows, samples per block)`` where a convolution's fine-grained gradient
+    runs on the whole layer (:mod:`.conv_gradients`), else None."""
+    if codes is None or isinstance(layer, QuantLinear):
+        return None
+    shape = (-1,) + (1,) * (wv.dim() - 1)
+    w_codes = integer_codes(wv, w_scale.reshape(shape), wq).reshape(wv.shape[0], -1)
+    windows = conv_windows(layer, codes)[1]
+    samples = samples_per_block(codes, w_codes, cfg, windows, groups)
+    return (w_codes, windows, samples) if samples else None
 
 
 ACCUMULATING_TYPES = (QuantLinear, QuantConv1d, QuantConv2d)

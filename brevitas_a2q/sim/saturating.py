@@ -3,8 +3,9 @@ products by matrix products, the step-by-step chain only for the (row, output) p
 partial sums may leave the range in that block (:mod:`._jit_blocks`). Same values, event counts
 and fine-grained gradients as the chain of :mod:`.chain` (Blumenfeld et al., ICLR 2024,
 Sec. 3-4), at the cost of about two matrix products where the accumulator rarely saturates.
-Layers with too few (row, output) pairs for blocks, or too short chunks, run every step, all
-outputs of a row at once (forward pass only: their gradients take the kernels' backward pass).
+In the forward pass, layers with too few (row, output) pairs for blocks, or too short chunks,
+run every step, all outputs of a row at once; the fine-grained gradients take blocks at any
+number of pairs (too short chunks take the kernels' backward pass).
 """
 
 from __future__ import annotations
@@ -81,20 +82,21 @@ def _applies(x: Tensor, w: Tensor, cfg: AccumulatorConfig, integers: bool) -> bo
     return -_int_range(cfg.bits)[0] + max_abs(x) * max_abs(w) < 2**53
 
 
-def _blocks(x: Tensor, w: Tensor, cfg: AccumulatorConfig, chunk: int,
-            integers: bool) -> _Blocks | None:
+def _blocks(x: Tensor, w: Tensor, cfg: AccumulatorConfig, chunk: int, integers: bool,
+            min_pairs: int = MIN_PAIRS) -> _Blocks | None:
     """The block plan of ``x @ w.T`` under ``cfg``, or None where the method does not apply:
-    not :func:`_applies`, chunks under :data:`MIN_CHUNK`, too few (row, output) pairs, or
-    operands too large to sum a block exactly."""
+    not :func:`_applies`, chunks under :data:`MIN_CHUNK`, fewer than ``min_pairs`` (row,
+    output) pairs, or operands too large to sum a block exactly."""
     if not _applies(x, w, cfg, integers):
         return None
-    return _plan(x, w, cfg, chunk)
+    return _plan(x, w, cfg, chunk, min_pairs)
 
 
-def _plan(x: Tensor, w: Tensor, cfg: AccumulatorConfig, chunk: int) -> _Blocks | None:
+def _plan(x: Tensor, w: Tensor, cfg: AccumulatorConfig, chunk: int,
+          min_pairs: int = MIN_PAIRS) -> _Blocks | None:
     """:func:`_blocks` where :func:`_applies` holds."""
     rows, k = x.shape
-    if chunk < MIN_CHUNK or rows * w.shape[0] < MIN_PAIRS:
+    if chunk < MIN_CHUNK or rows * w.shape[0] < min_pairs:
         return None
     chunked = chunk < k
     block = chunk if chunked else BLOCK
@@ -195,16 +197,20 @@ def subtract_cut(x: Tensor, w: Tensor, cfg: AccumulatorConfig, chunk: int, g: Te
     ``wg`` the real-valued factors (integers ``x``, ``w``). ``last_comb`` (R, O): each output's
     last combination event, as :func:`chain` of the same operands found it (``recursive`` with
     chunks: without it, a first pass over the chain finds it). False where the block method
-    does not apply (nothing changed)."""
+    does not apply (nothing changed). Blocks at any number of (row, output) pairs: the
+    alternative for few pairs, :func:`brevitas_a2q.sim.kernels.backward`, re-runs the chain on
+    float64 copies of the operands, several times the memory of their integers."""
     from brevitas_a2q.sim import kernels
     from brevitas_a2q.sim.fast import kernel_threads
 
-    plan = _blocks(x, w, cfg, chunk, integers=True)
+    plan = _blocks(x, w, cfg, chunk, integers=True, min_pairs=1)
     if plan is None:
         return False
     rows, outs = x.shape[0], w.shape[0]
     tasks = min(kernel_threads(), rows)
-    gw_parts = np.zeros((tasks, outs, x.shape[1]))
+    # one task subtracts from gw itself; several, each from its own part, added up after
+    own = tasks == 1 and gw.is_contiguous()
+    gw_parts = gw.numpy()[None] if own else np.zeros((tasks, outs, x.shape[1]))
     grads = (g.detach().contiguous().numpy(), xg.detach().contiguous().numpy(),
              wg.detach().contiguous().numpy(), gx.numpy(), gw_parts)
     recursive = cfg.gradient == "recursive"
@@ -233,5 +239,6 @@ def subtract_cut(x: Tensor, w: Tensor, cfg: AccumulatorConfig, chunk: int, g: Te
         else:
             last_comb = last_comb.numpy()
         _run(plan, state, grads, chunk_done=cuts)
-    gw += torch.from_numpy(gw_parts.sum(0)).to(gw.dtype)
+    if not own:
+        gw += torch.from_numpy(gw_parts.sum(0)).to(gw.dtype)
     return True
