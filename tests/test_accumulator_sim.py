@@ -505,14 +505,14 @@ def test_layer_ste_gradient_is_the_exact_layers(spec):
 
 
 @pytest.mark.parametrize("mode", ["immediate", "recursive"])
-@pytest.mark.parametrize("spec", ["int9-sat", "int10-sat-c8"])
-@pytest.mark.parametrize("block_values", [1, 2**19])  # one sample per block / all at once
+@pytest.mark.parametrize("spec", ["int9-sat", "int10-sat-c8", "fp10-e4m5", "fp9-e4m4-c5"])
+@pytest.mark.parametrize("block_values", [1, 2**19])  # one tile of rows per block / all at once
 def test_convolution_fine_grained_gradients_match_reference_masks(spec, mode, block_values,
                                                                    monkeypatch):
     """A whole convolution's fine-grained gradients (the input's and the weight's, groups,
-    stride, dilation, padding, 1-d and 2-d) equal the masked sums of the Python-integer loop's
-    events over F.unfold's columns and F.fold's adjoint; and the backward pass keeps nothing
-    of the unfolded input's size."""
+    stride, dilation, padding, 1-d and 2-d) equal the masked sums of the reference loops'
+    events (Python integers, exact fractions) over F.unfold's columns and F.fold's adjoint;
+    and the backward pass keeps nothing of the unfolded input's size."""
     from brevitas.nn import QuantConv1d, QuantConv2d
     from brevitas.quant import Int8WeightPerTensorFloat
     from brevitas.quant_tensor import IntQuantTensor
@@ -531,7 +531,7 @@ def test_convolution_fine_grained_gradients_match_reference_masks(spec, mode, bl
     for layer, shape in cases:
         x_int = torch.randint(0, 256, shape, generator=gen).double()
         w_int = torch.randint(-7, 8, layer.weight.shape, generator=gen).double()
-        x_scale, w_scale = 0.5, 0.25
+        x_scale, w_scale = (0.5 if cfg.kind == "int" else 2.0**-5), 0.25
         xr = (x_int * x_scale).float().requires_grad_()
         wr = (w_int * w_scale).float().requires_grad_()
         zero = torch.zeros(())
@@ -557,7 +557,9 @@ def test_convolution_fine_grained_gradients_match_reference_masks(spec, mode, bl
         for group in range(layer.groups):
             c, o = slice(group * k, (group + 1) * k), slice(group * outs, (group + 1) * outs)
             wg = w_int[o].reshape(outs, -1)
-            masks = _reference_masks(cols[:, c], wg, cfg, mode)
+            # an integer accumulator adds the integers, a floating-point one the values
+            masks = _reference_masks(cols[:, c], wg, cfg, mode) if cfg.kind == "int" else \
+                _reference_masks(cols[:, c] * x_scale, wg * w_scale, cfg, mode)
             gx_cols[:, c], gw[o] = _masked_grads(cols[:, c] * x_scale, wg * w_scale,
                                                  g_rows[:, o], masks)
         gx = F.fold(gx_cols.reshape(shape[0], -1, cols.shape[1]).transpose(1, 2),

@@ -7,8 +7,10 @@ forward path (:mod:`.fast`), saturating integers by blocks of exact matrix-produ
 (:mod:`.kernels`: numba on CPU in :mod:`._jit`, its event log in :mod:`._jit_events`, numba.cuda
 on GPUs in :mod:`._cuda`; the torch chain where they cannot run, said once by a warning;
 ``BREVITAS_A2Q_SIM_KERNELS=torch`` selects it), gradients through it (:mod:`.gradients`:
-identity STE and the fine-grained ``immediate`` / ``recursive`` estimators), event counts
-(:mod:`.stats`), Brevitas layers patched to use it (:mod:`.layers`) and evaluation / fine-tuning
+identity STE and the fine-grained ``immediate`` / ``recursive`` estimators; of a whole
+convolution without keeping its unfolded input, :mod:`.conv_gradients`), event counts
+(:mod:`.stats`), Brevitas layers patched to use it (:mod:`.layers`, convolutions unfolded by
+:mod:`.unfold`) and evaluation / fine-tuning
 under it (:mod:`.evaluate`). May import :mod:`brevitas_a2q.analysis` (to find layers) and
 :mod:`brevitas_a2q.train` (the loop).
 

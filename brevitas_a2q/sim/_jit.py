@@ -438,9 +438,11 @@ def _backward_body(x, w_t, xg, wg, g, rows, chunk, recursive, n_blocks, mode, lo
     n = rows.shape[0]
     gx = np.zeros((n, k_len), dtype=xg.dtype)
     use_exact = np.ones((n, outs), dtype=np.bool_)
-    gw_parts = np.zeros((n_blocks, outs, k_len))  # ranges of k (recursive, chunk cuts)
+    # ranges of k (recursive, chunk cuts); in the factors' type, as the gradient is
+    gw_parts = np.zeros((n_blocks, outs, k_len), dtype=xg.dtype)
     wg_t = np.ascontiguousarray(wg.T) if not recursive else wg[:1, :1]
-    gw_t_parts = np.zeros((n_blocks, k_len, outs) if not recursive else (n_blocks, 1, 1))
+    gw_t_parts = np.zeros((n_blocks, k_len, outs) if not recursive else (n_blocks, 1, 1),
+                          dtype=xg.dtype)
     n_tiles = (n + TILE - 1) // TILE
     per_block = (n_tiles + n_blocks - 1) // n_blocks
     no_log = (np.zeros((1, 8), dtype=np.uint8), np.zeros((1, 1), dtype=np.uint64),
@@ -543,7 +545,7 @@ def recursive_from_last(xg, wg, g, last, n_blocks):
     k_len = xg.shape[1]
     gx = np.zeros((n, k_len), dtype=xg.dtype)
     use_exact = np.ones((n, outs), dtype=np.bool_)
-    gw_parts = np.zeros((n_blocks, outs, k_len))
+    gw_parts = np.zeros((n_blocks, outs, k_len), dtype=xg.dtype)
     no_comb = np.full((n, outs), -1, dtype=np.int32)
     last_step = last.reshape(n, 1, outs)
     per_block = (n + n_blocks - 1) // n_blocks

@@ -68,8 +68,11 @@ def backward_from_events(xg, wg, g, rows, entries, tile_ends, chunk, recursive, 
     o_mask = (1 << o_bits) - 1
     gx = np.zeros((n, k_len), dtype=xg.dtype)
     use_exact = np.ones((n, outs), dtype=np.bool_)
-    gw_parts = np.zeros((n_blocks, outs, k_len) if recursive else (n_blocks, 1, 1))
-    gw_t_parts = np.zeros((n_blocks, k_len, outs) if not recursive else (n_blocks, 1, 1))
+    # in the factors' type, as the gradient is
+    gw_parts = np.zeros((n_blocks, outs, k_len) if recursive else (n_blocks, 1, 1),
+                        dtype=xg.dtype)
+    gw_t_parts = np.zeros((n_blocks, k_len, outs) if not recursive else (n_blocks, 1, 1),
+                          dtype=xg.dtype)
     wg_t = np.ascontiguousarray(wg.T) if not recursive else wg[:1, :1]
     n_tiles = tile_ends.size - 1
     per_block = (n_tiles + n_blocks - 1) // n_blocks

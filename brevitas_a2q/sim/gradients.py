@@ -94,11 +94,7 @@ def simulate_matmul(x_val: Tensor, w_val: Tensor, x_scale: Tensor | float,
     chain = saturating.chain(ax, aw, cfg, min(cfg.chunk_size or k, k), integers=True) \
         if k else None
     if chain is None and jit and grad and cfg.kind == "float" and _cpu_kernels(x_val) and k:
-        # what the backward pass needs of the chain, kept from here: for recursive over one
-        # chunk each output's last event, otherwise the events themselves
-        chunk = min(cfg.chunk_size or k, k)
-        last = cfg.gradient == "recursive" and chunk == k
-        chain = _run_kernel(ax, aw, cfg, chunk, record_last=last, record_events=not last)
+        chain = recorded_float_chain(ax, aw, cfg)
     if chain is None:
         if not (cfg.kind == "float" and _cpu_kernels(x_val)):
             ax, aw = ax.double(), aw.double()
@@ -119,6 +115,16 @@ def simulate_matmul(x_val: Tensor, w_val: Tensor, x_scale: Tensor | float,
         return _KernelFineGrained.apply(x_val, w_val, y, ax, aw, cfg, chain.last_step_event,
                                         chain.event_log, chain.last_combine_event), chain
     return _FineGrainedChain.apply(x_val, w_val, y, ax, aw, cfg, chain), chain
+
+
+def recorded_float_chain(ax: Tensor, aw: Tensor, cfg: AccumulatorConfig) -> _ChainResult:
+    """The floating-point chain of ``ax`` (R, K) and ``aw`` (O, K) on the CPU kernels, keeping
+    what its fine-grained backward pass (:func:`kernel_grads`) needs: for ``recursive`` over one
+    chunk each output's last event, otherwise the events themselves (its log)."""
+    k = ax.shape[1]
+    chunk = min(cfg.chunk_size or k, k)
+    last = cfg.gradient == "recursive" and chunk == k
+    return _run_kernel(ax, aw, cfg, chunk, record_last=last, record_events=not last)
 
 
 def simulate_integer_forward(x_int: Tensor, w_val: Tensor, x_scale: Tensor | float,
@@ -219,12 +225,9 @@ def _cuda_grads(ax, aw, xv, wv, g64, cfg, chunk) -> tuple[Tensor, Tensor]:
 
 class _KernelFineGrained(torch.autograd.Function):
     """As :class:`_FineGrainedChain`, with the backward pass in compiled kernels. CPU: the
-    exact gradient (two matrix products) plus corrections that take out the products the mode
-    cuts (saturating integers by blocks, :func:`brevitas_a2q.sim.saturating.subtract_cut`;
-    floating point from what the forward pass kept: its event log,
-    :func:`brevitas_a2q.sim.kernels.backward_from_events`, or for ``recursive`` over one chunk
-    each output's last event; otherwise :func:`brevitas_a2q.sim.kernels.backward`, which
-    re-runs the chain of the rows not proven event-free). GPU: :func:`_cuda_grads`."""
+    exact gradient (two matrix products) less the cut products' (saturating integers by blocks,
+    :func:`brevitas_a2q.sim.saturating.subtract_cut`), else :func:`kernel_grads`. GPU:
+    :func:`_cuda_grads`."""
 
     @staticmethod
     def forward(ctx, x_val, w_val, y_sim, addend_x, addend_w, cfg, last=None, log=None,
@@ -235,9 +238,6 @@ class _KernelFineGrained(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        from brevitas_a2q.sim import kernels, saturating
-        from brevitas_a2q.sim.fast import _int_safe_rows, kernel_threads, may_overflow
-
         x_val, w_val, ax, aw = ctx.saved_tensors
         cfg = ctx.cfg
         k = x_val.shape[1]
@@ -252,35 +252,52 @@ class _KernelFineGrained(torch.autograd.Function):
             if saturating.subtract_cut(ax, aw, cfg, chunk, g, xv, wv, gx, gw, ctx.last_comb):
                 return gx, gw, *[None] * 7
             ax, aw = ax.double(), aw.double()  # (float32 real-valued addends go as they are)
-        rows = ctx.log[0] if ctx.log else (~_int_safe_rows(ax, aw, cfg)).nonzero().squeeze(1)
-        g_exact, corrections = g, None
-        n_blocks = min(kernel_threads(), len(rows))
-        if len(rows) and ctx.log:  # the forward pass kept its events
-            gx_rows, gw_corr, use_exact = kernels.backward_from_events(
-                xv.contiguous().numpy(), wv.contiguous().numpy(), g[rows].contiguous().numpy(),
-                rows.numpy(), ctx.log[1:], chunk, cfg.gradient == "recursive", n_blocks)
-        elif len(rows) and ctx.last is not None:  # the forward pass kept each last event
-            gx_rows, gw_corr, use_exact = kernels.recursive_from_last(
-                xv.contiguous().numpy(), wv.contiguous().numpy(), g.contiguous().numpy(),
-                ctx.last[..., 0].contiguous().numpy(), n_blocks)
-        elif len(rows):  # the kernel's corrections, and the outputs that take the exact part
-            gx_rows, gw_corr, use_exact = kernels.backward(
-                ax.contiguous().numpy(), _float64_t(aw), xv.contiguous().numpy(),
-                wv.contiguous().numpy(), g[rows].contiguous().numpy(), rows.numpy(), chunk, cfg,
-                cfg.gradient == "recursive", n_blocks, may_overflow(ax, aw, cfg, chunk))
-        if len(rows):
-            if not use_exact.all():
-                g_exact = g.clone()
-                g_exact[rows] *= torch.from_numpy(use_exact)
-            corrections = torch.from_numpy(gx_rows), torch.from_numpy(gw_corr)
-        gw = g_exact.t() @ xv
-        if corrections is None:
-            gx = g_exact @ wv
-        elif len(rows) == len(g) and corrections[0].dtype == xv.dtype:
-            gx = corrections[0].addmm_(g_exact, wv)  # (no second (R, K) array)
-        else:
-            gx = g_exact @ wv
-            gx[rows] += corrections[0].to(gx.dtype)
-        if corrections is not None:
-            gw += corrections[1].to(gw.dtype)
+        gx, gw = kernel_grads(xv, wv, g, ax, aw, cfg, chunk, ctx.log, ctx.last)
         return gx.to(x_val.dtype), gw.to(w_val.dtype), *[None] * 7
+
+
+def kernel_grads(xv: Tensor, wv: Tensor, g: Tensor, ax: Tensor, aw: Tensor,
+                 cfg: AccumulatorConfig, chunk: int, log: tuple | None = None,
+                 last: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The fine-grained gradients of ``xv`` (R, K) and ``wv`` (O, K) for dL/dY ``g`` (R, O),
+    on the CPU kernels: the exact gradient of the outputs that take it plus the kernels'
+    corrections, from what the forward pass kept (floating point: its event ``log``,
+    :func:`brevitas_a2q.sim.kernels.backward_from_events`, or for ``recursive`` over one chunk
+    each output's ``last`` event) or else by re-running the chain of the addends ``ax``,
+    ``aw`` for the rows not proven event-free (:func:`brevitas_a2q.sim.kernels.backward`)."""
+    from brevitas_a2q.sim import kernels
+    from brevitas_a2q.sim.fast import _int_safe_rows, kernel_threads, may_overflow
+
+    rows = log[0] if log else (~_int_safe_rows(ax, aw, cfg)).nonzero().squeeze(1)
+    g_exact, corrections = g, None
+    n_blocks = min(kernel_threads(), len(rows))
+    recursive = cfg.gradient == "recursive"
+    if len(rows) and log:  # the forward pass kept its events
+        gx_rows, gw_corr, use_exact = kernels.backward_from_events(
+            xv.contiguous().numpy(), wv.contiguous().numpy(), g[rows].contiguous().numpy(),
+            rows.numpy(), log[1:], chunk, recursive, n_blocks)
+    elif len(rows) and last is not None:  # the forward pass kept each last event
+        gx_rows, gw_corr, use_exact = kernels.recursive_from_last(
+            xv.contiguous().numpy(), wv.contiguous().numpy(), g.contiguous().numpy(),
+            last[..., 0].contiguous().numpy(), n_blocks)
+    elif len(rows):  # the kernel's corrections, and the outputs that take the exact part
+        gx_rows, gw_corr, use_exact = kernels.backward(
+            ax.contiguous().numpy(), _float64_t(aw), xv.contiguous().numpy(),
+            wv.contiguous().numpy(), g[rows].contiguous().numpy(), rows.numpy(), chunk, cfg,
+            recursive, n_blocks, may_overflow(ax, aw, cfg, chunk))
+    if len(rows):
+        if not use_exact.all():
+            g_exact = g.clone()
+            g_exact[rows] *= torch.from_numpy(use_exact)
+        corrections = torch.from_numpy(gx_rows), torch.from_numpy(gw_corr)
+    gw = g_exact.t() @ xv
+    if corrections is None:
+        gx = g_exact @ wv
+    elif len(rows) == len(g) and corrections[0].dtype == xv.dtype:
+        gx = corrections[0].addmm_(g_exact, wv)  # (no second (R, K) array)
+    else:
+        gx = g_exact @ wv
+        gx[rows] += corrections[0].to(gx.dtype)
+    if corrections is not None:
+        gw += corrections[1].to(gw.dtype)
+    return gx, gw

@@ -16,7 +16,13 @@ from torch import Tensor, nn
 from brevitas_a2q.errors import A2QInputError
 from brevitas_a2q.sim.chain import _int_range, _wrap
 from brevitas_a2q.sim.config import AccumulatorConfig, parse_accumulator
-from brevitas_a2q.sim.conv_gradients import SaturatingConvFineGrained, samples_per_block
+from brevitas_a2q.sim.conv_gradients import (
+    ConvFineGrained,
+    float_conv_forward,
+    integer_blocks_apply,
+    integer_records,
+    samples_per_block,
+)
 from brevitas_a2q.sim.gradients import integer_codes, simulate_integer_forward, simulate_matmul
 from brevitas_a2q.sim.stats import LayerStats, SimulationStats
 from brevitas_a2q.sim.unfold import Unfold, conv_windows
@@ -190,13 +196,13 @@ class _LayerSTE(torch.autograd.Function):
 
 def _chain_layer(layer, xv, wv, x_scale, w_scale, cfg, stats, rounded) -> Tensor:
     """Saturating / floating-point: the sequential chain in matrix form, per group, with the
-    identity STE (:class:`_LayerSTE`) or the fine-grained gradients: of a whole convolution
-    (:class:`~brevitas_a2q.sim.conv_gradients.SaturatingConvFineGrained`, saturating integers
-    by blocks) or of :func:`simulate_matmul`. An integer accumulator unfolds the input's
-    integers (found before unfolding: K times fewer divisions than over the unfolded rows, and
-    no float temporaries of the rows' size), and its values only where the matrix form's
-    fine-grained gradient needs them. ``rounded``: ``round(value / scale)`` of the input and
-    the weight (:func:`_integers`)."""
+    identity STE (:class:`_LayerSTE`) or the fine-grained gradients: of a whole convolution on
+    the CPU kernels (:class:`~brevitas_a2q.sim.conv_gradients.ConvFineGrained`, which keeps
+    the input as it is), else of :func:`simulate_matmul`. An integer accumulator unfolds the
+    input's integers (found before unfolding: K times fewer divisions than over the unfolded
+    rows, and no float temporaries of the rows' size), and its values only where the matrix
+    form's fine-grained gradient needs them. ``rounded``: ``round(value / scale)`` of the input
+    and the weight (:func:`_integers`)."""
     grad = torch.is_grad_enabled() and (xv.requires_grad or wv.requires_grad)
     if grad and cfg.gradient == "ste":
         with torch.no_grad():
@@ -206,11 +212,27 @@ def _chain_layer(layer, xv, wv, x_scale, w_scale, cfg, stats, rounded) -> Tensor
     xq, wq = rounded
     codes = integer_codes(xv, x_scale, xq) if cfg.kind == "int" else None
     groups = getattr(layer, "groups", 1)
-    whole = _whole_conv_gradient(layer, codes, wv, wq, w_scale, cfg, groups) if grad else None
+    k_group = _layer_k(layer)
+    whole = _whole_conv_gradient(layer, xv, codes, wv, wq, w_scale, cfg, groups) \
+        if grad else None
+
+    def count(chain, outputs: int) -> None:
+        stats.outputs += outputs
+        stats.additions += outputs * k_group
+        stats.overflow_outputs += chain.overflow_outputs
+        stats.overflow_events += chain.overflow_events
+        stats.swamping_events += chain.swamping_events
+        stats.underflow_events += chain.underflow_events
+
+    if whole is not None and codes is None:  # floating point, by blocks of samples
+        w_codes, windows, samples = whole
+        y, records = float_conv_forward(xv, wv, cfg, windows, groups, samples, count)
+        y = _from_matrix(y, ("conv", xv.shape[0], windows.size, xv.dim() == 3))
+        return ConvFineGrained.apply(xv, wv, y, None, None, cfg, windows, groups, records,
+                                     samples)
     values = (grad and whole is None) or codes is None  # (matrix-form gradient, float chain)
     code_rows, info = _to_matrix(layer, codes) if codes is not None else (None, None)
     rows, info = _to_matrix(layer, xv) if values else (None, info)
-    k_group = _layer_k(layer)
     o_group = wv.shape[0] // groups
     parts, last_combs = [], []
     for g in range(groups):
@@ -226,30 +248,32 @@ def _chain_layer(layer, xv, wv, x_scale, w_scale, cfg, stats, rounded) -> Tensor
                                                     wq[sl].reshape(o_group, -1))
         parts.append(y)
         last_combs.append(chain.last_combine_event)
-        stats.outputs += y.numel()
-        stats.additions += y.numel() * k_group
-        stats.overflow_outputs += chain.overflow_outputs
-        stats.overflow_events += chain.overflow_events
-        stats.swamping_events += chain.swamping_events
-        stats.underflow_events += chain.underflow_events
+        count(chain, y.numel())
     y = _from_matrix(parts[0] if groups == 1 else torch.cat(parts, dim=1), info)
     if whole is None:
         return y
     w_codes, windows, samples = whole
-    return SaturatingConvFineGrained.apply(xv, wv, y, codes, w_codes, cfg, windows, groups,
-                                           last_combs, samples)
+    records = integer_records(last_combs, xv.shape[0], samples, windows.size[0] * windows.size[1])
+    return ConvFineGrained.apply(xv, wv, y, codes, w_codes, cfg, windows, groups, records,
+                                 samples)
 
 
-def _whole_conv_gradient(layer, codes, wv, wq, w_scale, cfg, groups) -> tuple | None:
+def _whole_conv_gradient(layer, xv, codes, wv, wq, w_scale, cfg, groups) -> tuple | None:
     """``(w_codes, windows, samples per block)`` where a convolution's fine-grained gradient
-    runs on the whole layer (:mod:`.conv_gradients`), else None."""
-    if codes is None or isinstance(layer, QuantLinear):
+    runs on the whole layer (:mod:`.conv_gradients`: the CPU kernels; for saturating integers
+    where the block method applies), else None."""
+    from brevitas_a2q.sim import kernels
+
+    if isinstance(layer, QuantLinear) or xv.device.type != "cpu" or not _layer_k(layer) \
+            or not kernels.available():
         return None
+    windows = conv_windows(layer, xv)[1]
+    samples = samples_per_block(xv.shape[0], windows, _layer_k(layer), groups)
+    if codes is None:
+        return None, windows, samples
     shape = (-1,) + (1,) * (wv.dim() - 1)
     w_codes = integer_codes(wv, w_scale.reshape(shape), wq).reshape(wv.shape[0], -1)
-    windows = conv_windows(layer, codes)[1]
-    samples = samples_per_block(codes, w_codes, cfg, windows, groups)
-    return (w_codes, windows, samples) if samples else None
+    return (w_codes, windows, samples) if integer_blocks_apply(codes, w_codes, cfg) else None
 
 
 ACCUMULATING_TYPES = (QuantLinear, QuantConv1d, QuantConv2d)

@@ -84,9 +84,11 @@ class Unfold(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x4, kernel, stride, dilation, padding, size):
+        """:func:`im2col`."""
         ctx.geometry = (x4.shape, kernel, stride, dilation, padding, size)
         return im2col(x4, kernel, stride, dilation, padding, size)
 
     @staticmethod
     def backward(ctx, g):
+        """:func:`fold_rows` of the rows' gradient."""
         return fold_rows(g, *ctx.geometry), None, None, None, None, None
