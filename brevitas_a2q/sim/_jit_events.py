@@ -58,7 +58,8 @@ def backward_from_events(xg, wg, g, rows, entries, tile_ends, chunk, recursive, 
     :func:`_forward_events_body` kept, without re-running the chain. ``immediate``: minus each
     event's product (``gw`` transposed, as the log's steps run along ``K``), or the whole chunk
     of a combination event (whose chunk's own events are not cut again); ``recursive``: the
-    last events per chunk and combination, then :func:`recursive_cuts`."""
+    last events per chunk and combination, then :func:`recursive_cuts`. Returns ``(gx, gw,
+    use_exact)``, ``gw`` transposed (K, O) for ``immediate``."""
     n, outs = g.shape
     k_len = xg.shape[1]
     n_chunks = (k_len + chunk - 1) // chunk
@@ -124,9 +125,10 @@ def backward_from_events(xg, wg, g, rows, entries, tile_ends, chunk, recursive, 
                     gx[i, k] -= g[i, o] * wg_t[k, o]
                     gw_t[k, o] -= g[i, o] * xg[r, k]
             last_comb[:nt] = -1
-    gw = gw_parts[0].copy() if recursive else gw_t_parts[0].T.copy()
+    parts = gw_parts if recursive else gw_t_parts  # (immediate: gw transposed, (K, O))
+    gw = parts[0]
     for b in range(1, n_blocks):
-        gw += gw_parts[b] if recursive else gw_t_parts[b].T
+        gw += parts[b]
     return gx, gw, use_exact
 
 

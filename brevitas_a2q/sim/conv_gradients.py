@@ -7,8 +7,9 @@ for a 3x3 convolution, which made a fine-grained training step take 2-3 times th
 plain one. :class:`ConvFineGrained` keeps the input as it is (and, for an integer accumulator,
 its integers) and what the forward chain recorded; its backward pass unfolds them again a block
 of samples at a time and takes, per block, the exact gradient less the cut products'
-(saturating integers: :func:`brevitas_a2q.sim.saturating.subtract_cut`; floating point:
-:func:`brevitas_a2q.sim.gradients.kernel_grads` from the block's part of the event log). Each
+(saturating integers: :func:`brevitas_a2q.sim.saturating.subtract_cut`; floating point,
+whose forward chain runs by the same blocks: :func:`brevitas_a2q.sim.gradients.kernel_grads`
+from the block's own event log). Each
 (row, output) pair's chain is independent of the others, so the cuts are the same as over all
 rows at once; only the float32 sums of the weight gradient run in another order.
 """
@@ -24,7 +25,7 @@ from brevitas_a2q.sim import saturating
 from brevitas_a2q.sim.config import AccumulatorConfig
 from brevitas_a2q.sim.unfold import ConvWindows, fold_rows, im2col
 
-ROW_BLOCK_VALUES = 2**19  # unfolded input values per block of the backward pass (2 MiB float32)
+ROW_BLOCK_VALUES = 2**19  # unfolded input values per block of samples (2 MiB in float32)
 
 
 class GroupRecord(NamedTuple):
@@ -62,18 +63,20 @@ def float_conv_forward(x: Tensor, w: Tensor, cfg: AccumulatorConfig, windows: Co
     samples at a time (:func:`brevitas_a2q.sim.gradients.recorded_float_chain`): its result as
     rows (B * L, O) in ``x``'s dtype, and per group and block the :class:`GroupRecord` of its
     backward pass; ``count(chain, outputs)`` takes each block's event counts."""
+    from brevitas_a2q.sim.fast import _float64_t
     from brevitas_a2q.sim.gradients import recorded_float_chain
 
     x4 = x.detach().unsqueeze(-2) if x.dim() == 3 else x.detach()
     outs = w.shape[0] // groups
     k = w[0].numel()
+    w_groups = [w[g * outs:(g + 1) * outs].detach().reshape(outs, -1) for g in range(groups)]
+    w_t = [_float64_t(wg) for wg in w_groups]  # (once, not per block)
     blocks, records = [], [[] for _ in range(groups)]
     for b0 in range(0, x4.shape[0], samples):
         rows = im2col(x4[b0:b0 + samples], *windows)
         parts = []
-        for group in range(groups):
-            wg = w[group * outs:(group + 1) * outs].detach().reshape(outs, -1)
-            chain = recorded_float_chain(rows[:, group * k:(group + 1) * k], wg, cfg)
+        for group, wg in enumerate(w_groups):
+            chain = recorded_float_chain(rows[:, group * k:(group + 1) * k], wg, cfg, w_t[group])
             parts.append(chain.y.to(x.dtype))
             count(chain, parts[-1].numel())
             records[group].append(GroupRecord(log=chain.event_log, last=chain.last_step_event))
@@ -84,10 +87,10 @@ def float_conv_forward(x: Tensor, w: Tensor, cfg: AccumulatorConfig, windows: Co
 def integer_records(last_combs: list, batch: int, samples: int, positions: int) -> list:
     """Per group and block of ``samples`` samples, the :class:`GroupRecord` of a saturating
     chain run over all rows at once: its rows of each output's last combination event."""
-    per = samples * positions
-    return [[GroupRecord(last_comb=None if last is None else last[b0 * positions:
-                                                                  b0 * positions + per])
-             for b0 in range(0, batch, samples)] for last in last_combs]
+    rows = samples * positions
+    starts = range(0, batch * positions, rows)
+    return [[GroupRecord(last_comb=None if last is None else last[r0:r0 + rows]) for r0 in starts]
+            for last in last_combs]
 
 
 class ConvFineGrained(torch.autograd.Function):

@@ -100,13 +100,15 @@ def _float64_t(w: Tensor) -> np.ndarray:
 
 
 def _run_kernel(x: Tensor, w: Tensor, cfg: AccumulatorConfig, chunk: int,
-                record_last: bool = False, record_events: bool = False) -> _ChainResult:
+                record_last: bool = False, record_events: bool = False,
+                w_t: np.ndarray | None = None) -> _ChainResult:
     """:func:`_run_chain` through the numba kernel (:mod:`.kernels`): the exact product for the
     rows :func:`_int_safe_rows` proves event-free, the compiled chain for the others; integer
     saturation by blocks (:mod:`.saturating`) where that applies. Floating point:
     ``record_last`` (one chunk) also keeps each output's last event's step, as
     ``last_step_event`` (R, O, 1); ``record_events`` the event log, as ``event_log`` (the
-    chain's rows, entries, tile ends: :func:`brevitas_a2q.sim.kernels.forward_events`)."""
+    chain's rows, entries, tile ends: :func:`brevitas_a2q.sim.kernels.forward_events`).
+    ``w_t``: :func:`_float64_t` of ``w``, where the caller has it."""
     from brevitas_a2q.sim import saturating
 
     res = None if record_last or record_events else saturating.chain(x, w, cfg, chunk)
@@ -121,7 +123,7 @@ def _run_kernel(x: Tensor, w: Tensor, cfg: AccumulatorConfig, chunk: int,
     if len(rows):
         kernel_threads()
         xn = x.detach().contiguous().numpy()
-        wn = _float64_t(w)  # (float32 weights: one copy, not two)
+        wn = _float64_t(w) if w_t is None else w_t
         last = np.full((len(rows), w.shape[0]), -1, dtype=np.int32) if record_last else None
         check = may_overflow(x, w, cfg, chunk)
         logged = record_events and kernels.forward_events(xn, wn, rows.numpy(), chunk, cfg,

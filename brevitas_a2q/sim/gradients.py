@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -117,14 +118,16 @@ def simulate_matmul(x_val: Tensor, w_val: Tensor, x_scale: Tensor | float,
     return _FineGrainedChain.apply(x_val, w_val, y, ax, aw, cfg, chain), chain
 
 
-def recorded_float_chain(ax: Tensor, aw: Tensor, cfg: AccumulatorConfig) -> _ChainResult:
+def recorded_float_chain(ax: Tensor, aw: Tensor, cfg: AccumulatorConfig,
+                         w_t: np.ndarray | None = None) -> _ChainResult:
     """The floating-point chain of ``ax`` (R, K) and ``aw`` (O, K) on the CPU kernels, keeping
     what its fine-grained backward pass (:func:`kernel_grads`) needs: for ``recursive`` over one
-    chunk each output's last event, otherwise the events themselves (its log)."""
+    chunk each output's last event, otherwise the events themselves (its log). ``w_t``:
+    :func:`~brevitas_a2q.sim.fast._float64_t` of ``aw``, where the caller has it."""
     k = ax.shape[1]
     chunk = min(cfg.chunk_size or k, k)
     last = cfg.gradient == "recursive" and chunk == k
-    return _run_kernel(ax, aw, cfg, chunk, record_last=last, record_events=not last)
+    return _run_kernel(ax, aw, cfg, chunk, record_last=last, record_events=not last, w_t=w_t)
 
 
 def simulate_integer_forward(x_int: Tensor, w_val: Tensor, x_scale: Tensor | float,

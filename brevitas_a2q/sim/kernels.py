@@ -127,9 +127,11 @@ def backward_from_events(xg: np.ndarray, wg: np.ndarray, g: np.ndarray, rows: np
                          log: tuple[np.ndarray, np.ndarray], chunk: int, recursive: bool,
                          n_blocks: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The fine-grained gradients of the chain of ``rows`` from the event log
-    :func:`forward_events` kept: ``(gx, gw, use_exact)`` as :func:`backward`."""
-    return _kernels()["backward_from_events"](xg, wg, g, rows, *log, chunk, recursive,
-                                              n_blocks)
+    :func:`forward_events` kept: ``(gx, gw, use_exact)`` as :func:`backward` (``immediate``:
+    ``gw`` a transposed view of the kernel's (K, O) sums, not a copy)."""
+    gx, gw, use_exact = _kernels()["backward_from_events"](xg, wg, g, rows, *log, chunk,
+                                                           recursive, n_blocks)
+    return gx, gw if recursive else gw.T, use_exact
 
 
 def recursive_from_last(xg: np.ndarray, wg: np.ndarray, g: np.ndarray, last: np.ndarray,

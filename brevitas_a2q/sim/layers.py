@@ -225,7 +225,7 @@ def _chain_layer(layer, xv, wv, x_scale, w_scale, cfg, stats, rounded) -> Tensor
         stats.underflow_events += chain.underflow_events
 
     if whole is not None and codes is None:  # floating point, by blocks of samples
-        w_codes, windows, samples = whole
+        _, windows, samples = whole
         y, records = float_conv_forward(xv, wv, cfg, windows, groups, samples, count)
         y = _from_matrix(y, ("conv", xv.shape[0], windows.size, xv.dim() == 3))
         return ConvFineGrained.apply(xv, wv, y, None, None, cfg, windows, groups, records,
