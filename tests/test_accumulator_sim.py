@@ -506,13 +506,14 @@ def test_layer_ste_gradient_is_the_exact_layers(spec):
 
 @pytest.mark.parametrize("mode", ["immediate", "recursive"])
 @pytest.mark.parametrize("spec", ["int9-sat", "int10-sat-c8", "fp10-e4m5", "fp9-e4m4-c5"])
-@pytest.mark.parametrize("block_values", [1, 2**19])  # one tile of rows per block / all at once
+@pytest.mark.parametrize("block_values", [1, 2**19])  # one sample per block / all at once
 def test_convolution_fine_grained_gradients_match_reference_masks(spec, mode, block_values,
                                                                    monkeypatch):
     """A whole convolution's fine-grained gradients (the input's and the weight's, groups,
     stride, dilation, padding, 1-d and 2-d) equal the masked sums of the reference loops'
     events (Python integers, exact fractions) over F.unfold's columns and F.fold's adjoint;
-    and the backward pass keeps nothing of the unfolded input's size."""
+    the backward pass keeps nothing of the unfolded input's size; and the forward values are
+    the evaluation path's, bit for bit."""
     from brevitas.nn import QuantConv1d, QuantConv2d
     from brevitas.quant import Int8WeightPerTensorFloat
     from brevitas.quant_tensor import IntQuantTensor
@@ -541,6 +542,8 @@ def test_convolution_fine_grained_gradients_match_reference_masks(spec, mode, bl
         with simulate_accumulators(layer, cfg), torch.autograd.graph.saved_tensors_hooks(
                 lambda t: saved.append(t.numel()) or t, lambda t: t):
             y = layer.inner_forward_impl(x_qt, w_qt, None)
+        with simulate_accumulators(layer, cfg), torch.no_grad():
+            assert torch.equal(y.detach(), layer.inner_forward_impl(x_qt, w_qt, None))
         dy = torch.randn(y.shape, generator=gen)
         (y * dy).sum().backward()
 
