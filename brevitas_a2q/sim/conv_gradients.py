@@ -39,16 +39,14 @@ class GroupRecord(NamedTuple):
 
 
 def integer_blocks_apply(codes: Tensor, w_codes: Tensor, cfg: AccumulatorConfig) -> bool:
-    """Whether the block method takes every block's gradient: not chunks under
-    :data:`~brevitas_a2q.sim.saturating.MIN_CHUNK`, and
-    :func:`~brevitas_a2q.sim.saturating._applies` to, and small enough to sum exactly, the
-    input's integers ``codes`` and the weights' ``w_codes`` (O, K) (every unfolded row's values
-    are among them)."""
+    """Whether the block method takes every block's gradient:
+    :func:`~brevitas_a2q.sim.saturating._applies` to, and
+    :func:`~brevitas_a2q.sim.saturating.sums_dtype` finds a type for, the input's integers
+    ``codes`` and the weights' ``w_codes`` (O, K) (every unfolded row's values are among
+    them)."""
     k = w_codes.shape[1]
-    chunk = min(cfg.chunk_size or k, k)
-    block = chunk if chunk < k else saturating.BLOCK
-    return chunk >= saturating.MIN_CHUNK and saturating._applies(codes, w_codes, cfg, True) \
-        and saturating.exact_dtype(codes, w_codes, block) is not None
+    return saturating._applies(codes, w_codes, cfg, True) and \
+        saturating.sums_dtype(codes, w_codes, min(cfg.chunk_size or k, k), k) is not None
 
 
 def samples_per_block(batch: int, windows: ConvWindows, k: int, groups: int) -> int:

@@ -242,10 +242,11 @@ def _chain_layer(layer, xv, wv, x_scale, w_scale, cfg, stats, rounded) -> Tensor
         xc = None if code_rows is None else code_rows[:, cols].contiguous()
         if values:
             y, chain = simulate_matmul(rows[:, cols], wg, x_scale, w_scale[sl], cfg, xc)
-        else:
+        else:  # (the weights' integers: found once where the whole layer's gradient has them)
+            w_rounded = whole[0][sl] if whole is not None else wq[sl].reshape(o_group, -1)
             with torch.no_grad():
                 y, chain = simulate_integer_forward(xc, wg, x_scale, w_scale[sl], cfg, xv.dtype,
-                                                    wq[sl].reshape(o_group, -1))
+                                                    w_rounded)
         parts.append(y)
         last_combs.append(chain.last_combine_event)
         count(chain, y.numel())

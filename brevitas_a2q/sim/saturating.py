@@ -92,17 +92,25 @@ def _blocks(x: Tensor, w: Tensor, cfg: AccumulatorConfig, chunk: int, integers: 
     return _plan(x, w, cfg, chunk, min_pairs)
 
 
+def sums_dtype(x: Tensor, w: Tensor, chunk: int, k: int) -> torch.dtype | None:
+    """The type in which the block method sums blocks of ``x``'s and ``w``'s integers (any
+    shapes holding the operands' values) over chains of ``k`` steps in chunks of ``chunk``
+    (:func:`exact_dtype`); None where the method does not take them: chunks under
+    :data:`MIN_CHUNK`, or operands too large to sum a block exactly."""
+    if chunk < MIN_CHUNK:
+        return None
+    return exact_dtype(x, w, chunk if chunk < k else BLOCK)
+
+
 def _plan(x: Tensor, w: Tensor, cfg: AccumulatorConfig, chunk: int,
           min_pairs: int = MIN_PAIRS) -> _Blocks | None:
     """:func:`_blocks` where :func:`_applies` holds."""
     rows, k = x.shape
-    if chunk < MIN_CHUNK or rows * w.shape[0] < min_pairs:
+    dtype = sums_dtype(x, w, chunk, k) if rows * w.shape[0] >= min_pairs else None
+    if dtype is None:
         return None
     chunked = chunk < k
     block = chunk if chunked else BLOCK
-    dtype = exact_dtype(x, w, block)
-    if dtype is None:
-        return None
     x, w = x.detach().to(dtype).contiguous(), w.detach().to(dtype).contiguous()
     signed = float(x.amin()) < 0
     chunks = [[(c0, min(c0 + chunk, k))] if chunked else
