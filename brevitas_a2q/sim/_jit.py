@@ -54,6 +54,9 @@ def wide_vectors(typingctx):
 
 EXP_MASK = 0x7FF << 52
 opts = {"cache": True, "nogil": True, "error_model": "numpy", "boundscheck": False}
+# the forward chains' a + x * w as one fused multiply-add: the same result, as each product is
+# exact in float64 (so are the rounding's power-of-two products)
+chain_opts = {**opts, "fastmath": {"contract"}}
 
 
 @njit(inline="always", **opts)
@@ -102,9 +105,12 @@ def add_events(a, s, mode, lo, hi, man_bits, min_bits, magic, maxv, check):
 def add_range(gx_i, gw_o, gro, xg_r, wg_o, k0, k1):
     """Add products ``k0 <= k < k1`` of one output (gradient ``gro``) to the gradients."""
     wide_vectors()
-    for k in range(k0, k1):
-        gx_i[k] += gro * wg_o[k]
-        gw_o[k] += gro * xg_r[k]
+    # on slices, from 0: a loop over range(k0, k1) indexes with a possibly negative k, whose
+    # wraparound checks made this loop 5x slower
+    gx_s, gw_s, xg_s, wg_s = gx_i[k0:k1], gw_o[k0:k1], xg_r[k0:k1], wg_o[k0:k1]
+    for k in range(gx_s.size):
+        gx_s[k] += gro * wg_s[k]
+        gw_s[k] += gro * xg_s[k]
 
 
 @njit(inline="always", **opts)
@@ -170,10 +176,11 @@ def log_rows(entries, count, words, rows_with_events, k, k_bits, o_bits):
 
 
 @njit(inline="always", **opts)
-def chunk_steps(x, w_t, rows, t0, nt, c, chunk, acc, over_any, counts, ev, step_ev, stamp,
+def chunk_steps(x, w_t, w_k, rows, t0, nt, c, chunk, acc, over_any, counts, ev, step_ev, stamp,
                 last_step, record, grads, gx, log, mode, lo, hi, man_bits, min_bits, magic, maxv,
                 check):
-    """The chain of chunk ``c`` for rows ``rows[t0:t0 + nt]`` into ``acc`` (TILE, O), from 0.
+    """The chain of chunk ``c`` for rows ``rows[t0:t0 + nt]`` into ``acc`` (TILE, O), from 0
+    (``w_k``: room for one step's weights in float64, (O,)).
     ``record`` 1: ``ev[t, j, o] = stamp`` (TILE, chunk, O) at each step with an event and
     ``step_ev[t, j] = stamp`` (TILE, chunk) at each step with any (no reset needed: ``stamp``
     is new for every tile and chunk); 2: the last event's step into ``last_step[t, c, o]``
@@ -202,8 +209,11 @@ def chunk_steps(x, w_t, rows, t0, nt, c, chunk, acc, over_any, counts, ev, step_
         if record == 4:
             entries = reserve(entries, count, nt * outs + 1)
         rows_with_events = 0  # bit t: row t had one at this step
+        if k < k_len:  # the step's weights in float64, once for the tile's rows
+            for o in range(outs):
+                w_k[o] = w_t[k, o]
         for t in range(nt):
-            xk = x[rows[t0 + t], k] if k < k_len else 0.0
+            xk = np.float64(x[rows[t0 + t], k]) if k < k_len else 0.0
             if xk == 0.0 and skip_zero:
                 continue
             n_over = 0
@@ -211,7 +221,7 @@ def chunk_steps(x, w_t, rows, t0, nt, c, chunk, acc, over_any, counts, ev, step_
             n_under = 0
             for o in range(outs):
                 a = acc[t, o]
-                s = a + xk * w_t[k, o] if k < k_len else a + 0.0
+                s = a + xk * w_k[o] if k < k_len else a + 0.0  # (an exact product)
                 q, over, swamp, under = add_events(a, s, mode, lo, hi, man_bits, min_bits,
                                                    magic, maxv, check)
                 n_over += over
@@ -319,13 +329,14 @@ def forward_tile(x, w_t, rows, t0, nt, chunk, y, counts, last, log, record, mode
     no_f = np.zeros((1, 1))
     no_grads = (no_f, no_f, no_f, no_f)  # never read: no cuts in the forward pass
     acc = np.empty((TILE, outs))
+    w_k = np.empty(outs)
     total = y[t0:t0 + nt]
     over_any = np.zeros((TILE, outs), dtype=np.bool_)
     last_step = np.empty((TILE, 1, outs), dtype=np.int32)
     tc = counts[t0:t0 + nt]
     flags, words, entries, count = log
     for c in range(n_chunks):
-        entries = chunk_steps(x, w_t, rows, t0, nt, c, chunk, acc, over_any, tc, no_i, no_i[0],
+        entries = chunk_steps(x, w_t, w_k, rows, t0, nt, c, chunk, acc, over_any, tc, no_i, no_i[0],
                               0, last_step, record, no_grads, no_f,
                               (flags, words, entries, count), mode, lo, hi, man_bits, min_bits,
                               magic, maxv, check)
@@ -449,6 +460,7 @@ def _backward_body(x, w_t, xg, wg, g, rows, chunk, recursive, n_blocks, mode, lo
               np.zeros(1, dtype=np.int32), np.zeros(1, dtype=np.int64))  # never written
     for b in prange(n_blocks):
         acc = np.empty((TILE, outs))
+        w_k = np.empty(outs)
         total = np.empty((TILE, outs))
         over_any = np.zeros((TILE, outs), dtype=np.bool_)
         counts = np.zeros((TILE, 4), dtype=np.int64)
@@ -467,15 +479,15 @@ def _backward_body(x, w_t, xg, wg, g, rows, chunk, recursive, n_blocks, mode, lo
             for c in range(n_chunks):
                 stamp = tile * n_chunks + c + 1
                 if recursive:
-                    chunk_steps(x, w_t, rows, t0, nt, c, chunk, acc, over_any, counts, ev,
+                    chunk_steps(x, w_t, w_k, rows, t0, nt, c, chunk, acc, over_any, counts, ev,
                                 step_ev, stamp, last_step, 2, grads, gx, no_log, mode, lo, hi,
                                 man_bits, min_bits, magic, maxv, check)
                 elif n_chunks == 1:  # the cuts as the chain goes
-                    chunk_steps(x, w_t, rows, t0, nt, c, chunk, acc, over_any, counts, ev,
+                    chunk_steps(x, w_t, w_k, rows, t0, nt, c, chunk, acc, over_any, counts, ev,
                                 step_ev, stamp, last_step, 3, grads, gx, no_log, mode, lo, hi,
                                 man_bits, min_bits, magic, maxv, check)
                 else:
-                    chunk_steps(x, w_t, rows, t0, nt, c, chunk, acc, over_any, counts, ev,
+                    chunk_steps(x, w_t, w_k, rows, t0, nt, c, chunk, acc, over_any, counts, ev,
                                 step_ev, stamp, last_step, 1, grads, gx, no_log, mode, lo, hi,
                                 man_bits, min_bits, magic, maxv, check)
                 combine(acc, total, nt, c, over_any, counts, comb, last_comb,
@@ -498,19 +510,19 @@ def _backward_body(x, w_t, xg, wg, g, rows, chunk, recursive, n_blocks, mode, lo
     return gx, gw_sum, use_exact
 
 
-@njit(parallel=True, **opts)
+@njit(parallel=True, **chain_opts)
 def forward_int(x, w_t, rows, chunk, lo, hi, man_bits, min_bits, magic, maxv, check, last):
     return _forward_body(x, w_t, rows, chunk, 0, lo, hi, man_bits, min_bits, magic, maxv, check,
                          last, 0)
 
 
-@njit(parallel=True, **opts)
+@njit(parallel=True, **chain_opts)
 def forward_nearest(x, w_t, rows, chunk, lo, hi, man_bits, min_bits, magic, maxv, check, last):
     return _forward_body(x, w_t, rows, chunk, 1, lo, hi, man_bits, min_bits, magic, maxv, check,
                          last, 0)
 
 
-@njit(parallel=True, **opts)
+@njit(parallel=True, **chain_opts)
 def forward_toward_zero(x, w_t, rows, chunk, lo, hi, man_bits, min_bits, magic, maxv, check, last):
     return _forward_body(x, w_t, rows, chunk, 2, lo, hi, man_bits, min_bits, magic, maxv, check,
                          last, 0)
@@ -519,14 +531,14 @@ def forward_toward_zero(x, w_t, rows, chunk, lo, hi, man_bits, min_bits, magic, 
 FORWARD = (forward_int, forward_nearest, forward_toward_zero)
 
 
-@njit(parallel=True, **opts)
+@njit(parallel=True, **chain_opts)
 def forward_nearest_last(x, w_t, rows, chunk, lo, hi, man_bits, min_bits, magic, maxv, check,
                          last):
     return _forward_body(x, w_t, rows, chunk, 1, lo, hi, man_bits, min_bits, magic, maxv, check,
                          last, 2)
 
 
-@njit(parallel=True, **opts)
+@njit(parallel=True, **chain_opts)
 def forward_toward_zero_last(x, w_t, rows, chunk, lo, hi, man_bits, min_bits, magic, maxv,
                              check, last):
     return _forward_body(x, w_t, rows, chunk, 2, lo, hi, man_bits, min_bits, magic, maxv, check,

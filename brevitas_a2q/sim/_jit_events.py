@@ -13,6 +13,7 @@ from brevitas_a2q.sim._jit import (
     TILE,
     add_range,
     bit_width,
+    chain_opts,
     forward_tile,
     opts,
     recursive_output_cuts,
@@ -53,13 +54,14 @@ def _forward_events_body(x, w_t, rows, chunk, mode, lo, hi, man_bits, min_bits, 
 
 
 @njit(parallel=True, **opts)
-def backward_from_events(xg, wg, g, rows, entries, tile_ends, chunk, recursive, n_blocks):
+def backward_from_events(xg, wg, g, rows, entries, tile_ends, chunk, recursive, n_blocks, gw):
     """The fine-grained gradients of :func:`_backward_body` from the event log that
     :func:`_forward_events_body` kept, without re-running the chain. ``immediate``: minus each
-    event's product (``gw`` transposed, as the log's steps run along ``K``), or the whole chunk
-    of a combination event (whose chunk's own events are not cut again); ``recursive``: the
-    last events per chunk and combination, then :func:`recursive_cuts`. Returns ``(gx, gw,
-    use_exact)``, ``gw`` transposed (K, O) for ``immediate``."""
+    event's product, or the whole chunk of a combination event (whose chunk's own events are
+    not cut again); ``recursive``: the last events per chunk and combination, then
+    :func:`recursive_cuts`. Adds the weight's corrections into ``gw`` (O, K), in the factors'
+    type (no (O, K) array of its own where it runs on one block); returns ``(gx,
+    use_exact)``."""
     n, outs = g.shape
     k_len = xg.shape[1]
     n_chunks = (k_len + chunk - 1) // chunk
@@ -69,17 +71,11 @@ def backward_from_events(xg, wg, g, rows, entries, tile_ends, chunk, recursive, 
     o_mask = (1 << o_bits) - 1
     gx = np.zeros((n, k_len), dtype=xg.dtype)
     use_exact = np.ones((n, outs), dtype=np.bool_)
-    # in the factors' type, as the gradient is
-    gw_parts = np.zeros((n_blocks, outs, k_len) if recursive else (n_blocks, 1, 1),
-                        dtype=xg.dtype)
-    gw_t_parts = np.zeros((n_blocks, k_len, outs) if not recursive else (n_blocks, 1, 1),
-                          dtype=xg.dtype)
-    wg_t = np.ascontiguousarray(wg.T) if not recursive else wg[:1, :1]
+    more_parts = np.zeros((n_blocks - 1, outs, k_len), dtype=gw.dtype)  # blocks 1 on
     n_tiles = tile_ends.size - 1
     per_block = (n_tiles + n_blocks - 1) // n_blocks
     for b in prange(n_blocks):
-        gw = gw_parts[b]
-        gw_t = gw_t_parts[b]
+        gw_b = gw if b == 0 else more_parts[b - 1]
         comb = np.zeros((TILE, n_chunks, outs), dtype=np.bool_)
         last_step = np.full((TILE, n_chunks if recursive else 1, outs), -1, dtype=np.int32)
         last_comb = np.full((TILE, outs), -1, dtype=np.int32)
@@ -101,7 +97,7 @@ def backward_from_events(xg, wg, g, rows, entries, tile_ends, chunk, recursive, 
                     for o in range(outs):
                         if last_comb[t, o] >= 0:
                             recursive_output_cuts(t, t0 + t, rows[t0 + t], o, n_chunks, chunk,
-                                                  k_len, g, xg, wg, gx, gw, last_step,
+                                                  k_len, g, xg, wg, gx, gw_b, last_step,
                                                   last_comb, use_exact)
             for e in range(e0, e1):  # the other cuts, and reset what was set
                 entry = entries[e]
@@ -112,33 +108,30 @@ def backward_from_events(xg, wg, g, rows, entries, tile_ends, chunk, recursive, 
                     c = k - k_len
                     comb[t, c, o] = False
                     if not recursive:  # immediate: the whole chunk
-                        for kc in range(c * chunk, min(c * chunk + chunk, k_len)):
-                            gx[i, kc] -= g[i, o] * wg_t[kc, o]
-                            gw_t[kc, o] -= g[i, o] * xg[r, kc]
+                        add_range(gx[i], gw_b[o], -g[i, o], xg[r], wg[o], c * chunk,
+                                  min(c * chunk + chunk, k_len))
                 elif recursive:  # no combination event: the prefix of each chunk, cut at
                     c, j = divmod(k, chunk)  # its last event
                     if last_step[t, c, o] == j:
                         last_step[t, c, o] = -1
                         if last_comb[t, o] < 0:
-                            add_range(gx[i], gw[o], -g[i, o], xg[r], wg[o], c * chunk, k + 1)
+                            add_range(gx[i], gw_b[o], -g[i, o], xg[r], wg[o], c * chunk, k + 1)
                 elif n_chunks == 1 or not comb[t, k // chunk, o]:  # immediate: the product
-                    gx[i, k] -= g[i, o] * wg_t[k, o]
-                    gw_t[k, o] -= g[i, o] * xg[r, k]
+                    gx[i, k] -= g[i, o] * wg[o, k]
+                    gw_b[o, k] -= g[i, o] * xg[r, k]
             last_comb[:nt] = -1
-    parts = gw_parts if recursive else gw_t_parts  # (immediate: gw transposed, (K, O))
-    gw = parts[0]
-    for b in range(1, n_blocks):
-        gw += parts[b]
-    return gx, gw, use_exact
+    for b in range(n_blocks - 1):
+        gw += more_parts[b]
+    return gx, use_exact
 
 
-@njit(**opts)
+@njit(**chain_opts)
 def forward_nearest_events(x, w_t, rows, chunk, lo, hi, man_bits, min_bits, magic, maxv, check):
     return _forward_events_body(x, w_t, rows, chunk, 1, lo, hi, man_bits, min_bits, magic, maxv,
                                 check)
 
 
-@njit(**opts)
+@njit(**chain_opts)
 def forward_toward_zero_events(x, w_t, rows, chunk, lo, hi, man_bits, min_bits, magic, maxv,
                                check):
     return _forward_events_body(x, w_t, rows, chunk, 2, lo, hi, man_bits, min_bits, magic, maxv,

@@ -61,14 +61,14 @@ def float_conv_forward(x: Tensor, w: Tensor, cfg: AccumulatorConfig, windows: Co
     samples at a time (:func:`brevitas_a2q.sim.gradients.recorded_float_chain`): its result as
     rows (B * L, O) in ``x``'s dtype, and per group and block the :class:`GroupRecord` of its
     backward pass; ``count(chain, outputs)`` takes each block's event counts."""
-    from brevitas_a2q.sim.fast import _float64_t
+    from brevitas_a2q.sim.fast import _transposed
     from brevitas_a2q.sim.gradients import recorded_float_chain
 
     x4 = x.detach().unsqueeze(-2) if x.dim() == 3 else x.detach()
     outs = w.shape[0] // groups
     k = w[0].numel()
     w_groups = [w[g * outs:(g + 1) * outs].detach().reshape(outs, -1) for g in range(groups)]
-    w_t = [_float64_t(wg) for wg in w_groups]  # (once, not per block)
+    w_t = [_transposed(wg) for wg in w_groups]  # (once, not per block)
     blocks, records = [], [[] for _ in range(groups)]
     for b0 in range(0, x4.shape[0], samples):
         rows = im2col(x4[b0:b0 + samples], *windows)
@@ -157,10 +157,8 @@ def _group_gradients(values: Tensor, ints: Tensor | None, w: Tensor, w_codes: Te
     k = values.shape[1]
     chunk = min(ctx.cfg.chunk_size or k, k)
     if ints is None:  # floating point: from what the block's forward chain kept
-        gx, gw_block = kernel_grads(values, w, g, values, w, ctx.cfg, chunk, record.log,
-                                    record.last)
-        gw += gw_block
-        return gx
+        return kernel_grads(values, w, g, values, w, ctx.cfg, chunk, record.log, record.last,
+                            gw)[0]
     gx = g @ w
     gw.addmm_(g.t(), values)
     if not saturating.subtract_cut(ints, w_codes, ctx.cfg, chunk, g, values, w, gx, gw,

@@ -94,9 +94,12 @@ def kernel_threads() -> int:
     return n
 
 
-def _float64_t(w: Tensor) -> np.ndarray:
-    """``w.T`` as a C-contiguous float64 array, in one copy (the kernels' ``w_t``)."""
-    return torch.empty(w.shape[::-1], dtype=torch.float64).copy_(w.detach().t()).numpy()
+def _transposed(w: Tensor) -> np.ndarray:
+    """``w.T`` as the kernels' C-contiguous ``w_t``, in one copy: float32 as it is (the
+    kernels multiply in float64, where the product of two float32 values is exact), any other
+    type in float64."""
+    dtype = torch.float32 if w.dtype == torch.float32 else torch.float64
+    return torch.empty(w.shape[::-1], dtype=dtype).copy_(w.detach().t()).numpy()
 
 
 def _run_kernel(x: Tensor, w: Tensor, cfg: AccumulatorConfig, chunk: int,
@@ -108,7 +111,7 @@ def _run_kernel(x: Tensor, w: Tensor, cfg: AccumulatorConfig, chunk: int,
     ``record_last`` (one chunk) also keeps each output's last event's step, as
     ``last_step_event`` (R, O, 1); ``record_events`` the event log, as ``event_log`` (the
     chain's rows, entries, tile ends: :func:`brevitas_a2q.sim.kernels.forward_events`).
-    ``w_t``: :func:`_float64_t` of ``w``, where the caller has it."""
+    ``w_t``: :func:`_transposed` of ``w``, where the caller has it."""
     from brevitas_a2q.sim import saturating
 
     res = None if record_last or record_events else saturating.chain(x, w, cfg, chunk)
@@ -123,7 +126,7 @@ def _run_kernel(x: Tensor, w: Tensor, cfg: AccumulatorConfig, chunk: int,
     if len(rows):
         kernel_threads()
         xn = x.detach().contiguous().numpy()
-        wn = _float64_t(w) if w_t is None else w_t
+        wn = _transposed(w) if w_t is None else w_t
         last = np.full((len(rows), w.shape[0]), -1, dtype=np.int32) if record_last else None
         check = may_overflow(x, w, cfg, chunk)
         logged = record_events and kernels.forward_events(xn, wn, rows.numpy(), chunk, cfg,

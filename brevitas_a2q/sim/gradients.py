@@ -12,7 +12,7 @@ from torch import Tensor
 from brevitas_a2q.sim import saturating
 from brevitas_a2q.sim.chain import _ChainResult, _chunked, _row_blocks, _run_chain, _wrap_chain
 from brevitas_a2q.sim.config import AccumulatorConfig
-from brevitas_a2q.sim.fast import _float64_t, _run_kernel
+from brevitas_a2q.sim.fast import _run_kernel, _transposed
 
 
 def _recursive_grads(x: Tensor, w: Tensor, g: Tensor, chunk: int, last_step: Tensor,
@@ -123,7 +123,7 @@ def recorded_float_chain(ax: Tensor, aw: Tensor, cfg: AccumulatorConfig,
     """The floating-point chain of ``ax`` (R, K) and ``aw`` (O, K) on the CPU kernels, keeping
     what its fine-grained backward pass (:func:`kernel_grads`) needs: for ``recursive`` over one
     chunk each output's last event, otherwise the events themselves (its log). ``w_t``:
-    :func:`~brevitas_a2q.sim.fast._float64_t` of ``aw``, where the caller has it."""
+    :func:`~brevitas_a2q.sim.fast._transposed` of ``aw``, where the caller has it."""
     k = ax.shape[1]
     chunk = min(cfg.chunk_size or k, k)
     last = cfg.gradient == "recursive" and chunk == k
@@ -261,46 +261,50 @@ class _KernelFineGrained(torch.autograd.Function):
 
 def kernel_grads(xv: Tensor, wv: Tensor, g: Tensor, ax: Tensor, aw: Tensor,
                  cfg: AccumulatorConfig, chunk: int, log: tuple | None = None,
-                 last: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                 last: Tensor | None = None, gw: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """The fine-grained gradients of ``xv`` (R, K) and ``wv`` (O, K) for dL/dY ``g`` (R, O),
     on the CPU kernels: the exact gradient of the outputs that take it plus the kernels'
     corrections, from what the forward pass kept (floating point: its event ``log``,
     :func:`brevitas_a2q.sim.kernels.backward_from_events`, or for ``recursive`` over one chunk
     each output's ``last`` event) or else by re-running the chain of the addends ``ax``,
-    ``aw`` for the rows not proven event-free (:func:`brevitas_a2q.sim.kernels.backward`)."""
+    ``aw`` for the rows not proven event-free (:func:`brevitas_a2q.sim.kernels.backward`).
+    ``gw``: a contiguous (O, K) array in ``xv``'s type to add the weight's gradient into (the
+    event log's kernel adds into it, with no (O, K) array of its own), else a new one."""
     from brevitas_a2q.sim import kernels
     from brevitas_a2q.sim.fast import _int_safe_rows, kernel_threads, may_overflow
 
     rows = log[0] if log else (~_int_safe_rows(ax, aw, cfg)).nonzero().squeeze(1)
-    g_exact, corrections = g, None
+    if gw is None:
+        gw = torch.zeros_like(wv)
+    g_exact, gx_rows = g, None
     n_blocks = min(kernel_threads(), len(rows))
     recursive = cfg.gradient == "recursive"
     if len(rows) and log:  # the forward pass kept its events
-        gx_rows, gw_corr, use_exact = kernels.backward_from_events(
+        gx_rows, use_exact = kernels.backward_from_events(
             xv.contiguous().numpy(), wv.contiguous().numpy(), g[rows].contiguous().numpy(),
-            rows.numpy(), log[1:], chunk, recursive, n_blocks)
-    elif len(rows) and last is not None:  # the forward pass kept each last event
-        gx_rows, gw_corr, use_exact = kernels.recursive_from_last(
-            xv.contiguous().numpy(), wv.contiguous().numpy(), g.contiguous().numpy(),
-            last[..., 0].contiguous().numpy(), n_blocks)
-    elif len(rows):  # the kernel's corrections, and the outputs that take the exact part
-        gx_rows, gw_corr, use_exact = kernels.backward(
-            ax.contiguous().numpy(), _float64_t(aw), xv.contiguous().numpy(),
-            wv.contiguous().numpy(), g[rows].contiguous().numpy(), rows.numpy(), chunk, cfg,
-            recursive, n_blocks, may_overflow(ax, aw, cfg, chunk))
-    if len(rows):
+            rows.numpy(), log[1:], chunk, recursive, n_blocks, gw.numpy())
+    elif len(rows):
+        if last is not None:  # the forward pass kept each last event
+            gx_rows, gw_corr, use_exact = kernels.recursive_from_last(
+                xv.contiguous().numpy(), wv.contiguous().numpy(), g.contiguous().numpy(),
+                last[..., 0].contiguous().numpy(), n_blocks)
+        else:  # the kernel's corrections, and the outputs that take the exact part
+            gx_rows, gw_corr, use_exact = kernels.backward(
+                ax.contiguous().numpy(), _transposed(aw), xv.contiguous().numpy(),
+                wv.contiguous().numpy(), g[rows].contiguous().numpy(), rows.numpy(), chunk,
+                cfg, recursive, n_blocks, may_overflow(ax, aw, cfg, chunk))
+        gw += torch.from_numpy(gw_corr).to(gw.dtype)
+    if gx_rows is not None:
         if not use_exact.all():
             g_exact = g.clone()
             g_exact[rows] *= torch.from_numpy(use_exact)
-        corrections = torch.from_numpy(gx_rows), torch.from_numpy(gw_corr)
-    gw = g_exact.t() @ xv
-    if corrections is None:
+        gx_rows = torch.from_numpy(gx_rows)
+    gw.addmm_(g_exact.t(), xv)
+    if gx_rows is None:
         gx = g_exact @ wv
-    elif len(rows) == len(g) and corrections[0].dtype == xv.dtype:
-        gx = corrections[0].addmm_(g_exact, wv)  # (no second (R, K) array)
+    elif len(rows) == len(g) and gx_rows.dtype == xv.dtype:
+        gx = gx_rows.addmm_(g_exact, wv)  # (no second (R, K) array)
     else:
         gx = g_exact @ wv
-        gx[rows] += corrections[0].to(gx.dtype)
-    if corrections is not None:
-        gw += corrections[1].to(gw.dtype)
+        gx[rows] += gx_rows.to(gx.dtype)
     return gx, gw

@@ -78,8 +78,8 @@ def format_params(cfg: AccumulatorConfig) -> tuple:
 
 def forward(x: np.ndarray, w_t: np.ndarray, rows: np.ndarray, chunk: int, cfg: AccumulatorConfig,
             check: bool = True, last: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """The chain for ``rows`` of ``x`` (R, K) against ``w_t`` (K, O), C-contiguous, ``w_t``
-    float64 and ``x`` float64 or float32 (each product exact in float64). Returns ``y``
+    """The chain for ``rows`` of ``x`` (R, K) against ``w_t`` (K, O), C-contiguous, each
+    float64 or float32 (each product exact in float64). Returns ``y``
     (len(rows), O) and per-row counts (len(rows), 4): overflow events, outputs with an
     overflow, swamping events, underflow events. ``check`` False: no addition can overflow
     (:func:`brevitas_a2q.sim.fast.may_overflow`), so none is compared with the largest value.
@@ -125,13 +125,12 @@ def forward_events(x: np.ndarray, w_t: np.ndarray, rows: np.ndarray, chunk: int,
 
 def backward_from_events(xg: np.ndarray, wg: np.ndarray, g: np.ndarray, rows: np.ndarray,
                          log: tuple[np.ndarray, np.ndarray], chunk: int, recursive: bool,
-                         n_blocks: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                         n_blocks: int, gw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The fine-grained gradients of the chain of ``rows`` from the event log
-    :func:`forward_events` kept: ``(gx, gw, use_exact)`` as :func:`backward` (``immediate``:
-    ``gw`` a transposed view of the kernel's (K, O) sums, not a copy)."""
-    gx, gw, use_exact = _kernels()["backward_from_events"](xg, wg, g, rows, *log, chunk,
-                                                           recursive, n_blocks)
-    return gx, gw if recursive else gw.T, use_exact
+    :func:`forward_events` kept: ``(gx, use_exact)`` as :func:`backward`, the weight's
+    corrections added into ``gw`` (O, K), C-contiguous in ``xg``'s type."""
+    return _kernels()["backward_from_events"](xg, wg, g, rows, *log, chunk, recursive,
+                                              n_blocks, gw)
 
 
 def recursive_from_last(xg: np.ndarray, wg: np.ndarray, g: np.ndarray, last: np.ndarray,
