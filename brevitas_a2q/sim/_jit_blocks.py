@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from brevitas_a2q.sim._jit import add_range, wide_vectors
+from brevitas_a2q.sim._jit import wide_vectors
 
 opts = {"cache": True, "nogil": True, "error_model": "numpy", "boundscheck": False}
 
@@ -44,7 +44,10 @@ def block_pass(a, s_b, a_b, lo, hi, ok):
 @njit(inline="always", **opts)
 def cut(gx_r, gw_o, g, xg_r, wg_o, k0, k1):
     """Take products ``k0 <= k < k1`` of one output (gradient ``g``) out of the gradients."""
-    add_range(gx_r, gw_o, -g, xg_r, wg_o, k0, k1)
+    wide_vectors()
+    for k in range(k0, k1):
+        gx_r[k] -= g * wg_o[k]
+        gw_o[k] -= g * xg_r[k]
 
 
 @njit(inline="always", **opts)
