@@ -16,7 +16,6 @@ from brevitas_a2q.sim._jit import (
     chain_opts,
     forward_tile,
     opts,
-    recursive_output_cuts,
 )
 
 
@@ -56,12 +55,17 @@ def _forward_events_body(x, w_t, rows, chunk, mode, lo, hi, man_bits, min_bits, 
 @njit(parallel=True, **opts)
 def backward_from_events(xg, wg, g, rows, entries, tile_ends, chunk, recursive, n_blocks, gw):
     """The fine-grained gradients of :func:`_backward_body` from the event log that
-    :func:`_forward_events_body` kept, without re-running the chain. ``immediate``: minus each
-    event's product, or the whole chunk of a combination event (whose chunk's own events are
-    not cut again); ``recursive``: the last events per chunk and combination, then
-    :func:`recursive_cuts`. Adds the weight's corrections into ``gw`` (O, K), in the factors'
-    type (no (O, K) array of its own where it runs on one block); returns ``(gx,
-    use_exact)``."""
+    :func:`_forward_events_body` kept, without re-running the chain, as the cut products to
+    take from the exact gradient: ``gx`` (returned) and the weight's, added into ``gw`` (O, K)
+    in the factors' type (no (O, K) array of its own where it runs on one block).
+
+    One pass over each tile's events, last to first. A chunk's combination event is logged
+    after the chunk's own events, so it is met before them, and the chunks of each output are
+    met in decreasing order. ``immediate``: each event's product, and the whole chunk of a
+    combination event, whose chunk's own events are then passed over. ``recursive``: the
+    first combination event met is the last: every chunk up to it is cut whole, and every
+    event met after it passed over; in a later chunk, the first event met is the chunk's last,
+    and the chunk's products up to it are cut."""
     n, outs = g.shape
     k_len = xg.shape[1]
     n_chunks = (k_len + chunk - 1) // chunk
@@ -70,59 +74,46 @@ def backward_from_events(xg, wg, g, rows, entries, tile_ends, chunk, recursive, 
     k_mask = (1 << k_bits) - 1
     o_mask = (1 << o_bits) - 1
     gx = np.zeros((n, k_len), dtype=xg.dtype)
-    use_exact = np.ones((n, outs), dtype=np.bool_)
     more_parts = np.zeros((n_blocks - 1, outs, k_len), dtype=gw.dtype)  # blocks 1 on
     n_tiles = tile_ends.size - 1
     per_block = (n_tiles + n_blocks - 1) // n_blocks
     for b in prange(n_blocks):
         gw_b = gw if b == 0 else more_parts[b - 1]
-        comb = np.zeros((TILE, n_chunks, outs), dtype=np.bool_)
-        last_step = np.full((TILE, n_chunks if recursive else 1, outs), -1, dtype=np.int32)
-        last_comb = np.full((TILE, outs), -1, dtype=np.int32)
+        # per row of the tile and output: the chunk of the combination event met (immediate:
+        # the latest; recursive: the last one), and the chunk whose last event was met
+        comb_chunk = np.empty((TILE, outs), dtype=np.int32)
+        done_chunk = np.empty((TILE, outs), dtype=np.int32)
         for tile in range(b * per_block, min(n_tiles, (b + 1) * per_block)):
             t0 = tile * TILE
-            e0, e1 = tile_ends[tile], tile_ends[tile + 1]
-            for e in range(e0, e1 if recursive or n_chunks > 1 else e0):
-                # what the cuts depend on: the combination events (and the last events)
-                entry = entries[e]
-                o, k, t = entry & o_mask, (entry >> o_bits) & k_mask, entry >> (o_bits + k_bits)
-                if k >= k_len:
-                    comb[t, k - k_len, o] = True
-                    last_comb[t, o] = k - k_len
-                elif recursive:
-                    last_step[t, k // chunk, o] = k % chunk
-            nt = min(TILE, n - t0)
-            if recursive:  # outputs with a combination event: chunk by chunk
-                for t in range(nt):
-                    for o in range(outs):
-                        if last_comb[t, o] >= 0:
-                            recursive_output_cuts(t, t0 + t, rows[t0 + t], o, n_chunks, chunk,
-                                                  k_len, g, xg, wg, gx, gw_b, last_step,
-                                                  last_comb, use_exact)
-            for e in range(e0, e1):  # the other cuts, and reset what was set
+            comb_chunk[:] = -1
+            done_chunk[:] = -1
+            for e in range(tile_ends[tile + 1] - 1, tile_ends[tile] - 1, -1):
                 entry = entries[e]
                 o, k, t = entry & o_mask, (entry >> o_bits) & k_mask, entry >> (o_bits + k_bits)
                 i = t0 + t
                 r = rows[i]
-                if k >= k_len:
+                if k >= k_len:  # a combination event: its chunk, or (recursive) all up to it
                     c = k - k_len
-                    comb[t, c, o] = False
-                    if not recursive:  # immediate: the whole chunk
+                    if not recursive:
+                        comb_chunk[t, o] = c
                         add_range(gx[i], gw_b[o], -g[i, o], xg[r], wg[o], c * chunk,
                                   min(c * chunk + chunk, k_len))
-                elif recursive:  # no combination event: the prefix of each chunk, cut at
-                    c, j = divmod(k, chunk)  # its last event
-                    if last_step[t, c, o] == j:
-                        last_step[t, c, o] = -1
-                        if last_comb[t, o] < 0:
-                            add_range(gx[i], gw_b[o], -g[i, o], xg[r], wg[o], c * chunk, k + 1)
-                elif n_chunks == 1 or not comb[t, k // chunk, o]:  # immediate: the product
-                    gx[i, k] -= g[i, o] * wg[o, k]
-                    gw_b[o, k] -= g[i, o] * xg[r, k]
-            last_comb[:nt] = -1
+                    elif comb_chunk[t, o] < 0:
+                        comb_chunk[t, o] = c
+                        add_range(gx[i], gw_b[o], -g[i, o], xg[r], wg[o], 0,
+                                  min(c * chunk + chunk, k_len))
+                    continue
+                c = k // chunk
+                if not recursive:  # the product, unless its chunk's combination was cut
+                    if comb_chunk[t, o] != c:
+                        gx[i, k] -= g[i, o] * wg[o, k]
+                        gw_b[o, k] -= g[i, o] * xg[r, k]
+                elif comb_chunk[t, o] < 0 and done_chunk[t, o] != c:  # the chunk's last
+                    done_chunk[t, o] = c
+                    add_range(gx[i], gw_b[o], -g[i, o], xg[r], wg[o], c * chunk, k + 1)
     for b in range(n_blocks - 1):
         gw += more_parts[b]
-    return gx, use_exact
+    return gx
 
 
 @njit(**chain_opts)

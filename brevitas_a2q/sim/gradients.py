@@ -276,11 +276,11 @@ def kernel_grads(xv: Tensor, wv: Tensor, g: Tensor, ax: Tensor, aw: Tensor,
     rows = log[0] if log else (~_int_safe_rows(ax, aw, cfg)).nonzero().squeeze(1)
     if gw is None:
         gw = torch.zeros_like(wv)
-    g_exact, gx_rows = g, None
+    g_exact, gx_rows, use_exact = g, None, None
     n_blocks = min(kernel_threads(), len(rows))
     recursive = cfg.gradient == "recursive"
-    if len(rows) and log:  # the forward pass kept its events
-        gx_rows, use_exact = kernels.backward_from_events(
+    if len(rows) and log:  # the forward pass kept its events: every output takes the exact part
+        gx_rows = kernels.backward_from_events(
             xv.contiguous().numpy(), wv.contiguous().numpy(), g[rows].contiguous().numpy(),
             rows.numpy(), log[1:], chunk, recursive, n_blocks, gw.numpy())
     elif len(rows):
@@ -295,7 +295,7 @@ def kernel_grads(xv: Tensor, wv: Tensor, g: Tensor, ax: Tensor, aw: Tensor,
                 cfg, recursive, n_blocks, may_overflow(ax, aw, cfg, chunk))
         gw += torch.from_numpy(gw_corr).to(gw.dtype)
     if gx_rows is not None:
-        if not use_exact.all():
+        if use_exact is not None and not use_exact.all():
             g_exact = g.clone()
             g_exact[rows] *= torch.from_numpy(use_exact)
         gx_rows = torch.from_numpy(gx_rows)
