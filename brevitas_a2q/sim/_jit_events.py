@@ -57,14 +57,17 @@ def backward_from_events(xg, wg, g, rows, entries, tile_ends, chunk, recursive, 
     """The fine-grained gradients of :func:`_backward_body` from the event log that
     :func:`_forward_events_body` kept, without re-running the chain, as the cut products to
     take from the exact gradient: ``gx`` (returned) and the weight's, added into ``gw`` (O, K)
-    in the factors' type (no (O, K) array of its own where it runs on one block).
+    in the factors' type (no (O, K) array of its own where it runs on one block), and
+    ``use_exact`` (n, O): False for the outputs whose gradient is these products alone.
 
     One pass over each tile's events, last to first. A chunk's combination event is logged
     after the chunk's own events, so it is met before them, and the chunks of each output are
     met in decreasing order. ``immediate``: each event's product, and the whole chunk of a
     combination event, whose chunk's own events are then passed over. ``recursive``: the
     first combination event met is the last: every chunk up to it is cut whole, and every
-    event met after it passed over; in a later chunk, the first event met is the chunk's last,
+    event met after it passed over (or, where those chunks hold more than half of the
+    products, the output takes the later chunks' products instead of the exact gradient, less
+    the cuts already made in them); in a later chunk, the first event met is the chunk's last,
     and the chunk's products up to it are cut."""
     n, outs = g.shape
     k_len = xg.shape[1]
@@ -74,6 +77,7 @@ def backward_from_events(xg, wg, g, rows, entries, tile_ends, chunk, recursive, 
     k_mask = (1 << k_bits) - 1
     o_mask = (1 << o_bits) - 1
     gx = np.zeros((n, k_len), dtype=xg.dtype)
+    use_exact = np.ones((n, outs), dtype=np.bool_)
     more_parts = np.zeros((n_blocks - 1, outs, k_len), dtype=gw.dtype)  # blocks 1 on
     n_tiles = tile_ends.size - 1
     per_block = (n_tiles + n_blocks - 1) // n_blocks
@@ -98,10 +102,14 @@ def backward_from_events(xg, wg, g, rows, entries, tile_ends, chunk, recursive, 
                         comb_chunk[t, o] = c
                         add_range(gx[i], gw_b[o], -g[i, o], xg[r], wg[o], c * chunk,
                                   min(c * chunk + chunk, k_len))
-                    elif comb_chunk[t, o] < 0:
+                    elif comb_chunk[t, o] < 0:  # the cut chunks, or else the kept ones
                         comb_chunk[t, o] = c
-                        add_range(gx[i], gw_b[o], -g[i, o], xg[r], wg[o], 0,
-                                  min(c * chunk + chunk, k_len))
+                        split = min(c * chunk + chunk, k_len)
+                        if 2 * split <= k_len:
+                            add_range(gx[i], gw_b[o], -g[i, o], xg[r], wg[o], 0, split)
+                        else:  # (the later chunks' cuts stand: kept = those chunks less them)
+                            use_exact[i, o] = False
+                            add_range(gx[i], gw_b[o], g[i, o], xg[r], wg[o], split, k_len)
                     continue
                 c = k // chunk
                 if not recursive:  # the product, unless its chunk's combination was cut
@@ -113,7 +121,7 @@ def backward_from_events(xg, wg, g, rows, entries, tile_ends, chunk, recursive, 
                     add_range(gx[i], gw_b[o], -g[i, o], xg[r], wg[o], c * chunk, k + 1)
     for b in range(n_blocks - 1):
         gw += more_parts[b]
-    return gx
+    return gx, use_exact
 
 
 @njit(**chain_opts)

@@ -279,8 +279,8 @@ def kernel_grads(xv: Tensor, wv: Tensor, g: Tensor, ax: Tensor, aw: Tensor,
     g_exact, gx_rows, use_exact = g, None, None
     n_blocks = min(kernel_threads(), len(rows))
     recursive = cfg.gradient == "recursive"
-    if len(rows) and log:  # the forward pass kept its events: every output takes the exact part
-        gx_rows = kernels.backward_from_events(
+    if len(rows) and log:  # the forward pass kept its events
+        gx_rows, use_exact = kernels.backward_from_events(
             xv.contiguous().numpy(), wv.contiguous().numpy(), g[rows].contiguous().numpy(),
             rows.numpy(), log[1:], chunk, recursive, n_blocks, gw.numpy())
     elif len(rows):

@@ -125,11 +125,11 @@ def forward_events(x: np.ndarray, w_t: np.ndarray, rows: np.ndarray, chunk: int,
 
 def backward_from_events(xg: np.ndarray, wg: np.ndarray, g: np.ndarray, rows: np.ndarray,
                          log: tuple[np.ndarray, np.ndarray], chunk: int, recursive: bool,
-                         n_blocks: int, gw: np.ndarray) -> np.ndarray:
+                         n_blocks: int, gw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The fine-grained gradients of the chain of ``rows`` from the event log
-    :func:`forward_events` kept, as the cut products to take from the exact gradient: ``gx``
-    (len(rows), K) returned, the weight's added into ``gw`` (O, K), C-contiguous in ``xg``'s
-    type (:func:`brevitas_a2q.sim._jit_events.backward_from_events`)."""
+    :func:`forward_events` kept: ``(gx, use_exact)`` as :func:`backward`, the weight's
+    corrections added into ``gw`` (O, K), C-contiguous in ``xg``'s type
+    (:func:`brevitas_a2q.sim._jit_events.backward_from_events`)."""
     return _kernels()["backward_from_events"](xg, wg, g, rows, *log, chunk, recursive,
                                               n_blocks, gw)
 
