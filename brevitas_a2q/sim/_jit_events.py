@@ -98,13 +98,12 @@ def backward_from_events(xg, wg, g, rows, entries, tile_ends, chunk, recursive, 
                 r = rows[i]
                 if k >= k_len:  # a combination event: its chunk, or (recursive) all up to it
                     c = k - k_len
+                    split = min(c * chunk + chunk, k_len)  # the chunk's end
                     if not recursive:
                         comb_chunk[t, o] = c
-                        add_range(gx[i], gw_b[o], -g[i, o], xg[r], wg[o], c * chunk,
-                                  min(c * chunk + chunk, k_len))
+                        add_range(gx[i], gw_b[o], -g[i, o], xg[r], wg[o], c * chunk, split)
                     elif comb_chunk[t, o] < 0:  # the cut chunks, or else the kept ones
                         comb_chunk[t, o] = c
-                        split = min(c * chunk + chunk, k_len)
                         if 2 * split <= k_len:
                             add_range(gx[i], gw_b[o], -g[i, o], xg[r], wg[o], 0, split)
                         else:  # (the later chunks' cuts stand: kept = those chunks less them)
