@@ -15,6 +15,8 @@ import torch.nn.functional as F
 
 from brevitas_a2q.analysis.audit import capture_layers
 from brevitas_a2q.errors import A2QInputError
+from brevitas_a2q.sim import grouped
+from brevitas_a2q.sim.chain import _run_chain
 from brevitas_a2q.sim.config import AccumulatorConfig, parse_accumulator
 from brevitas_a2q.sim.gradients import simulate_matmul
 from brevitas_a2q.sim.layers import simulate_accumulators
@@ -441,6 +443,8 @@ def test_saturating_layers_equal_the_loop_oracle(spec, in_bits):
     torch.manual_seed(3)
     w = dict(weight_quant=Int8WeightPerTensorFloat, weight_bit_width=4, bias=False)
     cases = [(QuantConv2d(4, 6, 3, stride=2, dilation=2, padding=1, groups=2, **w), (2, 4, 9, 9)),
+             (QuantConv2d(5, 5, 3, padding=1, groups=5, **w), (2, 5, 7, 7)),  # depthwise
+             (QuantConv1d(3, 6, 5, padding=2, groups=3, **w), (2, 3, 11)),  # 2 outputs a group
              (QuantConv1d(3, 4, 5, stride=2, padding=2, **w), (2, 3, 11)),
              (QuantLinear(20, 5, **w), (3, 20))]
     cfg = parse_accumulator(spec)
@@ -467,7 +471,46 @@ def test_saturating_layers_equal_the_loop_oracle(spec, in_bits):
         name = next(iter(stats.layers))
         assert stats.layers[name].overflow_events == n_events
         assert stats_grad.layers[name].overflow_events == n_events
-    assert sum(saturated) >= 2, "most cases must saturate somewhere"
+    assert sum(saturated) >= 3, "most cases must saturate somewhere"
+
+
+@pytest.mark.parametrize("spec", ["fp8-e3m4", "fp10-e4m5-c4", "fp9-e3m5-c5-rz", "fp7-e4m2-c16"])
+def test_depthwise_float_layers_equal_each_groups_chain(spec):
+    """A depthwise convolution (and one of two outputs a group) under a floating-point
+    accumulator, forward only: every group at once (:mod:`brevitas_a2q.sim.grouped`) equals
+    the step-by-step chain of each group's unfolded input, bit for bit, events counted
+    alike."""
+    from brevitas.nn import QuantConv2d, QuantIdentity
+    from brevitas.quant import Int8WeightPerTensorFloat, Uint8ActPerTensorFloat
+
+    torch.manual_seed(5)
+    cfg = parse_accumulator(spec)
+    w = dict(weight_quant=Int8WeightPerTensorFloat, weight_bit_width=4, bias=False)
+    events = 0
+    for layer in (QuantConv2d(6, 6, 3, padding=1, groups=6, **w),
+                  QuantConv2d(3, 6, 3, stride=2, padding=1, groups=3, **w)):
+        model = torch.nn.Sequential(QuantIdentity(act_quant=Uint8ActPerTensorFloat, bit_width=4,
+                                                  return_quant_tensor=True), layer).eval()
+        x = torch.rand(2, layer.in_channels, 8, 8) ** 3 * 40  # small values beside large
+        with simulate_accumulators(model, spec) as stats, torch.no_grad():
+            y = model(x)
+            qx, qw = model[0](x), layer.quant_weight()
+        assert grouped.applies(qx.value, qw.value, layer.groups, cfg)  # all groups at once
+        cols = F.unfold(qx.value, 3, padding=1, stride=layer.stride)  # (N, C * 9, L)
+        rows = cols.transpose(1, 2).reshape(-1, cols.shape[1]).double()
+        per_group = layer.out_channels // layer.groups
+        ws = qw.value.reshape(layer.out_channels, -1).double()
+        chains = [_run_chain(rows[:, 9 * g:9 * (g + 1)], ws[per_group * g:per_group * (g + 1)],
+                             cfg, fast=False) for g in range(layer.groups)]
+        expected = torch.cat([c.y for c in chains], dim=1).float()
+        expected = expected.reshape(2, -1, layer.out_channels).transpose(1, 2)
+        assert torch.equal(y.reshape(expected.shape), expected), layer
+        layer_stats = next(iter(stats.layers.values()))
+        for count in ("overflow_events", "overflow_outputs", "swamping_events",
+                      "underflow_events"):
+            assert getattr(layer_stats, count) == sum(getattr(c, count) for c in chains), count
+        events += layer_stats.swamping_events + layer_stats.overflow_events
+    assert events > 0, "the cases must lose an addend or overflow somewhere"
 
 
 @pytest.mark.parametrize("spec", ["int9-sat", "int9-sat-c5", "fp8-e4m3-c4"])
@@ -526,6 +569,7 @@ def test_convolution_fine_grained_gradients_match_reference_masks(spec, mode, bl
     cfg = parse_accumulator(spec, gradient=mode)
     w = dict(weight_quant=Int8WeightPerTensorFloat, weight_bit_width=4, bias=False)
     cases = [(QuantConv2d(4, 6, 3, stride=2, dilation=2, padding=1, groups=2, **w), (2, 4, 9, 9)),
+             (QuantConv2d(5, 5, 3, padding=1, groups=5, **w), (2, 5, 6, 6)),  # depthwise
              (QuantConv1d(3, 4, 5, stride=2, padding=2, **w), (3, 3, 11))]
     gen = torch.Generator().manual_seed(5)
     saved: list[int] = []  # the numel of each tensor autograd keeps for the backward pass
@@ -636,7 +680,6 @@ def test_finetune_under_simulated_accumulator_runs_and_learns():
 @pytest.mark.parametrize("seed", range(6))
 def test_fast_path_equals_the_step_by_step_chain(spec, seed):
     # the fast path (no per-step events needed) must give the same bits and counts as the loop
-    from brevitas_a2q.sim.chain import _run_chain
 
     gen = torch.Generator().manual_seed(seed)
     x = torch.randint(-8, 8, (7, 37), generator=gen).double() * (0.5 if seed % 2 else 1.0)
@@ -676,6 +719,31 @@ def test_im2col_rows_are_unfolds_columns(shape, kernel, stride, dilation, paddin
     rows = im2col(x, kernel, stride, dilation, padding, size)
     assert rows.dtype == dtype
     assert torch.equal(rows.float(), cols.transpose(1, 2).reshape(-1, cols.shape[1]))
+
+
+@pytest.mark.parametrize("shape,kernel,stride,dilation,padding", UNFOLD_GEOMETRIES)
+@pytest.mark.parametrize("groups", [1, "depthwise"])
+def test_grouped_operands_are_unfolds_columns_and_their_gradient_its(shape, kernel, stride,
+                                                                     dilation, padding, groups):
+    """The grouped kernel's operands (sim.grouped.per_group_operands, from the channels-last
+    windows): each group's F.unfold columns; the backward pass's fold of them gives F.unfold's
+    input gradient bit for bit."""
+    from brevitas_a2q.sim.grouped import _channels_last, per_group_operands
+    from brevitas_a2q.sim.unfold import ConvWindows, fold_channels_last
+
+    groups = shape[1] if groups == "depthwise" else groups
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(shape, generator=gen, requires_grad=True)
+    size = _unfolded_size(shape, kernel, stride, dilation, padding)
+    windows = ConvWindows(kernel, stride, dilation, padding, tuple(size))
+    x_kg = per_group_operands(x.detach(), windows, groups)
+    cols = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
+    rows = cols.transpose(1, 2).reshape(-1, cols.shape[1])  # (R, groups * K)
+    assert torch.equal(x_kg, rows.detach().reshape(rows.shape[0], groups, -1).transpose(1, 2))
+    g_kg = torch.randn(x_kg.shape, generator=gen)
+    ours = fold_channels_last(_channels_last(g_kg, shape[1]), shape, *windows)
+    (theirs,) = torch.autograd.grad(rows, x, g_kg.transpose(1, 2).reshape(rows.shape))
+    assert torch.equal(ours, theirs)
 
 
 @pytest.mark.parametrize("shape,kernel,stride,dilation,padding", UNFOLD_GEOMETRIES)

@@ -7,8 +7,10 @@ numba, and says so once."""
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -96,6 +98,69 @@ def test_kernel_forward_edge_shapes(spec, k):
         _same(_run_chain(x, w, cfg), _run_chain(x, w, cfg, fast=False))
 
 
+@pytest.mark.parametrize("spec,bounded", [(s, False) for s in INT_SPECS + FLOAT_SPECS]
+                         + [(s, True) for s in FLOAT_SPECS])  # (integers: always compared)
+@pytest.mark.parametrize("outs_per_group,k", [(1, 9), (3, 9), (1, 25), (2, 1)])
+def test_grouped_kernel_is_each_groups_chain_bit_for_bit(spec, bounded, outs_per_group, k):
+    """:func:`kernels.grouped_forward` (every output with an input row of its own, as in a
+    depthwise convolution) against the chain of each group on its own; ``no-overflow``: the
+    floating-point inputs scaled by a power of two until no addition can overflow, where the
+    kernel leaves out the comparisons with the largest value."""
+    from brevitas_a2q.sim.fast import may_overflow
+
+    groups, rows = 5, 11
+    parts = [_operands(spec, 10 * k + g, rows=rows, outs=outs_per_group, k=k)
+             for g in range(groups)]
+    cfg = parts[0][0]
+    if bounded:  # 2^-e: exact, the ties and subnormal spacings of the operands scale along
+        largest = max(float(p[1].abs().sum(1).max() * p[2].abs().max()) for p in parts)
+        e = max(0, math.ceil(math.log2(32 * largest / cfg.float_format.max_value)))
+        parts = [(c, x * 2.0**-e, w) for c, x, w in parts]
+    x = torch.stack([p[1] for p in parts], dim=2)  # (R, K, G)
+    w = torch.cat([p[2] for p in parts])  # (G * m, K)
+    chunk = min(cfg.chunk_size or k, k)
+    check = may_overflow(x.transpose(1, 2).reshape(-1, k), w, cfg, chunk)
+    assert check != bounded
+    x_out = x.repeat_interleave(outs_per_group, dim=2).contiguous().numpy()
+    y, counts = kernels.grouped_forward(x_out, w.t().contiguous().numpy(), chunk, cfg, check)
+    oracles = [_run_chain(p[1], p[2], cfg, fast=False) for p in parts]
+    expected = torch.cat([o.y for o in oracles], dim=1)
+    assert torch.equal(torch.from_numpy(y).view(torch.int64), expected.view(torch.int64))
+    for i, count in enumerate(COUNTS):
+        assert int(counts[:, i].sum()) == sum(getattr(o, count) for o in oracles), count
+    if k > 1:  # the adversarial operands do exercise the events
+        assert counts[:, [0, 2, 3]].sum() > 0
+
+
+@pytest.mark.parametrize("mode", ["immediate", "recursive"])
+@pytest.mark.parametrize("spec", ["int8-sat", "int9-sat-c2", "fp8-e3m4", "fp6-e2m3-c3",
+                                  "fp9-e3m5-c4-rz", "fp12-e4m7-c16"])
+@pytest.mark.parametrize("outs_per_group", [1, 3])
+def test_grouped_kernel_gradients_equal_each_groups_chain_masks(spec, mode, outs_per_group):
+    """The products :func:`kernels.grouped_forward` marks as kept give each group's
+    fine-grained gradients as the chain's masks do (:func:`_oracle_grads`)."""
+    from brevitas_a2q.sim import grouped
+
+    groups, rows, k = 4, 13, 9
+    parts = [_operands(spec, 7 + g, rows=rows, outs=outs_per_group, k=k) for g in range(groups)]
+    cfg = parse_accumulator(spec, gradient=mode)
+    x_kg = torch.stack([p[1] for p in parts], dim=2)  # (R, K, groups)
+    w = torch.cat([p[2] for p in parts])
+    g = torch.randn(rows, w.shape[0], generator=torch.Generator().manual_seed(1),
+                    dtype=torch.float64)
+    chain, keep_bits = grouped.grouped_chain(x_kg, w, cfg, record=True)
+    keep = np.unpackbits(keep_bits.numpy(), axis=2, count=w.shape[0]).view(np.bool_)
+    gx, gw = grouped.fine_grained_grads(torch.from_numpy(keep), g, x_kg, w)
+    cut = False
+    for i, (_, x, wg) in enumerate(parts):
+        outs = slice(i * outs_per_group, (i + 1) * outs_per_group)
+        ox, ow = _oracle_grads(x, wg, x, wg, g[:, outs], cfg)
+        torch.testing.assert_close(gx[:, :, i], ox, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(gw[outs], ow, rtol=1e-12, atol=1e-12)
+        cut |= not torch.allclose(ox, g[:, outs] @ wg)
+    assert cut, "the case must cut some gradient"
+
+
 def test_kernel_forward_random_gaussian_float32():
     # the layers' floating-point case: float32 activations and weights, nothing engineered
     gen = torch.Generator().manual_seed(7)
@@ -163,6 +228,33 @@ def test_kernels_ask_llvm_for_512_bit_vectors():
     assert '"prefer-vector-width"="512"' in ir
     for helper in (_jit.rnd, _jit.add_range, _jit_blocks.block_pass, _jit_blocks.failed_steps):
         assert "wide_vectors()" in inspect.getsource(helper.py_func), helper.py_func.__name__
+
+
+def test_cached_kernels_are_stamped_with_every_kernel_source(tmp_path):
+    """numba's cache checks only the file that defines a kernel; ours inline helpers from
+    ``_jit.py``. Every cached kernel must carry the stamp of all ``_jit*.py`` files, so that an
+    edit to any of them (here, of a copy's ``_jit.py`` alone) recompiles it."""
+    pytest.importorskip("numba", reason="numba is not installed")
+    from numba.core.registry import CPUDispatcher
+
+    from brevitas_a2q.sim import _jit, _jit_blocks, _jit_cache, _jit_events
+
+    kernels_seen = 0
+    for module in (_jit, _jit_blocks, _jit_events):
+        for name, fn in vars(module).items():
+            if isinstance(fn, CPUDispatcher) and fn._cache.__class__.__name__ != "NullCache":
+                locator = fn._cache._impl.locator
+                assert locator.get_source_stamp() == _jit_cache.sources_digest(), name
+                kernels_seen += 1
+    assert kernels_seen >= 10
+
+    here = Path(_jit.__file__).parent
+    for source in here.glob(_jit_cache.SOURCE_GLOB):
+        (tmp_path / source.name).write_bytes(source.read_bytes())
+    before = _jit_cache.sources_digest(tmp_path)
+    assert before == _jit_cache.sources_digest(here)
+    (tmp_path / "_jit.py").write_text((here / "_jit.py").read_text() + "\n# edited\n")
+    assert _jit_cache.sources_digest(tmp_path) != before
 
 
 def test_package_works_without_numba_and_says_so_once():

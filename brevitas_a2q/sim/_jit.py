@@ -10,6 +10,11 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
+from brevitas_a2q.sim import _jit_cache
+
+_jit_cache.install()  # before any kernel: cache keys that cover every _jit*.py (_jit_events
+# and _jit_blocks import this module first)
+
 
 @intrinsic
 def f2i(typingctx, x):

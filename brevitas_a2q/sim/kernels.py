@@ -92,6 +92,24 @@ def forward(x: np.ndarray, w_t: np.ndarray, rows: np.ndarray, chunk: int, cfg: A
     return _kernels()["forward_last"][mode](x, w_t, rows, chunk, *params, check, last)
 
 
+def grouped_forward(x: np.ndarray, w_t: np.ndarray, chunk: int, cfg: AccumulatorConfig,
+                    check: bool = True, keep: np.ndarray | None = None
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """The chain of ``x[r, :, o] * w_t[:, o]`` for every row ``r`` and output ``o``: each
+    output with an input row of its own (a depthwise convolution's), ``x`` (R, K, O) and
+    ``w_t`` (K, O) C-contiguous, their products exact in float64. Returns ``y`` (R, O) and
+    per-row counts (R, 4), and ``check``, as :func:`forward`. ``keep`` (R, K, O) bool: filled
+    with whether each product passes ``cfg.gradient``'s fine-grained gradient
+    (:func:`brevitas_a2q.sim._jit_grouped._row`)."""
+    from brevitas_a2q.sim._jit_grouped import IMMEDIATE, RECURSIVE
+
+    mode, *params = format_params(cfg)
+    record = keep is not None
+    grad_mode = (RECURSIVE if cfg.gradient == "recursive" else IMMEDIATE) if record else 0
+    keep = keep if record else np.empty((0, 0, 0), dtype=np.bool_)
+    return _kernels()["grouped"][record][mode](x, w_t, chunk, keep, grad_mode, *params, check)
+
+
 def forward_events(x: np.ndarray, w_t: np.ndarray, rows: np.ndarray, chunk: int,
                    cfg: AccumulatorConfig, check: bool, n_threads: int
                    ) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray]] | None:
@@ -187,9 +205,10 @@ def _compile() -> dict:
         # numba's own thread pool: its OpenMP layer's idle threads spin and slowed torch's
         # (also OpenMP) matrix products by 20x here after a kernel had run
         numba.config.THREADING_LAYER = "workqueue"
-    from brevitas_a2q.sim import _jit, _jit_blocks, _jit_events
+    from brevitas_a2q.sim import _jit, _jit_blocks, _jit_events, _jit_grouped
 
-    return {"forward": _jit.FORWARD, "backward": _jit.BACKWARD, "saturating": _jit_blocks,
+    return {"forward": _jit.FORWARD, "grouped": _jit_grouped.GROUPED,
+            "backward": _jit.BACKWARD, "saturating": _jit_blocks,
             "forward_last": _jit.FORWARD_LAST, "recursive_from_last": _jit.recursive_from_last,
             "forward_events": _jit_events.FORWARD_EVENTS,
             "backward_from_events": _jit_events.backward_from_events}

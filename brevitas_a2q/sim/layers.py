@@ -14,6 +14,7 @@ from brevitas.quant_tensor import IntQuantTensor, QuantTensor
 from torch import Tensor, nn
 
 from brevitas_a2q.errors import A2QInputError
+from brevitas_a2q.sim import grouped
 from brevitas_a2q.sim.chain import _int_range, _wrap
 from brevitas_a2q.sim.config import AccumulatorConfig, parse_accumulator
 from brevitas_a2q.sim.conv_gradients import (
@@ -213,8 +214,6 @@ def _chain_layer(layer, xv, wv, x_scale, w_scale, cfg, stats, rounded) -> Tensor
     codes = integer_codes(xv, x_scale, xq) if cfg.kind == "int" else None
     groups = getattr(layer, "groups", 1)
     k_group = _layer_k(layer)
-    whole = _whole_conv_gradient(layer, xv, codes, wv, wq, w_scale, cfg, groups) \
-        if grad else None
 
     def count(chain, outputs: int) -> None:
         stats.outputs += outputs
@@ -224,6 +223,10 @@ def _chain_layer(layer, xv, wv, x_scale, w_scale, cfg, stats, rounded) -> Tensor
         stats.swamping_events += chain.swamping_events
         stats.underflow_events += chain.underflow_events
 
+    if grouped.applies(xv, wv, groups, cfg):
+        return _grouped_layer(layer, xv, wv, x_scale, w_scale, cfg, codes, wq, count, grad)
+    whole = _whole_conv_gradient(layer, xv, codes, wv, wq, w_scale, cfg, groups) \
+        if grad else None
     if whole is not None and codes is None:  # floating point, by blocks of samples
         _, windows, samples = whole
         y, records = float_conv_forward(xv, wv, cfg, windows, groups, samples, count)
@@ -257,6 +260,26 @@ def _chain_layer(layer, xv, wv, x_scale, w_scale, cfg, stats, rounded) -> Tensor
     records = integer_records(last_combs, xv.shape[0], samples, windows.size[0] * windows.size[1])
     return ConvFineGrained.apply(xv, wv, y, codes, w_codes, cfg, windows, groups, records,
                                  samples)
+
+
+def _grouped_layer(layer, xv, wv, x_scale, w_scale, cfg, codes, wq, count, grad) -> Tensor:
+    """:func:`_chain_layer` of a convolution with many small groups: every group in one
+    kernel call (:mod:`.grouped`), on the integers of an integer accumulator (its result
+    scaled back), on the float32 values of a floating-point one; with ``grad``, the
+    fine-grained gradients of the input's and the weight's values
+    (:class:`~brevitas_a2q.sim.grouped.GroupedFineGrained`)."""
+    x4, windows, one_d = conv_windows(layer, xv.detach() if codes is None else codes)
+    w_rows = wv.detach().reshape(wv.shape[0], -1)
+    aw = w_rows if codes is None else \
+        integer_codes(w_rows, w_scale[:, None].double(), wq.reshape(wq.shape[0], -1))
+    chain, keep_bits = grouped.grouped_chain(
+        grouped.per_group_operands(x4, windows, layer.groups), aw, cfg, record=grad)
+    count(chain, chain.y.numel())
+    y = chain.y if codes is None else chain.y * (x_scale.double() * w_scale.double())[None, :]
+    y = _from_matrix(y.to(xv.dtype), ("conv", x4.shape[0], windows.size, one_d))
+    if not grad:
+        return y
+    return grouped.GroupedFineGrained.apply(xv, wv, y, keep_bits, windows, layer.groups)
 
 
 def _whole_conv_gradient(layer, xv, codes, wv, wq, w_scale, cfg, groups) -> tuple | None:
