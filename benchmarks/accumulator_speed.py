@@ -4,10 +4,12 @@ the simulation against the same model's plain ones, measured side by side in one
 Setups: ``cnn`` is the benchmark CNN (``build_cnn``, W4A4, 28x28 digits upsampled, batch 64);
 ``k1152`` and ``k2304`` are one ResNet18-like block of a later stage (4-bit post-ReLU input ->
 QuantConv2d 3x3, 128 channels at 16x16 (K = 1152) or 256 at 8x8 (K = 2304) -> BN -> 4-bit ReLU
--> linear), batch 8. For each accumulator spec and gradient mode, a training step (forward,
-cross-entropy, backward, SGD update) under ``simulate_accumulators`` is timed interleaved with
-a plain step of the same model, repeated ``--reps`` times; the ratio of the medians is reported.
-Forward-only (``torch.no_grad``, eval mode) likewise. Peak memory: on CUDA
+-> linear), batch 8; ``dw256`` is a MobileNet depthwise-separable block (4-bit input -> depthwise
+3x3, 256 channels at 14x14 (K = 9, one output per group) -> BN -> 4-bit ReLU -> pointwise 1x1
+(K = 256) -> BN -> 4-bit ReLU -> linear), batch 8. For each accumulator spec and gradient mode,
+a training step (forward, cross-entropy, backward, SGD update) under ``simulate_accumulators``
+is timed interleaved with a plain step of the same model, repeated ``--reps`` times; the ratio
+of the medians is reported. Forward-only (``torch.no_grad``, eval mode) likewise. Peak memory: on CUDA
 ``torch.cuda.max_memory_allocated`` around one step; on CPU the growth of the process's
 peak resident set over one step, after a warm-up step and with the freed memory handed back to
 the system first (``malloc_trim``), each mode in a fresh subprocess whose glibc maps every
@@ -53,7 +55,7 @@ from brevitas_a2q.train.models import build_cnn
 
 SPECS = ("int12-sat", "int12-sat-c32", "fp12-e4m7", "fp12-e4m7-c16")
 GRADIENTS = ("ste", "immediate", "recursive")
-SETUPS = ("cnn", "k1152", "k2304")
+SETUPS = ("cnn", "k1152", "k2304", "dw256")
 TARGETS = {"ste": 3.0, "immediate": 5.0, "recursive": 5.0, "forward": 3.0, "memory": 2.0}
 
 
@@ -63,6 +65,23 @@ def _block(channels: int, side: int) -> nn.Module:
         QuantIdentity(act_quant=Uint8ActPerTensorFloat, bit_width=4, return_quant_tensor=True),
         QuantConv2d(channels, channels, 3, padding=1, bias=False,
                     weight_quant=Int8WeightPerTensorFloat, weight_bit_width=4),
+        nn.BatchNorm2d(channels),
+        QuantReLU(act_quant=Uint8ActPerTensorFloat, bit_width=4, return_quant_tensor=True),
+        nn.Flatten(),
+        QuantLinear(channels * side * side, 10, bias=True, weight_quant=Int8WeightPerTensorFloat,
+                    weight_bit_width=4),
+    )
+
+
+def _separable_block(channels: int, side: int) -> nn.Module:
+    """A MobileNet depthwise-separable block between 4-bit activations."""
+    weights = dict(bias=False, weight_quant=Int8WeightPerTensorFloat, weight_bit_width=4)
+    return nn.Sequential(
+        QuantIdentity(act_quant=Uint8ActPerTensorFloat, bit_width=4, return_quant_tensor=True),
+        QuantConv2d(channels, channels, 3, padding=1, groups=channels, **weights),
+        nn.BatchNorm2d(channels),
+        QuantReLU(act_quant=Uint8ActPerTensorFloat, bit_width=4, return_quant_tensor=True),
+        QuantConv2d(channels, channels, 1, **weights),
         nn.BatchNorm2d(channels),
         QuantReLU(act_quant=Uint8ActPerTensorFloat, bit_width=4, return_quant_tensor=True),
         nn.Flatten(),
@@ -83,6 +102,13 @@ def build_setup(name: str, device: str) -> tuple[nn.Module, torch.Tensor, torch.
         model = build_cnn("none", image_size=28)
         desc = {"model": "build_cnn W4A4 (conv K = 9, 144; fc K = 1568)", "batch": 64,
                 "input": "digits upsampled to 28x28"}
+    elif name == "dw256":
+        x = torch.randn(8, 256, 14, 14).relu()
+        y = torch.randint(0, 10, (8,))
+        model = _separable_block(256, 14)
+        desc = {"model": "MobileNet depthwise-separable block: depthwise 3x3, 256 channels at "
+                         "14x14 (K = 9), pointwise 1x1 (K = 256), W4A4, + linear", "batch": 8,
+                "input": "ReLU(N(0, 1)) through a 4-bit quantizer"}
     else:
         channels, side = (128, 16) if name == "k1152" else (256, 8)
         x = torch.randn(8, channels, side, side).relu()
