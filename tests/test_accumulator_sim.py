@@ -474,6 +474,31 @@ def test_saturating_layers_equal_the_loop_oracle(spec, in_bits):
     assert sum(saturated) >= 3, "most cases must saturate somewhere"
 
 
+def _layer_against_group_chains(quant_input, layer, x, spec) -> int:
+    """``layer`` (a 3x3 convolution, padding 1) behind ``quant_input`` under the floating-point
+    ``spec``, forward only, against the step-by-step chain of each group's unfolded input
+    values, bit for bit, events counted alike. Returns the swamping and overflow events."""
+    cfg = parse_accumulator(spec)
+    model = torch.nn.Sequential(quant_input, layer).eval()
+    with simulate_accumulators(model, spec) as stats, torch.no_grad():
+        y = model(x)
+        qx, qw = model[0](x), layer.quant_weight()
+    assert grouped.applies(qx.value, qw.value, layer.groups, cfg) == (layer.groups > 1)
+    cols = F.unfold(qx.value, 3, padding=1, stride=layer.stride)  # (N, C * 9, L)
+    rows = cols.transpose(1, 2).reshape(-1, cols.shape[1]).double()
+    per_group, k = layer.out_channels // layer.groups, cols.shape[1] // layer.groups
+    ws = qw.value.reshape(layer.out_channels, -1).double()
+    chains = [_run_chain(rows[:, k * g:k * (g + 1)], ws[per_group * g:per_group * (g + 1)],
+                         cfg, fast=False) for g in range(layer.groups)]
+    expected = torch.cat([c.y for c in chains], dim=1).float()
+    expected = expected.reshape(x.shape[0], -1, layer.out_channels).transpose(1, 2)
+    assert torch.equal(y.reshape(expected.shape), expected), layer
+    layer_stats = next(iter(stats.layers.values()))
+    for count in ("overflow_events", "overflow_outputs", "swamping_events", "underflow_events"):
+        assert getattr(layer_stats, count) == sum(getattr(c, count) for c in chains), count
+    return layer_stats.swamping_events + layer_stats.overflow_events
+
+
 @pytest.mark.parametrize("spec", ["fp8-e3m4", "fp10-e4m5-c4", "fp9-e3m5-c5-rz", "fp7-e4m2-c16"])
 def test_depthwise_float_layers_equal_each_groups_chain(spec):
     """A depthwise convolution (and one of two outputs a group) under a floating-point
@@ -484,32 +509,60 @@ def test_depthwise_float_layers_equal_each_groups_chain(spec):
     from brevitas.quant import Int8WeightPerTensorFloat, Uint8ActPerTensorFloat
 
     torch.manual_seed(5)
-    cfg = parse_accumulator(spec)
     w = dict(weight_quant=Int8WeightPerTensorFloat, weight_bit_width=4, bias=False)
     events = 0
     for layer in (QuantConv2d(6, 6, 3, padding=1, groups=6, **w),
                   QuantConv2d(3, 6, 3, stride=2, padding=1, groups=3, **w)):
-        model = torch.nn.Sequential(QuantIdentity(act_quant=Uint8ActPerTensorFloat, bit_width=4,
-                                                  return_quant_tensor=True), layer).eval()
+        quant_input = QuantIdentity(act_quant=Uint8ActPerTensorFloat, bit_width=4,
+                                    return_quant_tensor=True)
         x = torch.rand(2, layer.in_channels, 8, 8) ** 3 * 40  # small values beside large
-        with simulate_accumulators(model, spec) as stats, torch.no_grad():
-            y = model(x)
-            qx, qw = model[0](x), layer.quant_weight()
-        assert grouped.applies(qx.value, qw.value, layer.groups, cfg)  # all groups at once
-        cols = F.unfold(qx.value, 3, padding=1, stride=layer.stride)  # (N, C * 9, L)
-        rows = cols.transpose(1, 2).reshape(-1, cols.shape[1]).double()
-        per_group = layer.out_channels // layer.groups
-        ws = qw.value.reshape(layer.out_channels, -1).double()
-        chains = [_run_chain(rows[:, 9 * g:9 * (g + 1)], ws[per_group * g:per_group * (g + 1)],
-                             cfg, fast=False) for g in range(layer.groups)]
-        expected = torch.cat([c.y for c in chains], dim=1).float()
-        expected = expected.reshape(2, -1, layer.out_channels).transpose(1, 2)
-        assert torch.equal(y.reshape(expected.shape), expected), layer
-        layer_stats = next(iter(stats.layers.values()))
-        for count in ("overflow_events", "overflow_outputs", "swamping_events",
-                      "underflow_events"):
-            assert getattr(layer_stats, count) == sum(getattr(c, count) for c in chains), count
-        events += layer_stats.swamping_events + layer_stats.overflow_events
+        events += _layer_against_group_chains(quant_input, layer, x, spec)
+    assert events > 0, "the cases must lose an addend or overflow somewhere"
+
+
+def _per_channel_relu(channels: int):
+    """A 4-bit ReLU quantized per channel as Brevitas's MobileNetV1 quantizes its activations
+    (``scaling_per_output_channel``), its scales set apart by factors of up to 2^3."""
+    from brevitas.nn import QuantReLU
+    from brevitas.quant import Uint8ActPerTensorFloatMaxInit
+
+    relu = QuantReLU(act_quant=Uint8ActPerTensorFloatMaxInit, bit_width=4, max_val=6.0,
+                     per_channel_broadcastable_shape=(1, channels, 1, 1),
+                     scaling_stats_permute_dims=(1, 0, 2, 3), scaling_per_output_channel=True,
+                     return_quant_tensor=True)
+    scales = [p for p in relu.parameters() if p.numel() == channels]
+    assert len(scales) == 1, "one per-channel scale parameter"
+    with torch.no_grad():
+        scales[0].copy_(torch.logspace(-1, 2, channels, base=2).reshape(scales[0].shape))
+    return relu
+
+
+@pytest.mark.parametrize("spec", ["fp8-e3m4", "fp10-e4m5-c4"])
+def test_float_layers_take_an_input_quantized_per_channel(spec):
+    """Brevitas's MobileNetV1 quantizes its activations per channel. A floating-point
+    accumulator adds the real products, so a dense and a depthwise convolution behind such an
+    input simulate, equal to each group's step-by-step chain bit for bit, and a fine-grained
+    training step runs; an integer accumulator refuses the layer in one message naming it and
+    the fixes."""
+    from brevitas.nn import QuantConv2d
+    from brevitas.quant import Int8WeightPerTensorFloat
+
+    torch.manual_seed(6)
+    w = dict(weight_quant=Int8WeightPerTensorFloat, weight_bit_width=4, bias=False)
+    events = 0
+    for layer in (QuantConv2d(6, 5, 3, padding=1, **w),
+                  QuantConv2d(6, 6, 3, padding=1, groups=6, **w)):
+        x = torch.rand(2, 6, 8, 8) ** 3 * 40
+        quant_input = _per_channel_relu(6)
+        assert quant_input(x).scale.unique().numel() == 6, "per-channel scales, all distinct"
+        events += _layer_against_group_chains(quant_input, layer, x, spec)
+        model = torch.nn.Sequential(quant_input, layer).train()
+        with simulate_accumulators(model, spec, gradient="recursive"):
+            model(x).square().sum().backward()
+        assert layer.weight.grad is not None and bool(layer.weight.grad.isfinite().all())
+        with pytest.raises(A2QInputError, match=r"'1'.*per channel.*per tensor.*\{'1': None\}"):
+            with simulate_accumulators(model, "int12-sat"), torch.no_grad():
+                model(x)
     assert events > 0, "the cases must lose an addend or overflow somewhere"
 
 
@@ -762,3 +815,40 @@ def test_unfold_gradient_is_unfolds(shape, kernel, stride, dilation, padding):
     g_cols = g.reshape(shape[0], -1, cols.shape[1]).transpose(1, 2)
     (theirs,) = torch.autograd.grad(cols, x, g_cols)
     assert torch.equal(ours, theirs)
+
+
+def test_brevitas_mobilenet_v1_as_shipped_simulates_under_a_float_accumulator(monkeypatch):
+    """Brevitas's MobileNetV1 as its example defines it (activations quantized per channel,
+    depthwise-separable blocks, a stride-2 depthwise convolution), small, an input quantizer in
+    front: under fp12-e4m7-c16 every layer simulates; its depthwise convolutions, every group
+    in one kernel call, give the outputs and event counts of one chain per group, bit for bit,
+    and a ``recursive`` fine-grained training step runs."""
+    from brevitas.nn import QuantIdentity
+    from brevitas.quant import Int8ActPerTensorFloat
+    from brevitas_examples.imagenet_classification.models.mobilenetv1 import MobileNet
+
+    torch.manual_seed(7)
+    net = MobileNet(channels=[[8], [16], [32]], first_stage_stride=False, act_bit_width=4,
+                    weight_bit_width=4, avg_pool_kernel_size=4, num_classes=10)
+    model = torch.nn.Sequential(QuantIdentity(act_quant=Int8ActPerTensorFloat,
+                                              return_quant_tensor=True), net)
+    x = torch.randn(2, 3, 16, 16)
+    spec = "fp12-e4m7-c16"
+
+    def forward():
+        model.eval()
+        with simulate_accumulators(model, spec) as stats, torch.no_grad():
+            return model(x), stats.to_dict()
+
+    y, stats = forward()
+    assert len(stats["layers"]) == 6 and not stats["skipped"], stats["skipped"]
+    assert sum(layer["swamping_events"] for layer in stats["layers"]) > 0
+    monkeypatch.setattr(grouped, "applies", lambda *args: False)
+    y_per_group, stats_per_group = forward()
+    assert torch.equal(y, y_per_group) and stats == stats_per_group
+    monkeypatch.undo()
+    model.train()
+    with simulate_accumulators(model, spec, gradient="recursive"):
+        model(x).square().sum().backward()
+    dw = net.features.stage2.unit1.dw_conv.conv
+    assert dw.groups == 16 and dw.stride == (2, 2) and bool(dw.weight.grad.abs().sum() > 0)

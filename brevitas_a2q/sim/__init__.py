@@ -33,7 +33,9 @@ What is accumulated
     Floating-point accumulators sum the real-valued products ``x.value[k] * w.value[o, k]``
     (each exact in float64) in the low-precision format (:class:`FloatFormat`). The bias (if any,
     as Brevitas quantizes it) is added after accumulation, in float32, as is the layer's output
-    quantizer. The input scale must be per tensor.
+    quantizer. An integer accumulator needs the input's scale per tensor; a floating-point one
+    also takes an input quantized per channel (as Brevitas's MobileNetV1 quantizes its
+    activations), whose scales play no part in the real-valued products.
 
 Order of accumulation (matters for saturation and floating point; wraparound is associative)
     A convolution is unfolded to matrix form, ``(batch * positions, K) x (K, out)``, with

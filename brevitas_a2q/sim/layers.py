@@ -87,13 +87,9 @@ def _simulated_forward(name: str, layer: nn.Module, cfg: AccumulatorConfig,
                 f"integer accumulation to simulate. Give the layer input_quant=... (or make the "
                 f"layer before it return_quant_tensor=True) and an integer weight quantizer, or "
                 f"exclude it with an override {{{name!r}: None}}.")
-        if x.scale.numel() != 1:
-            raise A2QInputError(f"layer {name!r}: the input scale is not per tensor "
-                                f"(shape {tuple(x.scale.shape)}); cannot simulate one integer "
-                                "accumulation per output")
         xv, wv = x.value, quant_weight.value
         out_channels = wv.shape[0]
-        x_scale = x.scale.reshape(())
+        x_scale = _input_scale(name, x.scale, cfg)
         w_scale = quant_weight.scale.reshape(-1).expand(out_channels) \
             if quant_weight.scale.numel() in (1, out_channels) else None
         if w_scale is None:
@@ -120,6 +116,24 @@ def _simulated_forward(name: str, layer: nn.Module, cfg: AccumulatorConfig,
         return y
 
     return inner_forward_impl
+
+
+def _input_scale(name: str, scale: Tensor, cfg: AccumulatorConfig) -> Tensor:
+    """The input's scale as a scalar, the common scale of an integer accumulator's products.
+    A floating-point accumulator adds the products' real values, where the scales play no
+    part, so it also takes an input quantized per channel (as the activations of Brevitas's
+    MobileNetV1 are): its scale is then not used (ones)."""
+    if scale.numel() == 1:
+        return scale.reshape(())
+    if cfg.kind == "float":
+        return torch.ones((), dtype=scale.dtype, device=scale.device)
+    raise A2QInputError(
+        f"layer {name!r}: its input is quantized per channel (scale of shape "
+        f"{tuple(scale.shape)}); the simulation of an integer accumulator ({cfg.spec}) takes "
+        "one input scale per layer. Quantize that input per tensor "
+        "(scaling_per_output_channel=False on the quantizer before the layer), simulate the "
+        f"layer with a floating-point accumulator (fp<T>-e<E>m<M>), or exclude it with an "
+        f"override {{{name!r}: None}}.")
 
 
 def _channel_shape(layer: nn.Module, dims: int) -> tuple[int, ...]:
