@@ -542,8 +542,8 @@ def test_float_layers_take_an_input_quantized_per_channel(spec):
     """Brevitas's MobileNetV1 quantizes its activations per channel. A floating-point
     accumulator adds the real products, so a dense and a depthwise convolution behind such an
     input simulate, equal to each group's step-by-step chain bit for bit, and a fine-grained
-    training step runs; an integer accumulator refuses the layer in one message naming it and
-    the fixes."""
+    training step runs. An integer accumulator refuses the dense one (its products have no
+    common scale) in one message naming it and the fixes."""
     from brevitas.nn import QuantConv2d
     from brevitas.quant import Int8WeightPerTensorFloat
 
@@ -560,9 +560,11 @@ def test_float_layers_take_an_input_quantized_per_channel(spec):
         with simulate_accumulators(model, spec, gradient="recursive"):
             model(x).square().sum().backward()
         assert layer.weight.grad is not None and bool(layer.weight.grad.isfinite().all())
-        with pytest.raises(A2QInputError, match=r"'1'.*per channel.*per tensor.*\{'1': None\}"):
-            with simulate_accumulators(model, "int12-sat"), torch.no_grad():
-                model(x)
+        if layer.groups == 1:
+            with pytest.raises(A2QInputError,
+                               match=r"'1'.*per channel.*per tensor.*\{'1': None\}"):
+                with simulate_accumulators(model, "int12-sat"), torch.no_grad():
+                    model(x)
     assert events > 0, "the cases must lose an addend or overflow somewhere"
 
 
@@ -817,12 +819,63 @@ def test_unfold_gradient_is_unfolds(shape, kernel, stride, dilation, padding):
     assert torch.equal(ours, theirs)
 
 
-def test_brevitas_mobilenet_v1_as_shipped_simulates_under_a_float_accumulator(monkeypatch):
-    """Brevitas's MobileNetV1 as its example defines it (activations quantized per channel,
-    depthwise-separable blocks, a stride-2 depthwise convolution), small, an input quantizer in
-    front: under fp12-e4m7-c16 every layer simulates; its depthwise convolutions, every group
-    in one kernel call, give the outputs and event counts of one chain per group, bit for bit,
-    and a ``recursive`` fine-grained training step runs."""
+@pytest.mark.parametrize("spec", ["int9-sat", "int9-sat-c5", "int8-wrap"])
+def test_depthwise_integer_layers_take_an_input_quantized_per_channel(spec, monkeypatch):
+    """A depthwise convolution reads one channel a group, so each output's products share that
+    channel's scale, and an integer accumulator simulates it behind an input quantized per
+    channel: equal to the Python-integer loop on Brevitas's own integers (``.int()``) scaled
+    by each output's input and weight scales, bit for bit, events counted alike; its
+    fine-grained gradients, every group in one kernel call, equal those of one chain per
+    group."""
+    from brevitas.nn import QuantConv2d
+    from brevitas.quant import Int8WeightPerChannelFloat
+
+    torch.manual_seed(8)
+    cfg = parse_accumulator(spec)
+    w = dict(weight_quant=Int8WeightPerChannelFloat, weight_bit_width=4, bias=False)
+    events = 0
+    for layer in (QuantConv2d(6, 6, 3, padding=1, groups=6, **w),
+                  QuantConv2d(6, 12, 3, stride=2, padding=1, groups=6, **w)):  # 2 outputs a group
+        model = torch.nn.Sequential(_per_channel_relu(6), layer).eval()
+        x = torch.rand(2, 6, 8, 8) ** 2 * 30
+        with torch.no_grad():
+            qx, qw = model[0](x), layer.quant_weight()
+        xi, wi = (t.int().numpy().astype(np.int64) for t in (qx, qw))
+        if cfg.is_wrap:
+            exact, _ = _saturating_layer_oracle(layer, xi, wi, 62, None)
+            expected, n_events = wrap_int64(exact, cfg.bits), int((wrap_int64(exact, cfg.bits)
+                                                                   != exact).sum())
+        else:
+            expected, n_events = _saturating_layer_oracle(layer, xi, wi, cfg.bits, cfg.chunk_size)
+        per_output = qx.scale.reshape(-1).repeat_interleave(layer.out_channels // 6)
+        scale = per_output * qw.scale.reshape(-1)  # wraparound: in float32, as the layer
+        scale = (scale.numpy() if cfg.is_wrap else
+                 (per_output.double() * qw.scale.double().reshape(-1)).numpy())
+        expected = expected.astype(scale.dtype) * scale.reshape(1, -1, 1, 1)
+        with simulate_accumulators(model, spec) as stats, torch.no_grad():
+            y = model(x)
+        assert np.array_equal(y.numpy(), expected.astype(np.float32)), layer
+        assert next(iter(stats.layers.values())).overflow_events == n_events, layer
+        events += n_events
+        grads = []
+        for applies in (grouped.applies, lambda *args: False):
+            monkeypatch.setattr(grouped, "applies", applies)
+            layer.weight.grad = None
+            model.train()
+            with simulate_accumulators(model, spec, gradient="immediate"):
+                model(x).square().sum().backward()
+            grads.append(layer.weight.grad)
+        torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
+    assert events > 0, "the cases must overflow somewhere"
+
+
+@pytest.mark.parametrize("spec", ["fp12-e4m7-c16", "int10-sat"])
+def test_brevitas_mobilenet_v1_as_shipped_simulates(spec, monkeypatch):
+    """Brevitas's MobileNetV1 as its example defines it (activations before the depthwise
+    convolutions quantized per channel, a stride-2 depthwise convolution), small, an input
+    quantizer in front: every layer simulates; its depthwise convolutions, every group in one
+    kernel call, give the outputs and event counts of one chain per group, bit for bit, and a
+    ``recursive`` fine-grained training step runs."""
     from brevitas.nn import QuantIdentity
     from brevitas.quant import Int8ActPerTensorFloat
     from brevitas_examples.imagenet_classification.models.mobilenetv1 import MobileNet
@@ -833,7 +886,6 @@ def test_brevitas_mobilenet_v1_as_shipped_simulates_under_a_float_accumulator(mo
     model = torch.nn.Sequential(QuantIdentity(act_quant=Int8ActPerTensorFloat,
                                               return_quant_tensor=True), net)
     x = torch.randn(2, 3, 16, 16)
-    spec = "fp12-e4m7-c16"
 
     def forward():
         model.eval()
@@ -842,7 +894,8 @@ def test_brevitas_mobilenet_v1_as_shipped_simulates_under_a_float_accumulator(mo
 
     y, stats = forward()
     assert len(stats["layers"]) == 6 and not stats["skipped"], stats["skipped"]
-    assert sum(layer["swamping_events"] for layer in stats["layers"]) > 0
+    assert sum(layer["swamping_events"] + layer["overflow_events"]
+               for layer in stats["layers"]) > 0
     monkeypatch.setattr(grouped, "applies", lambda *args: False)
     y_per_group, stats_per_group = forward()
     assert torch.equal(y, y_per_group) and stats == stats_per_group

@@ -33,9 +33,12 @@ What is accumulated
     Floating-point accumulators sum the real-valued products ``x.value[k] * w.value[o, k]``
     (each exact in float64) in the low-precision format (:class:`FloatFormat`). The bias (if any,
     as Brevitas quantizes it) is added after accumulation, in float32, as is the layer's output
-    quantizer. An integer accumulator needs the input's scale per tensor; a floating-point one
-    also takes an input quantized per channel (as Brevitas's MobileNetV1 quantizes its
-    activations), whose scales play no part in the real-valued products.
+    quantizer. An input quantized per channel (as Brevitas's MobileNetV1 quantizes the
+    activations before its depthwise convolutions) has its integers rescaled by each output's
+    own input scale where every group of the convolution reads channels of one scale (a
+    depthwise convolution); a floating-point accumulator takes any input scale, since the
+    scales play no part in its real-valued products. Elsewhere an integer accumulator needs
+    the input's scale per tensor.
 
 Order of accumulation (matters for saturation and floating point; wraparound is associative)
     A convolution is unfolded to matrix form, ``(batch * positions, K) x (K, out)``, with

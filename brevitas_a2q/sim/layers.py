@@ -89,7 +89,7 @@ def _simulated_forward(name: str, layer: nn.Module, cfg: AccumulatorConfig,
                 f"exclude it with an override {{{name!r}: None}}.")
         xv, wv = x.value, quant_weight.value
         out_channels = wv.shape[0]
-        x_scale = _input_scale(name, x.scale, cfg)
+        x_scale = _input_scale(name, layer, x.scale, cfg)
         w_scale = quant_weight.scale.reshape(-1).expand(out_channels) \
             if quant_weight.scale.numel() in (1, out_channels) else None
         if w_scale is None:
@@ -101,7 +101,8 @@ def _simulated_forward(name: str, layer: nn.Module, cfg: AccumulatorConfig,
         if cfg.is_wrap:
             y = _wrap_layer(layer, exact_impl, xv, wv, x_scale, w_scale, cfg, stats, xq, wq)
         else:
-            y = _chain_layer(layer, xv, wv, x_scale, w_scale, cfg, stats, (xq, wq))
+            codes = integer_codes(xv, x.scale, xq) if cfg.kind == "int" else None
+            y = _chain_layer(layer, xv, wv, x_scale, w_scale, cfg, stats, (codes, wq))
         bias = quant_bias.value if isinstance(quant_bias, QuantTensor) else quant_bias
         if bias is not None:
             y = y + bias.reshape(_channel_shape(layer, y.dim()))
@@ -118,19 +119,28 @@ def _simulated_forward(name: str, layer: nn.Module, cfg: AccumulatorConfig,
     return inner_forward_impl
 
 
-def _input_scale(name: str, scale: Tensor, cfg: AccumulatorConfig) -> Tensor:
-    """The input's scale as a scalar, the common scale of an integer accumulator's products.
-    A floating-point accumulator adds the products' real values, where the scales play no
-    part, so it also takes an input quantized per channel (as the activations of Brevitas's
-    MobileNetV1 are): its scale is then not used (ones)."""
+def _input_scale(name: str, layer: nn.Module, scale: Tensor, cfg: AccumulatorConfig) -> Tensor:
+    """The scale of the input's integers in each output's accumulator: a scalar where the
+    input is quantized per tensor. An input quantized per channel (Brevitas's MobileNetV1
+    quantizes the activations before its depthwise convolutions so) has one per output
+    (O,) where every group of a grouped convolution reads channels of one scale (a depthwise
+    convolution: one channel a group): each output's products then share it. A
+    floating-point accumulator adds the products' real values, where the scales play no
+    part, so it takes any input scale (ones: not used)."""
     if scale.numel() == 1:
         return scale.reshape(())
     if cfg.kind == "float":
         return torch.ones((), dtype=scale.dtype, device=scale.device)
+    groups = getattr(layer, "groups", 1)
+    channels = getattr(layer, "in_channels", None)
+    if groups > 1 and scale.numel() == channels and scale.shape[1:2] == (channels,):
+        per_group = scale.reshape(groups, channels // groups)
+        if bool((per_group == per_group[:, :1]).all()):
+            return per_group[:, 0].repeat_interleave(layer.out_channels // groups)
     raise A2QInputError(
         f"layer {name!r}: its input is quantized per channel (scale of shape "
-        f"{tuple(scale.shape)}); the simulation of an integer accumulator ({cfg.spec}) takes "
-        "one input scale per layer. Quantize that input per tensor "
+        f"{tuple(scale.shape)}), so the products of one output have no common integer scale "
+        f"in an integer accumulator ({cfg.spec}). Quantize that input per tensor "
         "(scaling_per_output_channel=False on the quantizer before the layer), simulate the "
         f"layer with a floating-point accumulator (fp<T>-e<E>m<M>), or exclude it with an "
         f"override {{{name!r}: None}}.")
@@ -216,16 +226,16 @@ def _chain_layer(layer, xv, wv, x_scale, w_scale, cfg, stats, rounded) -> Tensor
     the input as it is), else of :func:`simulate_matmul`. An integer accumulator unfolds the
     input's integers (found before unfolding: K times fewer divisions than over the unfolded
     rows, and no float temporaries of the rows' size), and its values only where the matrix
-    form's fine-grained gradient needs them. ``rounded``: ``round(value / scale)`` of the input
-    and the weight (:func:`_integers`)."""
+    form's fine-grained gradient needs them. ``x_scale``: :func:`_input_scale`. ``rounded``:
+    an integer accumulator's input integers (:func:`integer_codes`; None for floating point)
+    and ``round(value / scale)`` of the weight (:func:`_integers`)."""
     grad = torch.is_grad_enabled() and (xv.requires_grad or wv.requires_grad)
     if grad and cfg.gradient == "ste":
         with torch.no_grad():
             y = _chain_layer(layer, xv, wv, x_scale, w_scale, cfg, stats, rounded)
         geometry = None if isinstance(layer, QuantLinear) else _conv_geometry(layer)
         return _LayerSTE.apply(xv, wv, y, geometry)
-    xq, wq = rounded
-    codes = integer_codes(xv, x_scale, xq) if cfg.kind == "int" else None
+    codes, wq = rounded
     groups = getattr(layer, "groups", 1)
     k_group = _layer_k(layer)
 
@@ -257,12 +267,13 @@ def _chain_layer(layer, xv, wv, x_scale, w_scale, cfg, stats, rounded) -> Tensor
         sl = slice(g * o_group, (g + 1) * o_group)
         wg = wv[sl].reshape(o_group, -1)
         xc = None if code_rows is None else code_rows[:, cols].contiguous()
+        xs = x_scale if x_scale.dim() == 0 else x_scale[g * o_group]  # (one per group)
         if values:
-            y, chain = simulate_matmul(rows[:, cols], wg, x_scale, w_scale[sl], cfg, xc)
+            y, chain = simulate_matmul(rows[:, cols], wg, xs, w_scale[sl], cfg, xc)
         else:  # (the weights' integers: found once where the whole layer's gradient has them)
             w_rounded = whole[0][sl] if whole is not None else wq[sl].reshape(o_group, -1)
             with torch.no_grad():
-                y, chain = simulate_integer_forward(xc, wg, x_scale, w_scale[sl], cfg, xv.dtype,
+                y, chain = simulate_integer_forward(xc, wg, xs, w_scale[sl], cfg, xv.dtype,
                                                     w_rounded)
         parts.append(y)
         last_combs.append(chain.last_combine_event)
