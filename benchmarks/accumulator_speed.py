@@ -6,7 +6,10 @@ Setups: ``cnn`` is the benchmark CNN (``build_cnn``, W4A4, 28x28 digits upsample
 QuantConv2d 3x3, 128 channels at 16x16 (K = 1152) or 256 at 8x8 (K = 2304) -> BN -> 4-bit ReLU
 -> linear), batch 8; ``dw256`` is a MobileNet depthwise-separable block (4-bit input -> depthwise
 3x3, 256 channels at 14x14 (K = 9, one output per group) -> BN -> 4-bit ReLU -> pointwise 1x1
-(K = 256) -> BN -> 4-bit ReLU -> linear), batch 8. For each accumulator spec and gradient mode,
+(K = 256) -> BN -> 4-bit ReLU -> linear), batch 8; ``mobilenet_v1`` is Brevitas's
+``quant_mobilenet_v1_4b`` as its example defines it (randomly initialised: its trained weights are
+a download), an 8-bit input quantizer in front so that every layer accumulates integers, one
+224x224 image. For each accumulator spec and gradient mode,
 a training step (forward, cross-entropy, backward, SGD update) under ``simulate_accumulators``
 is timed interleaved with a plain step of the same model, repeated ``--reps`` times; the ratio
 of the medians is reported. Forward-only (``torch.no_grad``, eval mode) likewise. Peak memory: on CUDA
@@ -46,7 +49,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from brevitas.nn import QuantConv2d, QuantIdentity, QuantLinear, QuantReLU
-from brevitas.quant import Int8WeightPerTensorFloat, Uint8ActPerTensorFloat
+from brevitas.quant import Int8ActPerTensorFloat, Int8WeightPerTensorFloat, Uint8ActPerTensorFloat
 from torch import nn
 
 from brevitas_a2q.io import atomic_output
@@ -55,7 +58,7 @@ from brevitas_a2q.train.models import build_cnn
 
 SPECS = ("int12-sat", "int12-sat-c32", "fp12-e4m7", "fp12-e4m7-c16")
 GRADIENTS = ("ste", "immediate", "recursive")
-SETUPS = ("cnn", "k1152", "k2304", "dw256")
+SETUPS = ("cnn", "k1152", "k2304", "dw256", "mobilenet_v1")
 TARGETS = {"ste": 3.0, "immediate": 5.0, "recursive": 5.0, "forward": 3.0, "memory": 2.0}
 
 
@@ -102,6 +105,17 @@ def build_setup(name: str, device: str) -> tuple[nn.Module, torch.Tensor, torch.
         model = build_cnn("none", image_size=28)
         desc = {"model": "build_cnn W4A4 (conv K = 9, 144; fc K = 1568)", "batch": 64,
                 "input": "digits upsampled to 28x28"}
+    elif name == "mobilenet_v1":
+        from brevitas_examples.imagenet_classification.models import model_with_cfg
+
+        net, _ = model_with_cfg("quant_mobilenet_v1_4b")  # no pretrained download
+        model = nn.Sequential(QuantIdentity(act_quant=Int8ActPerTensorFloat,
+                                            return_quant_tensor=True), net)
+        x = torch.randn(1, 3, 224, 224)
+        y = torch.randint(0, 1000, (1,))
+        desc = {"model": "Brevitas's quant_mobilenet_v1_4b as defined (random init), an 8-bit "
+                         "input quantizer in front", "batch": 1,
+                "input": "N(0, 1) at 224x224 through an 8-bit quantizer"}
     elif name == "dw256":
         x = torch.randn(8, 256, 14, 14).relu()
         y = torch.randint(0, 10, (8,))
