@@ -9,10 +9,10 @@ QuantConv2d 3x3, 128 channels at 16x16 (K = 1152) or 256 at 8x8 (K = 2304) -> BN
 (K = 256) -> BN -> 4-bit ReLU -> linear), batch 8; ``mobilenet_v1`` is Brevitas's
 ``quant_mobilenet_v1_4b`` as its example defines it (randomly initialised: its trained weights are
 a download), an 8-bit input quantizer in front so that every layer accumulates integers, one
-224x224 image. For each accumulator spec and gradient mode,
-a training step (forward, cross-entropy, backward, SGD update) under ``simulate_accumulators``
-is timed interleaved with a plain step of the same model, repeated ``--reps`` times; the ratio
-of the medians is reported. Forward-only (``torch.no_grad``, eval mode) likewise. Peak memory: on CUDA
+224x224 image. For each accumulator spec and gradient mode, a training step (forward,
+cross-entropy, backward, SGD update) under ``simulate_accumulators`` is timed interleaved with a
+plain step of the same model, repeated ``--reps`` times; the ratio of the medians is reported.
+Forward-only (``torch.no_grad``, eval mode) likewise. Peak memory: on CUDA
 ``torch.cuda.max_memory_allocated`` around one step; on CPU the growth of the process's
 peak resident set over one step, after a warm-up step and with the freed memory handed back to
 the system first (``malloc_trim``), each mode in a fresh subprocess whose glibc maps every
