@@ -235,9 +235,12 @@ def _cuda_call(x: Tensor, launch) -> bool:
 
         from brevitas_a2q.sim import _cuda
 
-        # Synchronized on both sides: on the H200 the kernels raced torch's work (an illegal
-        # address, a failed cuBLAS call) when launched asynchronously on torch's stream handle,
-        # and ran correctly with every launch blocking.
+        # Synchronized on both sides since the H200 run whose K = 32768 classifier failed (an
+        # illegal address, then a failed cuBLAS call) and whose single steps passed with every
+        # launch blocking. Its cause was found later without a GPU: the "immediate" kernel
+        # cleared chunk-event bits past its local array when one chunk was longer than 2,048
+        # products (tests/test_sim_cuda_simulator.py). The synchronization stays until a GPU
+        # run shows the asynchronous launch correct.
         torch.cuda.synchronize(x.device)
         with cuda.gpus[x.device.index or 0]:
             stream = cuda.external_stream(torch.cuda.current_stream(x.device).cuda_stream)
