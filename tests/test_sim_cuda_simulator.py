@@ -24,12 +24,14 @@ from brevitas_a2q.sim.gradients import _torch_chain_grads
 pytest.importorskip("numba", reason="needs numba (its CUDA simulator)")
 
 HELPER = Path(__file__).with_name("cuda_simulated.py")
-# (spec, gradient, K): each rounding mode, with and without chunks, and one chunk of more than
-# 2,048 products (64 words of chunk-event bits) under "immediate"
+# (spec, gradient, K): each rounding mode, with and without chunks (toward zero: a last chunk
+# padded with zeros, whose steps the kernel still runs), and one chunk of more than 2,048
+# products (64 words of chunk-event bits) under "immediate"
 CASES = [("int9-sat", "immediate", 70), ("int10-sat-c8", "immediate", 70),
          ("int10-sat-c8", "recursive", 70), ("fp8-e3m4", "immediate", 70),
          ("fp8-e3m4", "recursive", 70), ("fp12-e4m7-c16", "immediate", 70),
          ("fp12-e4m7-c16", "recursive", 70), ("fp10-e3m6-rz", "immediate", 70),
+         ("fp8-e3m4-c8-rz", "recursive", 70), ("fp8-e3m4-c8-rz", "immediate", 70),
          ("fp6-e2m3-c5", "recursive", 70), ("fp8-e3m4-c5", "immediate", 70),
          ("fp12-e4m7", "immediate", 2100), ("int12-sat", "immediate", 2100),
          ("fp12-e4m7", "recursive", 2100)]
