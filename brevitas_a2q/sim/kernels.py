@@ -239,8 +239,8 @@ def _cuda_call(x: Tensor, launch) -> bool:
         # illegal address, then a failed cuBLAS call) and whose single steps passed with every
         # launch blocking. Its cause was found later without a GPU: the "immediate" kernel
         # cleared chunk-event bits past its local array when one chunk was longer than 2,048
-        # products (tests/test_sim_cuda_simulator.py). The synchronization stays until a GPU
-        # run shows the asynchronous launch correct.
+        # products (found by numba's CUDA simulator, tests/test_sim_kernels.py). The
+        # synchronization stays until a GPU run shows the asynchronous launch correct.
         torch.cuda.synchronize(x.device)
         with cuda.gpus[x.device.index or 0]:
             stream = cuda.external_stream(torch.cuda.current_stream(x.device).cuda_stream)
