@@ -28,7 +28,7 @@ Setup (every configuration treated alike, 3 seeds by default):
 Resumable: each finished configuration is appended to <out-dir>/low_bitwidth_finetune.partial.jsonl
 and trained models are cached under <out-dir>/cache; a rerun skips what is there.
 
-    .venv/bin/python benchmarks/low_bitwidth_finetune.py               # the full run (~2 h, 2 cores)
+    .venv/bin/python benchmarks/low_bitwidth_finetune.py               # the full run (under an hour, 2 cores)
     .venv/bin/python benchmarks/low_bitwidth_finetune.py --quick       # smoke test, a few minutes
 """
 
