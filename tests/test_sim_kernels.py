@@ -81,8 +81,9 @@ def _same(a, b):
 
 @pytest.mark.parametrize("spec", INT_SPECS + FLOAT_SPECS)
 @pytest.mark.parametrize("seed", range(5))
-def test_kernel_forward_is_the_chain_bit_for_bit(spec, seed):
-    cfg, x, w = _operands(spec, seed)
+@pytest.mark.parametrize("outs", [6, 13], ids=["narrow", "row-wise"])  # kernels.NARROW_OUTPUTS
+def test_kernel_forward_is_the_chain_bit_for_bit(spec, seed, outs):
+    cfg, x, w = _operands(spec, seed, outs=outs)
     kernel, oracle = _run_chain(x, w, cfg), _run_chain(x, w, cfg, fast=False)
     _same(kernel, oracle)
     if seed == 0:  # the adversarial operands do exercise the events
@@ -92,10 +93,25 @@ def test_kernel_forward_is_the_chain_bit_for_bit(spec, seed):
 @pytest.mark.parametrize("spec", ["int8-sat", "int8-sat-c3", "fp8-e3m4", "fp8-e3m4-c5-rz"])
 @pytest.mark.parametrize("k", [1, 2, 5, 16])
 def test_kernel_forward_edge_shapes(spec, k):
-    # K below, at and above the chunk; one row; a single output
-    for rows, outs in [(1, 1), (3, 2)]:
+    # K below, at and above the chunk; one row; a single output; either side of NARROW_OUTPUTS
+    for rows, outs in [(1, 1), (3, 2), (2, 11), (3, 12)]:
         cfg, x, w = _operands(spec, k, rows=rows, outs=outs, k=k)
         _same(_run_chain(x, w, cfg), _run_chain(x, w, cfg, fast=False))
+
+
+@pytest.mark.parametrize("spec", FLOAT_SPECS + ["int8-sat", "int10-sat-c4"])
+@pytest.mark.parametrize("rows,outs", [(13, 1), (8, 4), (17, 11)])
+def test_narrow_kernel_is_the_chain_bit_for_bit(spec, rows, outs):
+    # kernels.forward itself (the integer layers' block method would otherwise take these), on
+    # tiles of rows with some lanes past the last row
+    assert outs < kernels.NARROW_OUTPUTS
+    cfg, x, w = _operands(spec, rows + outs, rows=rows, outs=outs, k=37)
+    chunk = min(cfg.chunk_size or 37, 37)
+    y, counts = kernels.forward(x.numpy(), w.t().contiguous().numpy(), np.arange(rows), chunk,
+                                cfg)
+    oracle = _run_chain(x, w, cfg, fast=False)
+    assert torch.equal(torch.from_numpy(y).view(torch.int64), oracle.y.view(torch.int64))
+    assert counts.sum(0).tolist() == [getattr(oracle, c) for c in COUNTS]
 
 
 @pytest.mark.parametrize("spec,bounded", [(s, False) for s in INT_SPECS + FLOAT_SPECS]

@@ -76,16 +76,24 @@ def format_params(cfg: AccumulatorConfig) -> tuple:
             fmt.max_value)
 
 
+NARROW_OUTPUTS = 12  # layers with fewer outputs take :mod:`._jit_narrow`'s kernels, faster
+# for them (measured when they came in: from 12 outputs on, the row-wise kernel is as fast)
+
+
 def forward(x: np.ndarray, w_t: np.ndarray, rows: np.ndarray, chunk: int, cfg: AccumulatorConfig,
             check: bool = True, last: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The chain for ``rows`` of ``x`` (R, K) against ``w_t`` (K, O), C-contiguous, each
-    float64 or float32 (each product exact in float64). Returns ``y``
-    (len(rows), O) and per-row counts (len(rows), 4): overflow events, outputs with an
-    overflow, swamping events, underflow events. ``check`` False: no addition can overflow
-    (:func:`brevitas_a2q.sim.fast.may_overflow`), so none is compared with the largest value.
-    ``last`` (len(rows), O) int32, one chunk only: filled with each output's last event's step
-    (-1: none), for :func:`recursive_from_last`."""
+    float64 or float32 (each product exact in float64). Returns ``y`` (len(rows), O) and
+    event counts (m, 4), per row or per tile of rows, whose sums over the first axis are the
+    overflow events, outputs with an overflow, swamping events and underflow events.
+    ``check`` False: no addition can overflow (:func:`brevitas_a2q.sim.fast.may_overflow`), so
+    none is compared with the largest value. ``last`` (len(rows), O) int32, one chunk only:
+    filled with each output's last event's step (-1: none), for :func:`recursive_from_last`.
+    Fewer than :data:`NARROW_OUTPUTS` outputs without ``last``: every (row, output) of a tile
+    of rows in one vector of lanes (:mod:`brevitas_a2q.sim._jit_narrow`)."""
     mode, *params = format_params(cfg)
+    if last is None and w_t.shape[1] < NARROW_OUTPUTS:
+        return _kernels()["narrow"][mode](x, w_t, rows, chunk, *params, check)
     if last is None:
         return _kernels()["forward"][mode](x, w_t, rows, chunk, *params, check,
                                            np.empty((0, 0), dtype=np.int32))
@@ -205,9 +213,9 @@ def _compile() -> dict:
         # numba's own thread pool: its OpenMP layer's idle threads spin and slowed torch's
         # (also OpenMP) matrix products by 20x here after a kernel had run
         numba.config.THREADING_LAYER = "workqueue"
-    from brevitas_a2q.sim import _jit, _jit_blocks, _jit_events, _jit_grouped
+    from brevitas_a2q.sim import _jit, _jit_blocks, _jit_events, _jit_grouped, _jit_narrow
 
-    return {"forward": _jit.FORWARD, "grouped": _jit_grouped.GROUPED,
+    return {"forward": _jit.FORWARD, "narrow": _jit_narrow.NARROW, "grouped": _jit_grouped.GROUPED,
             "backward": _jit.BACKWARD, "saturating": _jit_blocks,
             "forward_last": _jit.FORWARD_LAST, "recursive_from_last": _jit.recursive_from_last,
             "forward_events": _jit_events.FORWARD_EVENTS,
