@@ -85,8 +85,9 @@ def _make(mode: int, record: int):
         last_comb = -1
         for c in range(n_chunks):
             acc = 0.0
-            if record == 1 and n_chunks > 1:  # (one chunk: cut as it goes, no bits; its
-                for u in range((chunk + 31) // 32):  # chunk may be longer than bits holds)
+            # (one chunk: cut as it goes, no bits, and it may be longer than bits holds)
+            if record == 1 and n_chunks > 1:
+                for u in range((chunk + 31) // 32):
                     bits[u] = 0
             if record == 2:
                 last_step[c] = -1

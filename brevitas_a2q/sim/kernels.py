@@ -1,9 +1,10 @@
 """JIT-compiled (numba, CPU) accumulation chain: the same float64 operations, in the same order,
 as :func:`brevitas_a2q.sim.chain._run_chain`, one row at a time, vectorized over outputs and
-parallel over rows; and the fine-grained ``immediate`` / ``recursive`` gradients (Blumenfeld,
-Hubara, Soudry, ICLR 2024, Sec. 4) without per-step masks: from the events the forward pass
-logged (floating point, :func:`forward_events`), from each output's last event, or by
-re-running each row's chain in the backward pass.
+parallel over rows (layers with few outputs: a tile of rows and all outputs at once); and the
+fine-grained ``immediate`` / ``recursive`` gradients (Blumenfeld, Hubara, Soudry, ICLR 2024,
+Sec. 4) without per-step masks: from the events the forward pass logged (floating point,
+:func:`forward_events`), from each output's last event, or by re-running each row's chain in
+the backward pass.
 
 numba (a PyPI wheel with LLVM bundled; no system compiler) is imported lazily. Where it is
 missing or fails to compile, :func:`available` is False, a warning says so once, and callers use

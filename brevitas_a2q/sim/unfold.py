@@ -60,10 +60,9 @@ def _offset(out6: Tensor, i: int, j: int, channels_last: bool) -> Tensor:
 def _gather(x4: Tensor, kernel, stride, dilation, padding, size, channels_last: bool) -> Tensor:
     """Each kernel offset's window of ``x4``, copied channels-last into its slice
     (:func:`_offset`) of a new (B, *size, ...) array. ``channels_last``: from a channels-last
-    copy of the padded input, so that every copy reads and writes runs of channels (half the
-    time of copying each window from the input's own layout, for a 3x3 depthwise layer of the
-    speed benchmark); otherwise the writes are strided by the kernel's size either way, and
-    the extra copy does not pay."""
+    copy of the padded input, so that every copy reads and writes runs of channels (faster
+    than copying each window from the input's own layout); otherwise the writes are strided by
+    the kernel's size either way, and the extra copy does not pay."""
     xp = F.pad(x4, (padding[1], padding[1], padding[0], padding[0]))
     batch, channels = xp.shape[:2]
     per_row = (*kernel, channels) if channels_last else (channels, *kernel)
