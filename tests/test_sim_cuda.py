@@ -123,3 +123,32 @@ def test_a2q_holds_its_target_on_cuda():
     with simulate_accumulators(gpu, "int12-sat", {"conv1": None}) as stats, torch.no_grad():
         gpu(torch.rand(64, 1, 8, 8, generator=gen).cuda() * 4)
     assert stats.layers and stats.total_overflow_events == 0, stats.to_dict()
+
+
+@pytest.mark.parametrize("spec", ["int8-sat-c4", "fp9-e4m4"])
+def test_transposed_convolution_on_cuda_is_the_cpus(spec):
+    # an upsampling layer as the direct convolution that computes it: its zero-stuffed input
+    # and flipped kernel stay on the GPU; values and events as on the CPU, recursive gradients
+    from brevitas.nn import QuantConvTranspose2d, QuantIdentity
+    from brevitas.quant import Int8WeightPerTensorFloat, Uint8ActPerTensorFloat
+
+    torch.manual_seed(0)
+    cpu = torch.nn.Sequential(
+        QuantIdentity(act_quant=Uint8ActPerTensorFloat, bit_width=4, return_quant_tensor=True),
+        QuantConvTranspose2d(6, 4, 3, stride=2, padding=1, output_padding=1, bias=False,
+                             weight_quant=Int8WeightPerTensorFloat, weight_bit_width=4))
+    gpu = copy.deepcopy(cpu).cuda()
+    x = torch.rand(2, 6, 7, 7, generator=torch.Generator().manual_seed(1)) * 4
+    results = []
+    for model, dev in ((cpu, "cpu"), (gpu, "cuda")):
+        with simulate_accumulators(model, spec, gradient="recursive") as stats:
+            out = model(x.to(dev))
+            out.square().sum().backward()
+        assert out.device.type == dev
+        (layer_stats,) = stats.layers.values()
+        grad = model[1].weight.grad
+        results.append((out.detach().cpu(), grad.cpu(),
+                        [getattr(layer_stats, c) for c in COUNTS]))
+    assert torch.equal(results[1][0], results[0][0])
+    assert results[1][2] == results[0][2]
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-4, atol=1e-4)

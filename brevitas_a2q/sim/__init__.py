@@ -10,20 +10,21 @@ on GPUs in :mod:`._cuda`; the torch chain where they cannot run, said once by a 
 identity STE and the fine-grained ``immediate`` / ``recursive`` estimators; of a whole
 convolution without keeping its unfolded input, :mod:`.conv_gradients`), event counts
 (:mod:`.stats`), Brevitas layers patched to use it (:mod:`.layers`, convolutions unfolded by
-:mod:`.unfold`) and evaluation / fine-tuning
-under it (:mod:`.evaluate`). May import :mod:`brevitas_a2q.analysis` (to find layers) and
+:mod:`.unfold`, transposed ones computed as direct ones by :mod:`.transposed`) and evaluation /
+fine-tuning under it (:mod:`.evaluate`). May import :mod:`brevitas_a2q.analysis` (to find layers) and
 :mod:`brevitas_a2q.train` (the loop).
 
 Simulated low bit-width accumulators for any Brevitas model's quantized Linear/Conv layers.
 
 Inside ``with simulate_accumulators(model, "int12-sat") as stats:`` every ``QuantLinear``,
-``QuantConv1d`` and ``QuantConv2d`` computes its dot products as a ``P``-bit integer accumulator
-(two's-complement wraparound or saturation) or a low-precision floating-point accumulator would,
-and ``stats`` counts overflow (and, for floating point, swamping/underflow) events per layer. The
-layers' forward is restored on exit. This is the evaluation and fine-tuning method of Blumenfeld,
-Hubara, Soudry, "Towards Cheaper Inference in Deep Networks with Lower Bit-Width Accumulators",
-ICLR 2024 (arXiv:2401.14110), and the tool that shows what happens to a model that is not
-overflow-safe (A2Q, arXiv:2308.13504, guarantees there is nothing to see).
+``QuantConv1d``, ``QuantConv2d``, ``QuantConvTranspose1d`` and ``QuantConvTranspose2d`` computes
+its dot products as a ``P``-bit integer accumulator (two's-complement wraparound or saturation) or
+a low-precision floating-point accumulator would, and ``stats`` counts overflow (and, for floating
+point, swamping/underflow) events per layer. The layers' forward is restored on exit. This is the
+evaluation and fine-tuning method of Blumenfeld, Hubara, Soudry, "Towards Cheaper Inference in Deep
+Networks with Lower Bit-Width Accumulators", ICLR 2024 (arXiv:2401.14110), and the tool that shows
+what happens to a model that is not overflow-safe (A2Q, arXiv:2308.13504, guarantees there is
+nothing to see).
 
 What is accumulated
     The layer's quantized input ``x`` (an ``IntQuantTensor``: ``x.value / x.scale`` are integers,
@@ -48,7 +49,10 @@ Order of accumulation (matters for saturation and floating point; wraparound is 
     ``acc = 0`` in increasing ``k``, then the chunk results are added sequentially, in chunk
     order, in the same accumulator ``A`` (``A`` = clamp to ``[-2^(P-1), 2^(P-1) - 1]``, or rounding
     to the float format: fused multiply-add, one rounding per addition). Without ``chunk_size``
-    the whole row is one chain.
+    the whole row is one chain. A transposed convolution accumulates as the direct convolution
+    that computes it (:mod:`.transposed`: zeros inserted between the input's elements, the
+    kernel flipped, as FINN lowers it): input channel major, then the flipped kernel's rows and
+    columns, the inserted zeros' products (no change, no event) counted among the additions.
 
 Events
     * integer wraparound: an output is an overflow event when its exact sum is outside the

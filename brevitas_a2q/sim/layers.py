@@ -26,6 +26,12 @@ from brevitas_a2q.sim.conv_gradients import (
 )
 from brevitas_a2q.sim.gradients import integer_codes, simulate_integer_forward, simulate_matmul
 from brevitas_a2q.sim.stats import LayerStats, SimulationStats
+from brevitas_a2q.sim.transposed import (
+    TRANSPOSED_TYPES,
+    DirectConv,
+    direct_output_scale,
+    direct_weight,
+)
 from brevitas_a2q.sim.unfold import Unfold, conv_windows
 
 
@@ -35,9 +41,10 @@ def _layer_k(layer: nn.Module) -> int:
 
 def _unsupported(layer: nn.Module, cfg: AccumulatorConfig) -> str | None:
     """Why ``layer`` cannot be simulated with ``cfg``, or None."""
-    if not isinstance(layer, (QuantLinear, QuantConv1d, QuantConv2d)):
-        return f"{type(layer).__name__} is not supported (QuantLinear, QuantConv1d/2d are)"
-    if cfg.is_wrap or isinstance(layer, QuantLinear):
+    if not isinstance(layer, (QuantLinear, QuantConv1d, QuantConv2d, *TRANSPOSED_TYPES)):
+        return (f"{type(layer).__name__} is not supported (QuantLinear, QuantConv1d/2d and "
+                "QuantConvTranspose1d/2d are)")
+    if cfg.is_wrap or isinstance(layer, (QuantLinear, *TRANSPOSED_TYPES)):
         return None
     if layer.padding_mode != "zeros":
         return f"padding_mode={layer.padding_mode!r} is not supported (only 'zeros')"
@@ -88,21 +95,29 @@ def _simulated_forward(name: str, layer: nn.Module, cfg: AccumulatorConfig,
                 f"layer before it return_quant_tensor=True) and an integer weight quantizer, or "
                 f"exclude it with an override {{{name!r}: None}}.")
         xv, wv = x.value, quant_weight.value
-        out_channels = wv.shape[0]
         x_scale = _input_scale(name, layer, x.scale, cfg)
-        w_scale = quant_weight.scale.reshape(-1).expand(out_channels) \
-            if quant_weight.scale.numel() in (1, out_channels) else None
+        transposed = isinstance(layer, TRANSPOSED_TYPES)
+        if transposed:
+            w_scale = direct_output_scale(quant_weight.scale, wv, layer.groups)
+        else:
+            w_scale = quant_weight.scale.reshape(-1).expand(wv.shape[0]) \
+                if quant_weight.scale.numel() in (1, wv.shape[0]) else None
         if w_scale is None:
             raise A2QInputError(f"layer {name!r}: weight scale of shape "
                                 f"{tuple(quant_weight.scale.shape)} is neither per tensor nor "
                                 "per output channel")
         xq = _integers(name, "input", xv, x.scale)
         wq = _integers(name, "weight", wv, quant_weight.scale)
+        conv, conv_impl = layer, exact_impl
+        if transposed:  # as the direct convolution that computes it
+            conv, conv_impl = DirectConv.of(layer, xv, wv), DirectConv.conv
+            xv, xq = conv.stuff(xv), conv.stuff(xq)
+            wv, wq = conv.weight, direct_weight(wq, layer.groups)
         if cfg.is_wrap:
-            y = _wrap_layer(layer, exact_impl, xv, wv, x_scale, w_scale, cfg, stats, xq, wq)
+            y = _wrap_layer(conv, conv_impl, xv, wv, x_scale, w_scale, cfg, stats, xq, wq)
         else:
             codes = integer_codes(xv, x.scale, xq) if cfg.kind == "int" else None
-            y = _chain_layer(layer, xv, wv, x_scale, w_scale, cfg, stats, (codes, wq))
+            y = _chain_layer(conv, xv, wv, x_scale, w_scale, cfg, stats, (codes, wq))
         bias = quant_bias.value if isinstance(quant_bias, QuantTensor) else quant_bias
         if bias is not None:
             y = y + bias.reshape(_channel_shape(layer, y.dim()))
@@ -323,9 +338,6 @@ def _whole_conv_gradient(layer, xv, codes, wv, wq, w_scale, cfg, groups) -> tupl
     shape = (-1,) + (1,) * (wv.dim() - 1)
     w_codes = integer_codes(wv, w_scale.reshape(shape), wq).reshape(wv.shape[0], -1)
     return (w_codes, windows, samples) if integer_blocks_apply(codes, w_codes, cfg) else None
-
-
-ACCUMULATING_TYPES = (QuantLinear, QuantConv1d, QuantConv2d)
 
 
 def _accumulating_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:

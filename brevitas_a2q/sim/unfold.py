@@ -11,7 +11,6 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from brevitas.nn import QuantConv1d
 from torch import Tensor, nn
 
 
@@ -28,8 +27,9 @@ class ConvWindows(NamedTuple):
 
 def conv_windows(layer: nn.Module, x: Tensor) -> tuple[Tensor, ConvWindows, bool]:
     """``(x4, windows, one_d)``: ``x`` as (B, C, H, W), the windows of ``layer`` (a
-    QuantConv1d/2d) over it, and whether the layer is 1-d."""
-    one_d = isinstance(layer, QuantConv1d)
+    QuantConv1d/2d, or a :class:`~brevitas_a2q.sim.transposed.DirectConv`) over it, and whether
+    the layer is 1-d."""
+    one_d = len(layer.kernel_size) == 1
     if one_d:
         x4 = x.unsqueeze(-2)
         kernel, stride = (1, layer.kernel_size[0]), (1, layer.stride[0])
