@@ -111,8 +111,8 @@ def _simulated_forward(name: str, layer: nn.Module, cfg: AccumulatorConfig,
         conv, conv_impl = layer, exact_impl
         if transposed:  # as the direct convolution that computes it
             conv, conv_impl = DirectConv.of(layer, xv, wv), DirectConv.conv
-            xv, xq = conv.stuff(xv), conv.stuff(xq)
-            wv, wq = conv.weight, direct_weight(wq, layer.groups)
+            xv, wv, wq = conv.stuff(xv), conv.weight, direct_weight(wq, layer.groups)
+            xq = conv.stuff(xq) if cfg.kind == "int" else None  # (floats add the values)
         if cfg.is_wrap:
             y = _wrap_layer(conv, conv_impl, xv, wv, x_scale, w_scale, cfg, stats, xq, wq)
         else:

@@ -59,11 +59,17 @@ class DirectConv(NamedTuple):
 
     def stuff(self, x: Tensor) -> Tensor:
         """``x`` ``(B, C, *L)`` with the inserted zeros and the padding: the direct convolution's
-        input (differentiable; any dtype)."""
-        size = [(n - 1) * s + 1 for n, s in zip(x.shape[2:], self.inserted, strict=True)]
+        input (differentiable; any dtype), in one new array (a negative padding crops it)."""
+        spread = [(n - 1) * s + 1 for n, s in zip(x.shape[2:], self.inserted, strict=True)]
+        size = [max(before, 0) + n + max(after, 0)
+                for n, (before, after) in zip(spread, self.pads, strict=True)]
         out = x.new_zeros(*x.shape[:2], *size)
-        out[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in self.inserted)] = x
-        return F.pad(out, [p for pair in reversed(self.pads) for p in pair])
+        out[(slice(None), slice(None)) + tuple(
+            slice(max(before, 0), max(before, 0) + n, s)
+            for n, s, (before, _) in zip(spread, self.inserted, self.pads, strict=True))] = x
+        return out[(slice(None), slice(None)) + tuple(
+            slice(max(-before, 0), m - max(-after, 0))
+            for m, (before, after) in zip(size, self.pads, strict=True))]
 
     def conv(self, x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
         """The direct convolution of the stuffed ``x`` by ``w`` (the exact layer, for
