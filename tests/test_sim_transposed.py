@@ -86,12 +86,10 @@ def _direct_rows(layer, x, w):
             rows.append(row)
             x_at.append(at)
     w4 = w.unsqueeze(2) if one_d else w
-    w_rows = [[float(w4[i, o % o_group, th, tw]) for i in range((o // o_group) * i_group,
-                                                                 (o // o_group + 1) * i_group)
-               for th, tw in taps] for o in range(layer.out_channels)]
     w_at = [[(i, o % o_group, th, tw) for i in range((o // o_group) * i_group,
                                                      (o // o_group + 1) * i_group)
              for th, tw in taps] for o in range(layer.out_channels)]
+    w_rows = [[float(w4[index]) for index in at] for at in w_at]
     return rows, w_rows, x_at, w_at, size, one_d
 
 
